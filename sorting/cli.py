@@ -1,0 +1,86 @@
+"""The ``sorting`` command line (CONTRACT.md section 6).
+
+Exit status: 0 done; 2 bad usage or bad input (one line on stderr, no traceback);
+1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        raise SystemExit(2)
+
+
+def _add_configs(p: argparse.ArgumentParser, ore: bool = True) -> None:
+    p.add_argument("--machine", type=Path, default=None,
+                   help="machine config YAML (default: configs/machine_reference.yaml)")
+    if ore:
+        p.add_argument("--ore", type=Path, default=None,
+                       help="ore model YAML (default: configs/ore_crater_lake.yaml)")
+    p.add_argument("--materials", type=Path, default=None,
+                   help="material library YAML (default: configs/materials.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sorting", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    sim = sub.add_parser("simulate", help="generate data with the digital twin")
+    simsub = sim.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    rocks = simsub.add_parser("rocks", help="an xrt-rocks/1 dataset of labeled rock crops")
+    rocks.add_argument("out", type=Path)
+    rocks.add_argument("--n", type=int, default=600, help="number of rocks (default 600)")
+    rocks.add_argument("--seed", type=int, default=0)
+    rocks.add_argument("--test-fraction", type=float, default=0.3, help="share of rocks in split=test")
+    _add_configs(rocks)
+    belt = simsub.add_parser("belt", help="an xrt-belt/1 recording with truth.csv")
+    belt.add_argument("out", type=Path)
+    belt.add_argument("--seconds", type=float, default=20.0)
+    belt.add_argument("--seed", type=int, default=0)
+    belt.add_argument("--occupancy", type=float, default=0.3, help="share of belt area covered by rocks")
+    belt.add_argument("--touching", type=float, default=0.0, help="share of rocks placed touching a neighbour")
+    _add_configs(belt)
+    for p in (rocks, belt):
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    insp = sub.add_parser("inspect", help="validate a dataset or recording and summarize it")
+    insp.add_argument("path", type=Path)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verb == "simulate":
+        from . import simulate
+
+        if args.what == "rocks":
+            return simulate.cli_rocks(args)
+        return simulate.cli_belt(args)
+    if args.verb == "inspect":
+        from .formats import describe
+
+        print(describe(args.path))
+        return 0
+    raise AssertionError(args.verb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as exc:
+        sys.stderr.write(f"sorting {args.verb}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("sorting: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Frozen configuration dataclasses, loaded from ``configs/*.yaml``.
+
+Units live in field names. Every value is validated once here, at the edge: a
+missing, unknown, non-finite or out-of-range value raises :class:`InputError`
+naming the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import InputError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _pos(**kw: Any) -> Any:
+    return field(metadata={"gt": 0.0}, **kw)
+
+
+def _nonneg(**kw: Any) -> Any:
+    return field(metadata={"ge": 0.0}, **kw)
+
+
+def _frac(**kw: Any) -> Any:
+    return field(metadata={"ge": 0.0, "le": 1.0}, **kw)
+
+
+# ---------------------------------------------------------------- machine
+@dataclass(frozen=True)
+class Layer:
+    material: str
+    thickness_mm: float = _nonneg()
+
+
+@dataclass(frozen=True)
+class TubeConfig:
+    kvp: float = _pos()
+    anode_angle_deg: float = _pos(default=12.0)
+    filters: tuple[Layer, ...] = ()
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    pixels: int = _pos()
+    pixel_pitch_mm: float = _pos()
+    front: Layer = None  # type: ignore[assignment]
+    interlayer: tuple[Layer, ...] = ()
+    back: Layer = None  # type: ignore[assignment]
+    # mean reading of the air (empty belt) per channel, low then high; sets the conversion gain
+    air_level_adu: tuple[float, float] = (30000.0, 40000.0)
+    dark_offset_adu: float = _nonneg(default=1000.0)
+    dark_spread_adu: float = _nonneg(default=40.0)
+    read_noise_adu: float = _nonneg(default=3.0)
+    gain_nonuniformity: float = _frac(default=0.03)
+    dead_pixels: int = _nonneg(default=3)
+    energy_bin_kev: float = _pos(default=2.0)
+
+
+@dataclass(frozen=True)
+class BeltConfig:
+    speed_m_s: float = _pos()
+    line_rate_hz: float = _pos()
+    material: str = "rubber"
+    thickness_mm: float = _nonneg(default=4.0)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    name: str
+    tube: TubeConfig
+    detector: DetectorConfig
+    belt: BeltConfig
+    # photons reaching one pixel per line through the empty belt (all energies)
+    flux_photons_per_px_line: float = _pos(default=5000.0)
+
+    @property
+    def line_pitch_mm(self) -> float:
+        return self.belt.speed_m_s * 1000.0 / self.belt.line_rate_hz
+
+    @property
+    def belt_width_mm(self) -> float:
+        return self.detector.pixels * self.detector.pixel_pitch_mm
+
+
+# ---------------------------------------------------------------- ore
+@dataclass(frozen=True)
+class MineralRange:
+    """Modal proportion range of one mineral in a lithotype, in volume percent."""
+
+    min_pct: float = _nonneg()
+    max_pct: float = _nonneg()
+
+
+@dataclass(frozen=True)
+class Lithotype:
+    name: str
+    proportion: float = _nonneg()
+    minerals: dict[str, MineralRange] = field(default_factory=dict)
+    # minerals that occur as disseminated grains (hot spots) rather than in the matrix texture
+    grain_minerals: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class OreConfig:
+    name: str
+    lithotypes: tuple[Lithotype, ...]
+    # Sc2O3 carried by each mineral, ppm (g/t of that mineral)
+    mineral_sc2o3_ppm: dict[str, float]
+    # log-normal spread of a mineral's Sc content from rock to rock
+    sc_variability: float = _nonneg(default=0.2)
+    label_cutoff_ppm: float = _pos(default=150.0)
+    size_min_mm: float = _pos(default=10.0)
+    size_max_mm: float = _pos(default=100.0)
+    grain_size_mm: float = _pos(default=2.0)
+    texture_strength: float = _nonneg(default=0.5)
+    oxide_grain_size_mm: float = _pos(default=1.5)
+
+
+# ---------------------------------------------------------------- sorter
+@dataclass(frozen=True)
+class EjectorConfig:
+    distance_mm: float = _pos(default=300.0)
+    valve_pitch_mm: float = _pos(default=12.5)
+    valves: int = _pos(default=80)
+    offset_mm: float = 0.0
+    response_ms: float = _nonneg(default=3.0)
+    min_pulse_ms: float = _nonneg(default=5.0)
+    margin_mm: float = _nonneg(default=5.0)
+
+
+@dataclass(frozen=True)
+class SortingConfig:
+    eject: Literal["sc", "waste"] = "sc"
+    threshold: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0})
+
+
+@dataclass(frozen=True)
+class SorterConfig:
+    ejector: EjectorConfig = field(default_factory=EjectorConfig)
+    sorting: SortingConfig = field(default_factory=SortingConfig)
+
+
+# ---------------------------------------------------------------- loading
+def _fail(where: str, key: str, problem: str) -> typing.NoReturn:
+    raise InputError(where, f"{key}: {problem}" if key else problem)
+
+
+def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where, key)
+    if value is None:
+        _fail(where, key, "is missing (null)")
+    if origin is Literal:
+        if value not in args:
+            _fail(where, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(where, key, f"must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            _fail(where, key, f"must have {len(args)} entries, got {len(value)}")
+        return tuple(_convert(a, v, where, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(where, key, f"must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(where, key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            _fail(where, key, f"must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(where, key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(where, key, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(where, key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def build(cls: type, data: Any, where: str = "<config>", key: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys, types and ranges."""
+    prefix = f"{key}." if key else ""
+    if not isinstance(data, dict):
+        _fail(where, key, f"must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        _fail(where, prefix + unknown[0], f"unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if has_default and f.default is not None:
+                continue
+            _fail(where, prefix + name, "is missing")
+        value = _convert(hints[name], data[name], where, prefix + name)
+        meta = f.metadata
+        if value is not None and meta:
+            if "gt" in meta and not value > meta["gt"]:
+                _fail(where, prefix + name, f"must be > {meta['gt']:g}, got {value!r}")
+            if "ge" in meta and not value >= meta["ge"]:
+                _fail(where, prefix + name, f"must be >= {meta['ge']:g}, got {value!r}")
+            if "le" in meta and not value <= meta["le"]:
+                _fail(where, prefix + name, f"must be <= {meta['le']:g}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise InputError(path, f"not valid YAML{at}") from None
+
+
+def load(cls: type, path: str | Path) -> Any:
+    return build(cls, read_yaml(path), str(path))
+
+
+def _resolve(path: str | Path | None, default_name: str) -> Path:
+    if path is None:
+        return CONFIG_DIR / default_name
+    return Path(path)
+
+
+def load_machine(path: str | Path | None = None) -> MachineConfig:
+    path = _resolve(path, "machine_reference.yaml")
+    cfg = load(MachineConfig, path)
+    if cfg.tube.kvp <= 20:
+        raise InputError(path, f"tube.kvp: {cfg.tube.kvp:g} kVp is too low for transmission sorting")
+    if cfg.detector.front is None or cfg.detector.back is None:
+        raise InputError(path, "detector.front and detector.back layers are required")
+    return cfg
+
+
+def load_ore(path: str | Path | None = None) -> OreConfig:
+    path = _resolve(path, "ore_crater_lake.yaml")
+    cfg = load(OreConfig, path)
+    if not cfg.lithotypes:
+        raise InputError(path, "lithotypes: at least one lithotype is required")
+    if sum(l.proportion for l in cfg.lithotypes) <= 0:
+        raise InputError(path, "lithotypes: proportions sum to zero")
+    if cfg.size_min_mm >= cfg.size_max_mm:
+        raise InputError(path, "size_min_mm must be below size_max_mm")
+    for lith in cfg.lithotypes:
+        for name, rng in lith.minerals.items():
+            if rng.min_pct > rng.max_pct:
+                raise InputError(path, f"lithotypes.{lith.name}.minerals.{name}: min_pct above max_pct")
+            if name not in cfg.mineral_sc2o3_ppm:
+                raise InputError(path, f"mineral_sc2o3_ppm: no Sc2O3 content for {name!r}")
+        if sum(r.max_pct for r in lith.minerals.values()) < 100 - 1e-9:
+            raise InputError(path, f"lithotypes.{lith.name}: mineral maxima sum below 100%")
+        if sum(r.min_pct for r in lith.minerals.values()) > 100 + 1e-9:
+            raise InputError(path, f"lithotypes.{lith.name}: mineral minima sum above 100%")
+    return cfg
+
+
+def load_sorter(path: str | Path | None = None) -> SorterConfig:
+    path = _resolve(path, "sorter_reference.yaml")
+    return load(SorterConfig, path)
