@@ -132,32 +132,37 @@ def sample_counts(mean: np.ndarray, var: np.ndarray, pattern: PixelPattern,
     pattern : the detector's fixed pattern; ``columns`` selects the W detector columns.
     rng : the random generator (the caller owns the seed).
     out : (L, W, 2) ndarray of uint16, optional.
+
+    Pixels with few equivalent quanta get the scaled Poisson law; elsewhere its normal
+    limit, with the read noise folded into the same draw (one normal deviate per pixel).
     """
     mean = np.asarray(mean, dtype=np.float32)
-    var = np.maximum(np.asarray(var, dtype=np.float32), 1e-12)
-    signal = np.empty_like(mean)
-    neq = mean * mean / var
-    small = neq < _GAUSS_NEQ
-    if small.any():
-        scale = var[small] / np.maximum(mean[small], 1e-12)
-        signal[small] = rng.poisson(neq[small]).astype(np.float32) * scale
-    big = ~small
-    signal[big] = mean[big] + np.sqrt(var[big]) * rng.standard_normal(int(big.sum()), dtype=np.float32)
+    var = np.maximum(np.asarray(var, dtype=np.float32), np.float32(1e-12))
     gain = pattern.gain[columns]
     dark = pattern.dark[columns]
     read = pattern.read_noise[columns]
-    signal *= gain
+    small = np.flatnonzero(mean * mean < _GAUSS_NEQ * var)
+    signal = rng.standard_normal(mean.shape, dtype=np.float32)
+    signal *= np.sqrt(var * (gain * gain) + read * read)
+    signal += mean * gain
     signal += dark
-    signal += read * rng.standard_normal(signal.shape, dtype=np.float32)
+    if small.size:
+        m, v = mean.ravel()[small], var.ravel()[small]
+        g = np.broadcast_to(gain, mean.shape).ravel()[small]
+        rd = np.broadcast_to(read, mean.shape).ravel()[small]
+        dk = np.broadcast_to(dark, mean.shape).ravel()[small]
+        quanta = rng.poisson(m * m / v).astype(np.float32)
+        signal.ravel()[small] = (quanta * (v / np.maximum(m, np.float32(1e-12))) * g + dk
+                                 + rd * rng.standard_normal(small.size, dtype=np.float32))
     dead = pattern.dead[columns]
     if dead.any():
         signal[:, dead] = dark[dead] + read[dead] * rng.standard_normal(signal[:, dead].shape, dtype=np.float32)
     stuck = pattern.stuck[columns]
     if stuck.any():
         signal[:, stuck] = 65535.0
-    if out is None:
-        out = np.empty(signal.shape, np.uint16)
     np.rint(signal, out=signal)
     np.clip(signal, 0, 65535, out=signal)
+    if out is None:
+        return signal.astype(np.uint16)
     out[...] = signal
     return out

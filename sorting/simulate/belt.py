@@ -1,0 +1,213 @@
+"""A belt of rocks streaming through the scan line (``xrt-belt/1`` with ``truth.csv``).
+
+Rocks are placed one after another along the belt at a rate that gives the asked
+occupancy (share of belt area covered), never overlapping in projection; a share of
+them is pushed against the previous rock until they touch. Rendering runs through a
+rolling buffer of lines, so a recording of any length is written chunk by chunk in
+bounded memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from ..config import MachineConfig, OreConfig
+from ..errors import InputError
+from ..formats import TRUTH_COLUMNS, BeltRecordingWriter
+from ..physics import MaterialLibrary
+from .ore import densities, mineral_list
+from .render import Renderer
+from .rocks import SimulatedRock, make_rock
+
+LEAD_IN_LINES = 128  # empty belt at the start: lets a streaming loop see air first
+GAP_PX = 2  # free pixels kept around a rock that is not meant to touch
+EXTRA_TRUTH = ("lithotype", "size_mm", "area_mm2", "touching")
+
+
+@dataclass
+class _Placed:
+    rock: SimulatedRock
+    line0: int
+    col0: int
+    touching: bool = False
+
+
+class _Occupancy:
+    """Rolling label image of the placed rocks (lines base .. base+n)."""
+
+    def __init__(self, lines: int, pixels: int):
+        self.base = 0
+        self.grid = np.zeros((lines, pixels), np.uint8)
+
+    def free(self, mask: np.ndarray, line0: int, col0: int, gap: int) -> bool:
+        h, w = mask.shape
+        r0, c0 = line0 - self.base - gap, col0 - gap
+        if r0 < 0 or c0 < 0 or c0 + w + 2 * gap > self.grid.shape[1] or r0 + h + 2 * gap > self.grid.shape[0]:
+            return False
+        window = self.grid[r0:r0 + h + 2 * gap, c0:c0 + w + 2 * gap]
+        m = mask.view(np.uint8)
+        if gap:
+            m = cv2.dilate(np.pad(m, gap), np.ones((2 * gap + 1, 2 * gap + 1), np.uint8))
+        return not np.any(window & m)
+
+    def mark(self, mask: np.ndarray, line0: int, col0: int) -> None:
+        h, w = mask.shape
+        self.grid[line0 - self.base:line0 - self.base + h, col0:col0 + w] |= mask.view(np.uint8)
+
+    def advance(self, to_line: int) -> None:
+        k = to_line - self.base
+        if k <= 0:
+            return
+        self.grid[:-k] = self.grid[k:].copy() if k < self.grid.shape[0] else 0
+        self.grid[-k:] = 0
+        self.base = to_line
+
+
+def _truth_row(i: int, pl: _Placed, machine: MachineConfig) -> dict:
+    mask = pl.rock.image.mask
+    rows, cols = np.nonzero(mask)
+    px_area = machine.line_pitch_mm * machine.detector.pixel_pitch_mm
+    return {
+        "rock_id": f"{i + 1:06d}",
+        "first_line": pl.line0 + int(rows.min()),
+        "last_line": pl.line0 + int(rows.max()),
+        "x_min_px": pl.col0 + int(cols.min()),
+        "x_max_px": pl.col0 + int(cols.max()),
+        "centroid_line": round(pl.line0 + float(rows.mean()), 3),
+        "centroid_px": round(pl.col0 + float(cols.mean()), 3),
+        "label": pl.rock.label,
+        "sc2o3_ppm": round(pl.rock.sc2o3_ppm, 2),
+        "mass_g": round(pl.rock.mass_g, 3),
+        "lithotype": pl.rock.lithotype,
+        "size_mm": round(pl.rock.image.size_mm, 1),
+        "area_mm2": round(rows.size * px_area, 1),
+        "touching": int(pl.touching),
+    }
+
+
+def simulate_belt(out: Path, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
+                  library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
+                  progress: bool = True, chunk_lines: int = 2048) -> Path:
+    if not 0.0 < occupancy < 0.8:
+        raise InputError("--occupancy", f"must be in (0, 0.8), got {occupancy}")
+    if not 0.0 <= touching <= 1.0:
+        raise InputError("--touching", f"must be in [0, 1], got {touching}")
+    if not seconds > 0:
+        raise InputError("--seconds", f"must be positive, got {seconds}")
+    minerals = mineral_list(ore)
+    renderer = Renderer.create(machine, library, minerals)
+    rho = densities(minerals, library)
+    p = machine.detector.pixels
+    n_lines = int(round(seconds * machine.belt.line_rate_hz))
+    cal_seq, place_seq, noise_seq, rock_seq = np.random.SeedSequence(seed).spawn(4)
+    place_rng = np.random.default_rng(place_seq)
+    noise_rng = np.random.default_rng(noise_seq)
+    max_len = int(np.ceil(ore.size_max_mm * 1.05 / min(machine.line_pitch_mm, machine.detector.pixel_pitch_mm))) + 4
+    buf_lines = max(chunk_lines, 4 * max_len) + 2 * max_len
+    occ = _Occupancy(buf_lines, p)
+    mean, var = renderer.blank(buf_lines, p)
+    air_mean, air_var = renderer.air_mean, renderer.air_var
+    meta = {
+        "detector_pixels": p,
+        "pixel_pitch_mm": machine.detector.pixel_pitch_mm,
+        "line_rate_hz": machine.belt.line_rate_hz,
+        "belt_speed_m_s": machine.belt.speed_m_s,
+        "channels": ["low", "high"],
+        "simulated": True,
+        "machine": machine.name,
+        "ore": ore.name,
+        "seed": seed,
+        "occupancy_target": occupancy,
+        "touching_target": touching,
+        "label_cutoff_ppm": ore.label_cutoff_ppm,
+        "tube_kvp": machine.tube.kvp,
+    }
+    truth: list[dict] = []
+    written = 0
+    covered_px = 0
+    cursor = float(LEAD_IN_LINES)
+    prev: _Placed | None = None
+    rock_seeds = iter(rock_seq.spawn(10**7))
+    bar = tqdm(total=n_lines, desc="belt", unit="line", unit_scale=True, disable=not progress)
+    with BeltRecordingWriter(out, meta, renderer.calibration_scans(np.random.default_rng(cal_seq)),
+                             truth_columns=EXTRA_TRUTH) as writer:
+
+        def flush(upto: int) -> None:
+            nonlocal written, mean, var
+            k = upto - written
+            if k <= 0:
+                return
+            writer.append(renderer.counts(mean[:k], var[:k], 0, noise_rng))
+            mean[:-k] = mean[k:].copy()
+            var[:-k] = var[k:].copy()
+            mean[-k:] = air_mean
+            var[-k:] = air_var
+            written = upto
+            occ.advance(upto)
+            bar.update(k)
+
+        while True:
+            rock = make_rock(ore, machine, rho, np.random.default_rng(next(rock_seeds)))
+            mask = rock.image.mask
+            h, w = mask.shape
+            placed = None
+            want_touch = prev is not None and place_rng.random() < touching
+            if want_touch:
+                at = _touch(prev, mask, occ, place_rng, p)
+                placed = _Placed(rock, at[0], at[1], touching=True) if at and at[0] >= written else None
+            if placed is None:
+                for attempt in range(30):
+                    line0 = int(cursor + attempt * 0.5 * max_len * place_rng.random()) - h // 2
+                    col0 = int(place_rng.integers(0, max(p - w, 0) + 1))
+                    if line0 >= written and occ.free(mask, line0, col0, GAP_PX):
+                        placed = _Placed(rock, line0, col0)
+                        break
+            if placed is None:
+                cursor += max_len / 4
+                continue
+            if placed.line0 + h + LEAD_IN_LINES // 4 > n_lines:
+                break
+            occ.mark(mask, placed.line0, placed.col0)
+            r, c = np.nonzero(mask)
+            m, v = renderer.signal(rock.image.paths_mm[mask])
+            rr, cc = r + placed.line0 - written, c + placed.col0
+            mean[rr, cc] = m
+            var[rr, cc] = v
+            if placed.touching:
+                truth[-1]["touching"] = 1
+            truth.append(_truth_row(len(truth), placed, machine))
+            covered_px += r.size
+            # advance by the belt length this rock's area takes at the asked occupancy
+            cursor += place_rng.exponential(r.size / (occupancy * p))
+            prev = placed
+            flush(min(max(int(cursor) - 2 * max_len, written), n_lines))
+        flush(n_lines)
+        bar.close()
+        meta.update(rocks=len(truth), occupancy=round(covered_px / (n_lines * p), 4))
+        writer.close(truth)
+    return out
+
+
+def _touch(prev: _Placed, mask: np.ndarray, occ: _Occupancy, rng: np.random.Generator,
+           p: int) -> tuple[int, int] | None:
+    """Slide a new rock from the previous rock's centre outward until it no longer overlaps:
+    at that position the two touch (no gap in projection). Returns (line0, col0) or None."""
+    pm = prev.rock.image.mask
+    cy = prev.line0 + pm.shape[0] / 2
+    cx = prev.col0 + pm.shape[1] / 2
+    h, w = mask.shape
+    angle = rng.uniform(0, np.pi)  # downstream half-plane: lines already written stay untouched
+    dy, dx = np.sin(angle), np.cos(angle)
+    for step in range(0, 2 * (max(pm.shape) + max(h, w))):
+        line0 = int(round(cy + dy * step - h / 2))
+        col0 = int(round(cx + dx * step - w / 2))
+        if line0 < occ.base or col0 < 0 or col0 + w > p:
+            return None
+        if occ.free(mask, line0, col0, 0):
+            # it touches only if a one-pixel dilation meets a rock; otherwise it slid past one
+            return None if occ.free(mask, line0, col0, 1) else (line0, col0)
+    return None
