@@ -1,0 +1,316 @@
+"""Training (scikit-learn) -> one self-describing ONNX file -> inference (onnxruntime).
+
+The ONNX file is the only artefact: the classifier graph plus a JSON metadata entry
+(key ``sorting``) holding the feature names and version it was trained on, the
+operating threshold, the training-data fingerprint and the cross-validated training
+metrics. No pickle anywhere. A model whose features differ from what the pipeline
+computes is refused at load time (CONTRACT.md section 6: exit status 2).
+
+Operating point: product (``sc``) is ``score >= threshold``, with the threshold chosen on
+out-of-fold scores of stratified cross-validation so that the Sc recovery on the
+training split reaches the target (95 % by default).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .metallurgy import make_feed, roc_auc, sort_balance, threshold_for_recovery
+
+META_KEY = "sorting"
+MODEL_FORMAT = "sorting-model/1"
+INPUT_NAME = "features"
+CV_FOLDS = 5
+
+
+def _candidates(seed: int) -> dict[str, Any]:
+    """Classifiers tried by cross-validated AUC; all convert with skl2onnx and stay small."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+
+    return {
+        "hist_gradient_boosting": HistGradientBoostingClassifier(
+            learning_rate=0.05, max_iter=250, max_leaf_nodes=15, min_samples_leaf=10,
+            l2_regularization=1.0, early_stopping=False, random_state=seed),
+        "random_forest": RandomForestClassifier(
+            n_estimators=150, min_samples_leaf=3, max_depth=12, max_features="sqrt",
+            n_jobs=1, random_state=seed),
+    }
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A fitted classifier with its operating point and provenance.
+
+    ``classifier.predict_proba`` column ``1`` is P(sc).
+    """
+
+    classifier: Any
+    feature_names: tuple[str, ...]
+    feature_version: str
+    threshold: float
+    target_recovery: float
+    fingerprint: str
+    metrics: dict = field(default_factory=dict)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """P(sc) from scikit-learn, (n,) float32 (the reference the ONNX graph must match)."""
+        X = np.asarray(X, dtype=np.float32)
+        if len(X) == 0:
+            return np.zeros(0, np.float32)
+        return self.classifier.predict_proba(X)[:, 1].astype(np.float32)
+
+    def meta(self) -> dict:
+        import onnx
+        import skl2onnx
+        import sklearn
+
+        from . import __version__
+
+        return {
+            "format": MODEL_FORMAT,
+            "feature_names": list(self.feature_names),
+            "feature_version": self.feature_version,
+            "threshold": self.threshold,
+            "decision": "sc where score >= threshold, score = P(sc)",
+            "target_recovery": self.target_recovery,
+            "estimator": type(self.classifier).__name__,
+            "training_fingerprint": self.fingerprint,
+            "training_metrics": self.metrics,
+            "versions": {"sorting": __version__, "sklearn": sklearn.__version__,
+                         "skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__},
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def to_onnx(self):
+        """The ONNX ModelProto: input ``features`` float32 [None, F], outputs label and probabilities."""
+        import onnx
+        from skl2onnx import to_onnx
+        from skl2onnx.common.data_types import FloatTensorType
+
+        clf = self.classifier
+        onx = to_onnx(clf, initial_types=[(INPUT_NAME, FloatTensorType([None, len(self.feature_names)]))],
+                      options={id(clf): {"zipmap": False}},
+                      target_opset={"": 17, "ai.onnx.ml": 3})
+        onx.producer_name = "sorting"
+        onx.doc_string = "DE-XRT rock classifier: P(sc) from the sorting feature vector"
+        onnx.helper.set_model_props(onx, {META_KEY: json.dumps(self.meta())})
+        return onx
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_onnx().SerializeToString()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return path
+
+
+def _check_xy(X: np.ndarray, y: np.ndarray, feature_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y)
+    if X.ndim != 2 or X.shape[1] != len(feature_names):
+        raise ValueError(f"`X` (shape {X.shape}) does not match {len(feature_names)} feature names")
+    if y.shape != (len(X),):
+        raise ValueError(f"`y` (shape {y.shape}) does not match `X` (shape {X.shape})")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("training needs rocks of both classes (sc and waste)")
+    return X, y
+
+
+def _oof_scores(clf, X: np.ndarray, y: np.ndarray, w: np.ndarray, folds) -> np.ndarray:
+    from sklearn.base import clone
+
+    oof = np.empty(len(y), np.float64)
+    for tr, va in folds:
+        m = clone(clf).fit(X[tr], y[tr], sample_weight=w[tr])
+        oof[va] = m.predict_proba(X[va])[:, 1]
+    return oof
+
+
+def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], feature_version: str,
+          mass_g: np.ndarray | None = None, sc2o3_ppm: np.ndarray | None = None,
+          fingerprint: str = "", target_recovery: float = 0.95, seed: int = 0,
+          progress: bool = False) -> TrainedModel:
+    """Fit a classifier and pick its operating threshold by stratified cross-validation.
+
+    Parameters
+    ----------
+    X : (n, F) array_like of float32
+        One feature row per rock, columns in ``feature_names`` order. NaN is allowed
+        (gradient boosting routes it); drop failed crops before calling.
+    y : (n,) array_like of bool
+        True where the rock is ``sc``.
+    feature_names, feature_version
+        Stored in the model; checked against the pipeline when the model is loaded.
+    mass_g, sc2o3_ppm : (n,) array_like of float, optional
+        Where every rock has both, recovery is Sc2O3-unit weighted; otherwise it is
+        the recall of ``sc`` rocks (mass-weighted if masses exist).
+    fingerprint : str
+        Identifies the training data (see :func:`training_fingerprint`).
+    target_recovery : float
+        Out-of-fold Sc recovery the threshold must reach, in (0, 1].
+    seed : int
+        Seeds the folds and the estimators.
+
+    Returns
+    -------
+    TrainedModel
+    """
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.utils.class_weight import compute_sample_weight
+    from threadpoolctl import threadpool_limits
+    from tqdm import tqdm
+
+    X, y = _check_xy(X, y, tuple(feature_names))
+    if not 0.0 < target_recovery <= 1.0:
+        raise ValueError(f"target recovery {target_recovery} is not in (0, 1]")
+    t0 = time.perf_counter()
+    n_folds = int(min(CV_FOLDS, y.sum(), (~y).sum()))
+    if n_folds < 2:
+        raise ValueError("training needs at least 2 rocks of each class for cross-validation")
+    folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(X, y))
+    w = compute_sample_weight("balanced", y)
+    cands = _candidates(seed)
+    oof, cv_auc = {}, {}
+    # One OpenMP thread: on a busy 2-core box the spin-waiting team of the boosting
+    # fit made it 30x slower; one thread is also deterministic.
+    with threadpool_limits(1):
+        for name, clf in tqdm(cands.items(), desc="cross-validation", unit="model", disable=not progress):
+            oof[name] = _oof_scores(clf, X, y, w, folds)
+            cv_auc[name] = roc_auc(oof[name], y)
+        best = max(cv_auc, key=lambda k: cv_auc[k])
+        clf = cands[best].fit(X, y, sample_weight=w)
+    feed = make_feed(y, mass_g, sc2o3_ppm)
+    threshold = threshold_for_recovery(oof[best], feed.units, target_recovery)
+    bal = sort_balance(oof[best] >= threshold, y, feed)
+    metrics = {
+        "n_train": int(len(y)), "n_sc": int(y.sum()), "cv_folds": n_folds,
+        "estimator": best, "cv_auc": cv_auc[best], "cv_auc_candidates": cv_auc,
+        "cv_sc_recovery": bal["sc_recovery"], "cv_mass_pull": bal["mass_pull"],
+        "cv_sc_rock_recall": bal["sc_rock_recall"], "cv_waste_rejection": bal["waste_rejection"],
+        "cv_upgrade_ratio": bal["upgrade_ratio"],
+        "recovery_basis": feed.recovery_basis, "mass_basis": feed.mass_basis,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+    }
+    return TrainedModel(clf, tuple(feature_names), feature_version, float(threshold),
+                        float(target_recovery), fingerprint, metrics)
+
+
+def training_fingerprint(rows: list[tuple], calibration_fingerprint: str, X: np.ndarray) -> str:
+    """sha256 over the training rows, the machine calibration and the feature matrix."""
+    h = hashlib.sha256()
+    h.update(json.dumps([list(map(str, r)) for r in rows]).encode())
+    h.update(calibration_fingerprint.encode())
+    h.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+class OnnxModel:
+    """A loaded model: onnxruntime session, operating threshold and metadata.
+
+    One intra-op thread and sequential execution: the sorter scores one small batch
+    per chunk, where thread hand-off would cost more than the trees.
+    """
+
+    def __init__(self, path: Path, session, meta: dict):
+        self.path = path
+        self.meta = meta
+        self.threshold = float(meta["threshold"])
+        self.feature_names = tuple(meta["feature_names"])
+        self.feature_version = str(meta["feature_version"])
+        self.n_features = len(self.feature_names)
+        self._session = session
+        self._input = session.get_inputs()[0].name
+        outs = [o.name for o in session.get_outputs()]
+        self._outputs = [outs[-1]]  # probabilities (n, 2); the label output is not needed
+
+    def scores_f32(self, X: np.ndarray) -> np.ndarray:
+        """Hot path: P(sc) for a C-contiguous float32 (n, F) array, no conversion or checks.
+
+        Returns a (n,) float32 view into the runtime's output.
+        """
+        return self._session.run(self._outputs, {self._input: X})[0][:, 1]
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """P(sc) in [0, 1], (n,) float32, for features in ``feature_names`` order."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"`X` (shape {X.shape}) does not have {self.n_features} feature columns")
+        if len(X) == 0:
+            return np.zeros(0, np.float32)
+        return np.clip(self.scores_f32(X), 0.0, 1.0).astype(np.float32)
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """True where a rock is ``sc`` at the model's operating point."""
+        return np.asarray(scores) >= self.threshold
+
+
+def _pipeline_features() -> tuple[tuple[str, ...], str]:
+    from .features import FEATURE_NAMES, FEATURE_VERSION
+
+    return tuple(FEATURE_NAMES), str(FEATURE_VERSION)
+
+
+def load_model(path: str | Path, *, expected_names: tuple[str, ...] | None = None,
+               expected_version: str | None = None) -> OnnxModel:
+    """Open and validate a model file written by :meth:`TrainedModel.save`.
+
+    ``expected_names`` / ``expected_version`` default to what the pipeline computes
+    (``features.FEATURE_NAMES`` / ``FEATURE_VERSION``).
+
+    Raises
+    ------
+    InputError
+        Missing file, not ONNX, no ``sorting`` metadata, or other features.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such model file")
+    data = path.read_bytes()
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception:  # protobuf raises several types on garbage
+        raise InputError(path, "not an ONNX model") from None
+    if not proto.graph.node or not proto.graph.input:
+        raise InputError(path, "not an ONNX model")
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        meta = json.loads(props[META_KEY])
+        names, version, thr = meta["feature_names"], meta["feature_version"], float(meta["threshold"])
+    except (KeyError, ValueError, TypeError):
+        raise InputError(path, "ONNX file without sorting metadata (not written by `sorting train`)") from None
+    if expected_names is None or expected_version is None:
+        exp_n, exp_v = _pipeline_features()
+        expected_names = expected_names if expected_names is not None else exp_n
+        expected_version = expected_version if expected_version is not None else exp_v
+    if tuple(names) != tuple(expected_names) or str(version) != str(expected_version):
+        raise InputError(path, f"model was built on other features (version {version!r}, {len(names)} "
+                               f"features; this pipeline computes version {expected_version!r}, "
+                               f"{len(expected_names)} features): retrain it with `sorting train`")
+    if not 0.0 <= thr <= 1.0:
+        raise InputError(path, f"operating threshold {thr} is not in [0, 1]")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(path, f"onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})") from None
+    shape = session.get_inputs()[0].shape
+    if len(shape) != 2 or shape[1] != len(names):
+        raise InputError(path, f"model input shape {shape} does not match its {len(names)} feature names")
+    return OnnxModel(path, session, meta)
