@@ -1,0 +1,628 @@
+"""Particles from attenuation maps: per-pixel foreground, touching-rock splitting,
+the batch crop path and the streaming stitcher that follows particles across chunks.
+
+Both paths run the same steps on the same connected component (8-connectivity of the
+foreground), so a model trained on rock crops sees the particles the belt produces:
+component -> drop specks below ``min_area_mm2`` -> :func:`split_touching` -> particles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+if TYPE_CHECKING:  # only attributes ``air_sigma_a`` and ``bad`` are used
+    from .calibrate import Calibration
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Segmentation settings, in physical units.
+
+    k_sigma : foreground when the matched two-channel attenuation exceeds this many
+        standard deviations of the pixel's own air noise (``cal.air_sigma_a``).
+    min_attenuation : absolute floor on that threshold (attenuation units).
+    min_area_mm2 : components smaller than this are specks and dropped.
+    split_touching : split touching rocks (watershed on the distance to the edge).
+    split_depth_mm : a rock is split off its neighbour only if its distance-to-edge peak
+        rises at least this far above the neck between them. A convex rock has a single
+        peak (its distance function is concave), so only pixelization (< 1 px) competes.
+    edge_ratio : expected A_low / A_high at a thin rock edge; sets the weights of the
+        two channels in the matched detection statistic (rock-forming minerals: ~1.6-2.4).
+    """
+
+    k_sigma: float = 5.0
+    min_attenuation: float = 0.05
+    min_area_mm2: float = 15.0
+    split_touching: bool = True
+    split_depth_mm: float = 1.5
+    edge_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name != "split_touching" and not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"SegmentConfig.{f.name} must be finite and >= 0, got {v!r}")
+        if self.edge_ratio <= 0 or self.split_depth_mm <= 0:
+            raise ValueError("SegmentConfig.edge_ratio and split_depth_mm must be > 0")
+
+
+def _pixel_area_mm2(pixel_pitch_mm: float, line_pitch_mm: float) -> float:
+    if not (pixel_pitch_mm > 0 and line_pitch_mm > 0):
+        raise ValueError(f"pitches must be > 0, got pixel {pixel_pitch_mm!r}, line {line_pitch_mm!r} mm")
+    return float(pixel_pitch_mm) * float(line_pitch_mm)
+
+
+# ---------------------------------------------------------------- foreground
+def detection_weights(cal: Calibration, x0: int, width: int,
+                      config: SegmentConfig = SegmentConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column channel weights (W, 2) float32 and threshold (W,) float32 of :func:`foreground`.
+
+    The weights are the matched filter for a signal in the direction (edge_ratio, 1)
+    under independent channel noise: w_c ~ contrast_c / sigma_c**2, normalised to sum 1,
+    so the statistic is in attenuation units; its noise sigma is known in closed form.
+    """
+    sig = np.asarray(cal.air_sigma_a, dtype=np.float64)[x0:x0 + width]
+    if sig.shape != (width, 2):
+        raise ValueError(f"columns {x0}..{x0 + width - 1} are outside the calibration "
+                         f"(air_sigma_a shape {np.shape(cal.air_sigma_a)})")
+    var = np.maximum(sig * sig, 1e-12)
+    w = np.stack([config.edge_ratio / var[:, 0], 1.0 / var[:, 1]], axis=1)
+    w /= w.sum(axis=1, keepdims=True)
+    sigma = np.sqrt((w * w * var).sum(axis=1))
+    thr = np.maximum(config.k_sigma * sigma, config.min_attenuation)
+    return w.astype(np.float32), thr.astype(np.float32)
+
+
+def _bad_column_sources(bad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each bad column: its nearest good column on the left and on the right (-1: none)."""
+    bad_idx = np.flatnonzero(bad)
+    good_idx = np.flatnonzero(~bad)
+    if good_idx.size == 0:
+        return bad_idx, np.full(bad_idx.size, -1), np.full(bad_idx.size, -1)
+    pos = np.searchsorted(good_idx, bad_idx)
+    left = np.where(pos > 0, good_idx[np.maximum(pos - 1, 0)], -1)
+    right = np.where(pos < good_idx.size, good_idx[np.minimum(pos, good_idx.size - 1)], -1)
+    return bad_idx, left, right
+
+
+def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConfig = SegmentConfig(),
+               *, out: np.ndarray | None = None) -> np.ndarray:
+    """Rock pixels of an attenuation frame.
+
+    Parameters
+    ----------
+    a : (L, W, 2) ndarray of float32
+        Attenuation, channel 0 low, 1 high; column j is detector column ``x0 + j``.
+    cal : Calibration
+        Uses ``air_sigma_a`` (P, 2) and ``bad`` (P,).
+    out : (L, W) ndarray of bool, optional
+
+    Returns
+    -------
+    (L, W) ndarray of bool
+        Per pixel (each line on its own, so identical however the stream is chunked).
+        NaN reads as empty belt. A bad detector column takes the AND of its nearest good
+        neighbours in the same line: it neither cuts a rock in two nor draws a stripe.
+    """
+    if a.ndim != 3 or a.shape[2] != 2:
+        raise ValueError(f"`a` must be (lines, width, 2), got shape {a.shape}")
+    lines, width = a.shape[:2]
+    w, thr = detection_weights(cal, x0, width, config)
+    score = a[..., 0] * w[:, 0]
+    score += a[..., 1] * w[:, 1]
+    if out is None:
+        out = np.empty((lines, width), bool)
+    elif out.shape != (lines, width) or out.dtype != bool:
+        raise ValueError(f"`out` must be bool of shape {(lines, width)}, got {out.dtype} {out.shape}")
+    np.greater(score, thr, out=out)
+    bad = np.asarray(cal.bad, dtype=bool)[x0:x0 + width]
+    if bad.any():
+        idx, left, right = _bad_column_sources(bad)
+        lv = np.where(left >= 0, out[:, np.maximum(left, 0)], True)
+        rv = np.where(right >= 0, out[:, np.maximum(right, 0)], True)
+        out[:, idx] = lv & rv & ((left >= 0) | (right >= 0))
+    return out
+
+
+# ---------------------------------------------------------------- touching rocks
+def _distance_mm(mask_u8: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float) -> np.ndarray:
+    """Euclidean distance to the nearest background pixel, in mm (mask padded by the caller)."""
+    if abs(pixel_pitch_mm - line_pitch_mm) <= 0.02 * max(pixel_pitch_mm, line_pitch_mm):
+        d = cv2.distanceTransform(mask_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        # OpenCV's exact transform wobbles by ~1e-6 from call to call, which flips watershed
+        # ties; the squared distance is an integer, so rounding it makes the result exact
+        np.multiply(d, d, out=d)
+        np.rint(d, out=d)
+        np.sqrt(d, out=d)
+        d *= np.float32(0.5 * (pixel_pitch_mm + line_pitch_mm))
+        return d
+    return ndimage.distance_transform_edt(mask_u8, sampling=(line_pitch_mm, pixel_pitch_mm)).astype(np.float32)
+
+
+def _max_defect_depth_px(mask_u8: np.ndarray) -> float:
+    """Deepest concavity of the outer contours, in pixels (0 for a convex shape)."""
+    contours, _ = cv2.findContours(mask_u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    depth = 0.0
+    for c in contours:
+        if len(c) < 4:
+            continue
+        hull = cv2.convexHull(c, returnPoints=False)
+        if len(hull) < 3:
+            continue
+        try:
+            defects = cv2.convexityDefects(c, hull)
+        except cv2.error:  # self-intersecting hull order on degenerate contours
+            return np.inf
+        if defects is not None:
+            depth = max(depth, float(defects.reshape(-1, 4)[:, 3].max()) / 256.0)
+    return depth
+
+
+def _find(parent: dict, i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def split_touching(mask: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float,
+                   config: SegmentConfig = SegmentConfig()) -> np.ndarray:
+    """Split touching rocks: watershed on the distance to the edge, markers by dynamics.
+
+    Parameters
+    ----------
+    mask : (h, w) ndarray of bool
+    pixel_pitch_mm, line_pitch_mm : pixel size across and along the belt.
+
+    Returns
+    -------
+    (h, w) ndarray of int32
+        0 background, 1..n one label per rock, numbered in raster order of first pixel.
+        Basins are merged (Kruskal sweep over necks, highest first) while the lower peak
+        rises less than ``split_depth_mm`` above the neck, or a side is smaller than
+        ``min_area_mm2``: a convex rock stays whole, two rocks meeting at a neck split.
+        Connected components are never joined.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"`mask` must be 2-D, got shape {mask.shape}")
+    min_area_px = config.min_area_mm2 / _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
+    m8 = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)  # pad: the edge is outside
+    m8[1:-1, 1:-1] = mask
+    depth_px = _max_defect_depth_px(m8) if config.split_touching else 0.0
+    # gate: without a concavity as deep as the split depth, no second peak can exist
+    if depth_px * max(pixel_pitch_mm, line_pitch_mm) < 0.75 * config.split_depth_mm:
+        comp = cv2.connectedComponents(m8, connectivity=8, ltype=cv2.CV_32S)[1]
+        return comp[1:-1, 1:-1].copy()
+    dist = _distance_mm(m8, pixel_pitch_mm, line_pitch_mm)
+    return _watershed_by_dynamics(dist, m8.astype(bool), config.split_depth_mm, min_area_px)[1:-1, 1:-1]
+
+
+def _watershed_by_dynamics(dist: np.ndarray, mask: np.ndarray, depth_mm: float,
+                           min_area_px: float) -> np.ndarray:
+    from skimage.segmentation import watershed
+
+    peaks = mask & (dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8)))
+    n, markers = cv2.connectedComponents(peaks.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    peak = np.zeros(n)
+    np.maximum.at(peak, markers[peaks], dist[peaks])
+    # flood from every peak, highest first; every component holds a peak (its maximum),
+    # so every mask pixel ends up in a basin
+    basins = watershed(-dist, markers, mask=mask, connectivity=2)
+    area = np.bincount(basins.ravel(), minlength=n).astype(np.float64)
+    # necks: for each pair of 8-adjacent basins, the highest crossing min(d_p, d_q)
+    h, w = basins.shape
+    saddles: dict[tuple[int, int], float] = {}
+    for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        cp, cq = (slice(0, w - dc), slice(dc, w)) if dc >= 0 else (slice(-dc, w), slice(0, w + dc))
+        a, b = basins[0:h - dr, cp], basins[dr:h, cq]
+        da, db = dist[0:h - dr, cp], dist[dr:h, cq]
+        sel = (a != b) & (a > 0) & (b > 0)
+        if not sel.any():
+            continue
+        lo, hi = np.minimum(a[sel], b[sel]), np.maximum(a[sel], b[sel])
+        s = np.minimum(da[sel], db[sel])
+        key = lo.astype(np.int64) * n + hi
+        order = np.lexsort((s, key))
+        key, s = key[order], s[order]
+        last = np.r_[key[1:] != key[:-1], True]
+        for k, v in zip(key[last].tolist(), s[last].tolist()):
+            pair = (k // n, k % n)
+            if v > saddles.get(pair, -1.0):
+                saddles[pair] = v
+    parent = {i: i for i in range(1, n)}
+    top = {i: float(peak[i]) for i in range(1, n)}
+    size = {i: float(area[i]) for i in range(1, n)}
+    for (i, j), s in sorted(saddles.items(), key=lambda kv: -kv[1]):
+        ri, rj = _find(parent, i), _find(parent, j)
+        if ri == rj:
+            continue
+        low = min(top[ri], top[rj])
+        if low - s < depth_mm or min(size[ri], size[rj]) < min_area_px:
+            keep, gone = (ri, rj) if top[ri] >= top[rj] else (rj, ri)
+            parent[gone] = keep
+            size[keep] += size[gone]
+    root = np.zeros(n, np.int64)
+    for i in range(1, n):
+        root[i] = _find(parent, i)
+    merged = root[basins]
+    # renumber in raster order of first pixel: the result does not depend on marker numbering
+    flat = merged.ravel()
+    roots = np.unique(root[1:])
+    first = [int(np.argmax(flat == r)) for r in roots]
+    lut = np.zeros(n, np.int32)
+    for new_label, r in enumerate(roots[np.argsort(first)], start=1):
+        lut[root == r] = new_label
+    lut[0] = 0
+    return lut[basins]
+
+
+# ---------------------------------------------------------------- particles
+@dataclass(frozen=True)
+class Completed:
+    """One finished particle of the stream, in absolute coordinates.
+
+    line0..line1 : inclusive stream lines; col0..col1 : inclusive detector columns.
+    mask : (line1 - line0 + 1, col1 - col0 + 1) bool, the particle's pixels in its box.
+    centroid_line, centroid_px : unweighted mask centroid (line / column index units).
+    cut : the stream broke (gap, end of stream) while the particle was open: it may be
+        incomplete. too_long : emitted after ``max_particle_lines`` without ending.
+    touches_border : it reaches detector column 0 or P-1 (the belt edge may hide part).
+    split : it was split off a touching neighbour.
+    """
+
+    line0: int
+    line1: int
+    col0: int
+    col1: int
+    mask: np.ndarray
+    area_px: int
+    centroid_line: float
+    centroid_px: float
+    cut: bool = False
+    too_long: bool = False
+    touches_border: bool = False
+    split: bool = False
+
+
+_PARTICLE_DTYPES = {"line0": np.int64, "line1": np.int64, "col0": np.int64, "col1": np.int64,
+                    "area_px": np.int64, "centroid_line": np.float64, "centroid_px": np.float64,
+                    "touches_border": bool}
+
+
+@dataclass(frozen=True)
+class Particles:
+    """Parallel arrays, one entry per particle (inclusive boxes, frame coordinates)."""
+
+    line0: np.ndarray
+    line1: np.ndarray
+    col0: np.ndarray
+    col1: np.ndarray
+    area_px: np.ndarray
+    centroid_line: np.ndarray
+    centroid_px: np.ndarray
+    touches_border: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = None
+        for name, dtype in _PARTICLE_DTYPES.items():
+            v = np.asarray(getattr(self, name))
+            if v.ndim != 1:
+                raise ValueError(f"Particles.{name} must be 1-D, got shape {v.shape}")
+            if n is not None and v.shape[0] != n:
+                raise ValueError(f"Particles.{name} has {v.shape[0]} entries, line0 has {n}")
+            n = v.shape[0]
+            object.__setattr__(self, name, v.astype(dtype, copy=False))
+        if np.any(self.line1 < self.line0) or np.any(self.col1 < self.col0):
+            raise ValueError("Particles: a box ends before it starts (line1 < line0 or col1 < col0)")
+        if np.any(self.area_px < 1):
+            raise ValueError("Particles: area_px must be >= 1")
+
+    def __len__(self) -> int:
+        return int(self.line0.shape[0])
+
+    def __getitem__(self, index: Any) -> Particles:
+        """Boolean mask, index array or slice -> a new Particles."""
+        if isinstance(index, (int, np.integer)):
+            index = [index]
+        return Particles(**{name: getattr(self, name)[index] for name in _PARTICLE_DTYPES})
+
+    @classmethod
+    def empty(cls) -> Particles:
+        return cls(**{name: np.zeros(0, dtype) for name, dtype in _PARTICLE_DTYPES.items()})
+
+    @classmethod
+    def from_completed(cls, items: list[Completed]) -> Particles:
+        if not items:
+            return cls.empty()
+        return cls(**{name: np.array([getattr(c, name) for c in items]) for name in _PARTICLE_DTYPES})
+
+
+def _pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_pitch_mm: float,
+            config: SegmentConfig, cut: bool = False, too_long: bool = False,
+            pixels: int | None = None) -> list[Completed]:
+    """One connected component (its box mask at line0, col0) -> the particles it holds."""
+    area_px = int(np.count_nonzero(mask))
+    if area_px * _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm) < config.min_area_mm2:
+        return []
+    labels = None
+    if config.split_touching and not too_long:
+        labels = split_touching(mask, pixel_pitch_mm, line_pitch_mm, config)
+        if labels.max() <= 1:
+            labels = None
+    parts = [mask] if labels is None else [labels == k for k in range(1, int(labels.max()) + 1)]
+    out = []
+    for part in parts:
+        rows = np.flatnonzero(part.any(axis=1))
+        cols = np.flatnonzero(part.any(axis=0))
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+        sub = part[r0:r1 + 1, c0:c1 + 1]
+        m = cv2.moments(sub.view(np.uint8), binaryImage=True)
+        a0 = int(round(m["m00"]))
+        out.append(Completed(
+            line0=line0 + r0, line1=line0 + r1, col0=col0 + c0, col1=col0 + c1,
+            mask=np.ascontiguousarray(sub), area_px=a0,
+            centroid_line=line0 + r0 + m["m01"] / a0, centroid_px=col0 + c0 + m["m10"] / a0,
+            cut=cut, too_long=too_long,
+            touches_border=pixels is not None and (col0 + c0 == 0 or col0 + c1 == pixels - 1),
+            split=labels is not None))
+    return out
+
+
+# ---------------------------------------------------------------- batch: one rock crop
+def segment_crop(a: np.ndarray, cal: Calibration, x0: int, pixel_pitch_mm: float, line_pitch_mm: float,
+                 config: SegmentConfig = SegmentConfig()) -> tuple[np.ndarray, str | None]:
+    """The rock of one ``xrt-rocks/1`` crop.
+
+    Parameters
+    ----------
+    a : (h, w, 2) ndarray of float32, attenuation of the crop; column j is detector column x0 + j.
+
+    Returns
+    -------
+    mask : (h, w) ndarray of bool, the rock (all False when there is a problem)
+    problem : None, or why the crop holds no usable rock: no rock, several rocks (apart
+        or touching), or a rock touching the crop border (it may be cut). Never a guess.
+    """
+    fg = foreground(a, cal, x0, config)
+    h, w = fg.shape
+    empty = np.zeros((h, w), bool)
+    n, lab, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        fg.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA)
+    min_px = config.min_area_mm2 / _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
+    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_px]
+    if not keep:
+        return empty, "no rock in the crop"
+    if len(keep) > 1:
+        return empty, f"{len(keep)} separate rocks in the crop"
+    i = keep[0]
+    x, y, bw, bh = (int(v) for v in stats[i, :4])
+    if x == 0 or y == 0 or x + bw == w or y + bh == h:
+        return empty, "the rock touches the crop border"
+    sub = lab[y:y + bh, x:x + bw] == i
+    parts = _pieces(sub, y, x, pixel_pitch_mm, line_pitch_mm, config)
+    if len(parts) > 1:
+        return empty, f"{len(parts)} touching rocks in the crop"
+    mask = empty
+    mask[y:y + bh, x:x + bw] = sub
+    return mask, None
+
+
+# ---------------------------------------------------------------- streaming
+class _Open:
+    """Accumulators of one particle still open at the newest line."""
+
+    __slots__ = ("line0", "line1", "col0", "col1", "area", "sum_line", "sum_col", "pieces", "too_long")
+
+    def __init__(self) -> None:
+        self.line0 = self.col0 = 1 << 62
+        self.line1 = self.col1 = -1
+        self.area = self.sum_line = self.sum_col = 0
+        self.pieces: list[tuple[int, int, np.ndarray]] = []
+        self.too_long = False
+
+    def absorb(self, other: _Open) -> None:
+        self.line0 = min(self.line0, other.line0)
+        self.line1 = max(self.line1, other.line1)
+        self.col0 = min(self.col0, other.col0)
+        self.col1 = max(self.col1, other.col1)
+        self.area += other.area
+        self.sum_line += other.sum_line
+        self.sum_col += other.sum_col
+        self.pieces.extend(other.pieces)
+        self.too_long |= other.too_long
+
+    def mask(self) -> np.ndarray:
+        m = np.zeros((self.line1 - self.line0 + 1, self.col1 - self.col0 + 1), bool)
+        for line, col, piece in self.pieces:
+            r, c = line - self.line0, col - self.col0
+            view = m[r:r + piece.shape[0], c:c + piece.shape[1]]
+            np.logical_or(view, piece, out=view)
+        return m
+
+
+class StreamSegmenter:
+    """Stitches per-chunk foreground masks into whole particles, each emitted exactly once.
+
+    A connected component (8-connectivity) is complete when a line after its last line
+    has arrived without extending it, so the result does not depend on chunk sizes. Each
+    chunk is labelled together with the previous chunk's last line; components meeting
+    that line join the open particles that own its pixels (several of them merge when a
+    chunk connects them). Open particles keep bbox, area, integer coordinate sums and their
+    mask pieces; completed ones go through the same speck filter and touching-rock split
+    as :func:`segment_crop`.
+
+    Parameters
+    ----------
+    pixels : detector columns P.
+    cal : the calibration (kept for the caller's convenience; masks come in ready-made).
+    max_particle_lines : a particle still open after this many lines is emitted with
+        ``too_long=True`` and its continuation starts afresh (also flagged), so a jam on
+        the belt cannot hold memory or the deadline.
+    """
+
+    def __init__(self, pixels: int, cal: Calibration | None, pixel_pitch_mm: float, line_pitch_mm: float,
+                 config: SegmentConfig = SegmentConfig(), max_particle_lines: int = 512):
+        if pixels < 1 or max_particle_lines < 1:
+            raise ValueError(f"pixels and max_particle_lines must be >= 1, got {pixels}, {max_particle_lines}")
+        _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
+        self.pixels = int(pixels)
+        self.cal = cal
+        self.pixel_pitch_mm = float(pixel_pitch_mm)
+        self.line_pitch_mm = float(line_pitch_mm)
+        self.config = config
+        self.max_particle_lines = int(max_particle_lines)
+        self._buf = np.zeros((33, self.pixels), np.uint8)
+        self._reset(None)
+
+    def _reset(self, next_line: int | None) -> None:
+        self._next = next_line
+        self._buf[0] = 0
+        self._prev_ids = np.zeros(self.pixels, np.int64)  # open particle owning each pixel of the last line
+        self._open: dict[int, _Open] = {}
+        self._next_id = 1
+
+    @property
+    def next_line(self) -> int | None:
+        """The line the next chunk must start at (None before the first chunk)."""
+        return self._next
+
+    def push(self, first_line: int, mask: np.ndarray) -> list[Completed]:
+        """Feed the foreground of lines ``first_line .. first_line + L - 1``.
+
+        Parameters
+        ----------
+        mask : (L, P) ndarray of bool, L >= 1
+
+        Returns
+        -------
+        The particles completed by this chunk, in completion order (within a chunk: by
+        first line, then first column). A chunk that starts after the expected line
+        implies a gap (see :meth:`gap`); one that starts before it is an error.
+        """
+        mask = np.asarray(mask)
+        if mask.ndim != 2 or mask.shape[1] != self.pixels or mask.shape[0] < 1:
+            raise ValueError(f"mask must be (L >= 1, {self.pixels}), got shape {mask.shape}")
+        out: list[Completed] = []
+        if self._next is not None and first_line != self._next:
+            if first_line < self._next:
+                raise ValueError(f"chunk starts at line {first_line}, but line {self._next - 1} was already seen")
+            out = self.gap(first_line)
+        n_lines = mask.shape[0]
+        if self._buf.shape[0] < n_lines + 1:
+            prev = self._buf[0].copy()
+            self._buf = np.zeros((n_lines + 1, self.pixels), np.uint8)
+            self._buf[0] = prev
+        buf = self._buf[:n_lines + 1]
+        buf[1:] = mask.view(np.uint8) if mask.dtype == bool else (mask != 0)
+        self._next = first_line + n_lines
+        n, lab, stats, cents = cv2.connectedComponentsWithStatsWithAlgorithm(buf, 8, cv2.CV_32S, cv2.CCL_GRANA)
+        if n > 1 or self._open:
+            out.extend(self._absorb(n, lab, stats, cents, first_line - 1))
+        buf[0] = buf[n_lines]
+        return out
+
+    def _absorb(self, n: int, lab: np.ndarray, stats: np.ndarray, cents: np.ndarray,
+                base: int) -> list[Completed]:
+        """Merge labels of (previous line + chunk) into the open particles; emit the finished."""
+        owner = np.zeros(n, np.int64)  # label -> open particle id
+        cnt0 = colsum0 = None
+        if self._open:
+            prev = np.flatnonzero(self._prev_ids)
+            row0 = lab[0, prev]
+            ids = self._prev_ids[prev]
+            cnt0 = np.bincount(row0, minlength=n)
+            colsum0 = np.bincount(row0, weights=prev, minlength=n)
+            key = np.unique(row0 * (self._next_id + 1) + ids)
+            alias: dict[int, int] = {}
+            for k in key.tolist():
+                label, pid = divmod(k, self._next_id + 1)
+                pid = _resolve(alias, pid)
+                have = int(owner[label])
+                if have == 0:
+                    owner[label] = pid
+                elif _resolve(alias, have) != pid:  # this chunk connects two open particles
+                    keep = _resolve(alias, have)
+                    self._open[keep].absorb(self._open.pop(pid))
+                    alias[pid] = keep
+            if alias:
+                for label in range(1, n):
+                    owner[label] = _resolve(alias, int(owner[label]))
+        for label in range(1, n):
+            area = int(stats[label, cv2.CC_STAT_AREA])
+            new = area - (int(cnt0[label]) if cnt0 is not None else 0)
+            if new <= 0:
+                continue
+            pid = int(owner[label])
+            if pid == 0:
+                pid = owner[label] = self._next_id
+                self._next_id += 1
+                self._open[pid] = _Open()
+            rec = self._open[pid]
+            x, y, w, h = (int(v) for v in stats[label, :4])
+            top = max(y, 1)
+            rec.pieces.append((base + top, x, lab[top:y + h, x:x + w] == label))
+            rec.line0 = min(rec.line0, base + top)
+            rec.line1 = max(rec.line1, base + y + h - 1)
+            rec.col0 = min(rec.col0, x)
+            rec.col1 = max(rec.col1, x + w - 1)
+            rec.area += new
+            # integer sums: centroids come out identical however the stream is chunked
+            rec.sum_line += int(round(cents[label, 1] * area)) + new * base
+            rec.sum_col += int(round(cents[label, 0] * area)) - (int(round(colsum0[label])) if cnt0 is not None else 0)
+        last = lab[-1]
+        self._prev_ids = owner[last]
+        alive = set(np.unique(self._prev_ids).tolist())
+        alive.discard(0)
+        out: list[Completed] = []
+        done = sorted((rec.line0, rec.col0, pid) for pid, rec in self._open.items() if pid not in alive)
+        for _, _, pid in done:
+            out.extend(self._emit(self._open.pop(pid), cut=False))
+        newest = base + lab.shape[0] - 1
+        for pid in sorted(alive):
+            rec = self._open[pid]
+            if newest - rec.line0 + 1 >= self.max_particle_lines:
+                rec.too_long = True
+                out.extend(self._emit(rec, cut=False))
+                fresh = _Open()
+                fresh.too_long = True
+                self._open[pid] = fresh
+        return out
+
+    def _emit(self, rec: _Open, cut: bool) -> list[Completed]:
+        if rec.area == 0:
+            return []
+        return _pieces(rec.mask(), rec.line0, rec.col0, self.pixel_pitch_mm, self.line_pitch_mm,
+                       self.config, cut=cut, too_long=rec.too_long, pixels=self.pixels)
+
+    def _emit_all_cut(self) -> list[Completed]:
+        out: list[Completed] = []
+        for _, _, pid in sorted((r.line0, r.col0, pid) for pid, r in self._open.items()):
+            out.extend(self._emit(self._open[pid], cut=True))
+        return out
+
+    def gap(self, next_line: int) -> list[Completed]:
+        """Lines before ``next_line`` were lost: particles open at the last line seen are
+        returned with ``cut=True``; nothing is stitched across the gap."""
+        if self._next is not None and next_line < self._next:
+            raise ValueError(f"gap to line {next_line}, but line {self._next - 1} was already seen")
+        out = self._emit_all_cut()
+        self._reset(next_line)
+        return out
+
+    def flush(self) -> list[Completed]:
+        """End of stream: particles still open reach the last line and come out ``cut=True``.
+        The segmenter is then ready for a new stream."""
+        out = self._emit_all_cut()
+        self._reset(None)
+        return out
+
+
+def _resolve(alias: dict[int, int], pid: int) -> int:
+    while pid in alias:
+        pid = alias[pid]
+    return pid
