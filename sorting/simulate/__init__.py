@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from .belt import simulate_belt
+from .belt import BeltTwin, simulate_belt
 from .ore import mineral_list, sample_composition
 from .render import Renderer
 from .rocks import make_rock, simulate_rocks
 
-__all__ = ["Renderer", "make_rock", "mineral_list", "sample_composition", "simulate_belt", "simulate_rocks",
+__all__ = ["BeltTwin", "Renderer", "make_rock", "mineral_list", "sample_composition", "simulate_belt", "simulate_rocks",
            "cli_rocks", "cli_belt"]
 
 

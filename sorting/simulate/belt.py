@@ -8,7 +8,12 @@ bounded memory.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -89,106 +94,161 @@ def _truth_row(i: int, pl: _Placed, machine: MachineConfig) -> dict:
     }
 
 
-def simulate_belt(out: Path, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
-                  library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
-                  progress: bool = True, chunk_lines: int = 2048) -> Path:
-    if not 0.0 < occupancy < 0.8:
-        raise InputError("--occupancy", f"must be in (0, 0.8), got {occupancy}")
-    if not 0.0 <= touching <= 1.0:
-        raise InputError("--touching", f"must be in [0, 1], got {touching}")
-    if not seconds > 0:
-        raise InputError("--seconds", f"must be positive, got {seconds}")
-    minerals = mineral_list(ore)
-    renderer = Renderer.create(machine, library, minerals)
-    rho = densities(minerals, library)
-    p = machine.detector.pixels
-    n_lines = int(round(seconds * machine.belt.line_rate_hz))
-    cal_seq, place_seq, noise_seq, rock_seq = np.random.SeedSequence(seed).spawn(4)
-    place_rng = np.random.default_rng(place_seq)
-    noise_rng = np.random.default_rng(noise_seq)
-    max_len = int(np.ceil(ore.size_max_mm * 1.05 / min(machine.line_pitch_mm, machine.detector.pixel_pitch_mm))) + 4
-    buf_lines = max(chunk_lines, 4 * max_len) + 2 * max_len
-    occ = _Occupancy(buf_lines, p)
-    mean, var = renderer.blank(buf_lines, p)
-    air_mean, air_var = renderer.air_mean, renderer.air_var
-    meta = {
-        "detector_pixels": p,
-        "pixel_pitch_mm": machine.detector.pixel_pitch_mm,
-        "line_rate_hz": machine.belt.line_rate_hz,
-        "belt_speed_m_s": machine.belt.speed_m_s,
-        "channels": ["low", "high"],
-        "simulated": True,
-        "machine": machine.name,
-        "ore": ore.name,
-        "seed": seed,
-        "occupancy_target": occupancy,
-        "touching_target": touching,
-        "label_cutoff_ppm": ore.label_cutoff_ppm,
-        "tube_kvp": machine.tube.kvp,
-    }
-    truth: list[dict] = []
-    written = 0
-    covered_px = 0
-    cursor = float(LEAD_IN_LINES)
-    prev: _Placed | None = None
-    rock_seeds = iter(rock_seq.spawn(10**7))
-    bar = tqdm(total=n_lines, desc="belt", unit="line", unit_scale=True, disable=not progress)
-    with BeltRecordingWriter(out, meta, renderer.calibration_scans(np.random.default_rng(cal_seq)),
-                             truth_columns=EXTRA_TRUTH) as writer:
+def _make_rock(ore, machine, rho, seed_seq) -> SimulatedRock:
+    return make_rock(ore, machine, rho, np.random.default_rng(seed_seq))
 
-        def flush(upto: int) -> None:
-            nonlocal written, mean, var
+
+def _make_batch(make, seeds) -> list[SimulatedRock]:
+    return [make(s) for s in seeds]
+
+
+class BeltTwin:
+    """A belt of ore streaming past the detector, generated on the fly.
+
+    ``chunks()`` yields ``(first_line, lines)`` blocks of raw counts, (L, P, 2) uint16,
+    in order; ``truth`` fills as rocks are placed. Same seed, same bytes.
+    """
+
+    def __init__(self, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
+                 library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
+                 block_lines: int = 2048, workers: int | None = None):
+        if not 0.0 < occupancy < 0.8:
+            raise InputError("--occupancy", f"must be in (0, 0.8), got {occupancy}")
+        if not 0.0 <= touching <= 1.0:
+            raise InputError("--touching", f"must be in [0, 1], got {touching}")
+        if not seconds > 0:
+            raise InputError("--seconds", f"must be positive, got {seconds}")
+        self.machine, self.ore = machine, ore
+        self.occupancy, self.touching = occupancy, touching
+        self.block_lines = block_lines
+        # worker processes pay off only for longer belts
+        self.workers = workers if workers is not None else (min(os.cpu_count() or 1, 4) if seconds >= 4 else 1)
+        minerals = mineral_list(ore)
+        self.renderer = Renderer.create(machine, library, minerals)
+        self.rho = densities(minerals, library)
+        self.n_lines = int(round(seconds * machine.belt.line_rate_hz))
+        self._cal_seq, self._place_seq, self._noise_seq, self._rock_seq = np.random.SeedSequence(seed).spawn(4)
+        self.truth: list[dict] = []
+        self.covered_px = 0
+        self.meta = {
+            "detector_pixels": machine.detector.pixels,
+            "pixel_pitch_mm": machine.detector.pixel_pitch_mm,
+            "line_rate_hz": machine.belt.line_rate_hz,
+            "belt_speed_m_s": machine.belt.speed_m_s,
+            "channels": ["low", "high"],
+            "simulated": True,
+            "machine": machine.name,
+            "ore": ore.name,
+            "seed": seed,
+            "occupancy_target": occupancy,
+            "touching_target": touching,
+            "label_cutoff_ppm": ore.label_cutoff_ppm,
+            "tube_kvp": machine.tube.kvp,
+        }
+
+    def _rocks(self):
+        """Rocks in seed order; made by worker processes when there are spare cores (same rocks either way)."""
+        make = partial(_make_rock, self.ore, self.machine, self.rho)
+        if self.workers <= 1:
+            while True:
+                yield make(self._rock_seq.spawn(1)[0])
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+            ahead = deque()
+            while True:
+                while len(ahead) < 4:
+                    ahead.append(pool.submit(_make_batch, make, self._rock_seq.spawn(32)))
+                yield from ahead.popleft().result()
+
+    def calibration_scans(self):
+        return self.renderer.calibration_scans(np.random.default_rng(self._cal_seq))
+
+    def chunks(self):
+        machine, ore, renderer = self.machine, self.ore, self.renderer
+        p = machine.detector.pixels
+        n_lines = self.n_lines
+        place_rng = np.random.default_rng(self._place_seq)
+        noise_rng = np.random.default_rng(self._noise_seq)
+        max_len = int(np.ceil(ore.size_max_mm * 1.05 / min(machine.line_pitch_mm, machine.detector.pixel_pitch_mm))) + 4
+        # room for a block waiting to be flushed plus the placement window ahead of the cursor
+        buf_lines = self.block_lines + 6 * max_len
+        occ = _Occupancy(buf_lines, p)
+        mean, var = renderer.blank(buf_lines, p)
+        air_mean, air_var = renderer.air_mean, renderer.air_var
+        truth = self.truth
+        written = 0
+        cursor = float(LEAD_IN_LINES)
+        prev: _Placed | None = None
+
+        def flush(upto: int):
+            nonlocal written
             k = upto - written
             if k <= 0:
-                return
-            writer.append(renderer.counts(mean[:k], var[:k], 0, noise_rng))
+                return None
+            block = renderer.counts(mean[:k], var[:k], 0, noise_rng)
             mean[:-k] = mean[k:].copy()
             var[:-k] = var[k:].copy()
             mean[-k:] = air_mean
             var[-k:] = air_var
-            written = upto
+            first, written = written, upto
             occ.advance(upto)
-            bar.update(k)
+            return first, block
 
-        while True:
-            rock = make_rock(ore, machine, rho, np.random.default_rng(next(rock_seeds)))
+        rocks = self._rocks()
+        rock = None
+        while cursor < n_lines:
+            if rock is None:
+                rock = next(rocks)
             mask = rock.image.mask
             h, w = mask.shape
             placed = None
-            want_touch = prev is not None and place_rng.random() < touching
-            if want_touch:
+            if prev is not None and place_rng.random() < self.touching:
                 at = _touch(prev, mask, occ, place_rng, p)
                 placed = _Placed(rock, at[0], at[1], touching=True) if at and at[0] >= written else None
             if placed is None:
-                for attempt in range(30):
-                    line0 = int(cursor + attempt * 0.5 * max_len * place_rng.random()) - h // 2
+                for _ in range(30):
+                    # centres spread over a window ahead of the cursor, so rocks do not queue on one line
+                    line0 = int(cursor + 2 * max_len * place_rng.random()) - h // 2
                     col0 = int(place_rng.integers(0, max(p - w, 0) + 1))
                     if line0 >= written and occ.free(mask, line0, col0, GAP_PX):
                         placed = _Placed(rock, line0, col0)
                         break
-            if placed is None:
-                cursor += max_len / 4
+            if placed is None or placed.line0 + h + LEAD_IN_LINES // 4 > n_lines:
+                cursor += 4  # jammed: move on along the belt and try the same rock again
                 continue
-            if placed.line0 + h + LEAD_IN_LINES // 4 > n_lines:
-                break
+            rock = None
             occ.mark(mask, placed.line0, placed.col0)
             r, c = np.nonzero(mask)
-            m, v = renderer.signal(rock.image.paths_mm[mask])
+            m, v = renderer.signal(placed.rock.image.paths_mm[mask])
             rr, cc = r + placed.line0 - written, c + placed.col0
             mean[rr, cc] = m
             var[rr, cc] = v
             if placed.touching:
                 truth[-1]["touching"] = 1
             truth.append(_truth_row(len(truth), placed, machine))
-            covered_px += r.size
+            self.covered_px += r.size
             # advance by the belt length this rock's area takes at the asked occupancy
-            cursor += place_rng.exponential(r.size / (occupancy * p))
+            cursor += place_rng.exponential(r.size / (self.occupancy * p))
             prev = placed
-            flush(min(max(int(cursor) - 2 * max_len, written), n_lines))
-        flush(n_lines)
-        bar.close()
-        meta.update(rocks=len(truth), occupancy=round(covered_px / (n_lines * p), 4))
-        writer.close(truth)
+            target = min(max(int(cursor) - 2 * max_len, written), n_lines)
+            while target - written >= self.block_lines:
+                yield flush(written + self.block_lines)
+        while written < n_lines:
+            yield flush(min(written + self.block_lines, n_lines))
+        self.meta.update(rocks=len(truth), occupancy=round(self.covered_px / (n_lines * p), 4))
+
+
+def simulate_belt(out: Path, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
+                  library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
+                  progress: bool = True) -> Path:
+    """Write an ``xrt-belt/1`` recording with ``truth.csv`` (chunk by chunk, bounded memory)."""
+    twin = BeltTwin(seconds, seed, machine, ore, library, occupancy, touching)
+    with tqdm(total=twin.n_lines, desc="belt", unit="line", unit_scale=True, disable=not progress) as bar, \
+            BeltRecordingWriter(out, twin.meta, twin.calibration_scans(), truth_columns=EXTRA_TRUTH) as writer:
+        for _, block in twin.chunks():
+            writer.append(block)
+            bar.update(block.shape[0])
+        writer.close(twin.truth)
     return out
 
 

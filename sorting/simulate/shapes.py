@@ -73,15 +73,18 @@ def _body_thickness(size_mm: float, line_pitch_mm: float, pixel_pitch_mm: float,
             z_lo = np.maximum(z_lo, bound)
     t = np.clip(z_hi - z_lo, 0.0, None)
     # surface roughness, a few percent at the millimetre scale
-    rough = cv2.GaussianBlur(rng.standard_normal(t.shape).astype(np.float32), (0, 0), 1.5)
-    t = t * (1.0 + 0.04 * rough / max(float(rough.std()), 1e-6))
+    rough = _smooth_fields(t.shape, 1, 1.5, rng)[..., 0]
+    t = t * (1.0 + 0.04 * rough)
     t[t < 0.3] = 0.0  # a sliver thinner than 0.3 mm is not seen as rock
     return t.astype(np.float32)
 
 
-def _smooth_field(shape: tuple[int, int], sigma_px: float, rng: np.random.Generator) -> np.ndarray:
-    f = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), max(sigma_px, 0.5))
-    return f / max(float(f.std()), 1e-6)
+def _smooth_fields(shape: tuple[int, int], n: int, sigma_px: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` independent smooth Gaussian random fields of unit variance, (h, w, n) float32."""
+    noise = rng.standard_normal(shape + (n,), dtype=np.float32)
+    f = cv2.GaussianBlur(noise, (0, 0), max(sigma_px, 0.5)).reshape(shape + (n,))
+    # a blur of white noise with a Gaussian of sigma s has variance 1 / (4 pi s^2)
+    return f * np.float32(np.sqrt(4.0 * np.pi) * max(sigma_px, 0.5))
 
 
 def _grain_chords(mask: np.ndarray, volume_mm3: float, grain_mm: float, px_area_mm2: float,
@@ -140,8 +143,8 @@ def render_rock(comp: RockComposition, size_mm: float, ore: OreConfig, line_pitc
     sigma_px = ore.grain_size_mm / pixel_pitch_mm
     present = np.nonzero(matrix_frac > 0)[0]
     weights = np.zeros(t.shape + (m,), np.float32)
-    for i in present:
-        weights[..., i] = matrix_frac[i] * np.exp(ore.texture_strength * _smooth_field(t.shape, sigma_px, rng))
+    fields = _smooth_fields(t.shape, present.size, sigma_px, rng)
+    weights[..., present] = matrix_frac[present].astype(np.float32) * np.exp(ore.texture_strength * fields)
     wsum = weights.sum(axis=2, keepdims=True)
     matrix_path = (t - grain_path)[..., None]
     paths = np.where(wsum > 0, weights / np.maximum(wsum, 1e-12), 0.0) * matrix_path + grains
