@@ -1,0 +1,277 @@
+"""Raw counts -> attenuation, ratio and basis-material maps (pipeline stage 1).
+
+Pure functions on arrays: inputs are never modified; the hot ones take a keyword-only
+``out=``. One code path serves rock crops and belt chunks: a block of raw counts
+plus ``x0``, the detector column of its column 0 (CONTRACT.md section 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from .physics import load_materials
+
+if TYPE_CHECKING:
+    from .calibrate import Calibration
+
+#: floor of a signal above dark (numerator and denominator), ADU: starved pixels give large finite A
+SIGNAL_FLOOR_ADU = 1.0
+#: the low channel is starved above this attenuation (transmission below 0.25 %)...
+STARVED_A = 6.0
+#: ... or with fewer equivalent quanta than this left in the pixel (relative noise above ~45 %)
+STARVED_QUANTA = 5.0
+#: floors of the thickness denominators of the fractions, mm: thin rims read noisily
+_FRACTION_FLOOR_MM = 0.5
+#: the basis fit's energy range, keV: where rock attenuation is measured
+_BASIS_ENERGIES_KEV = np.arange(40.0, 150.5, 1.0)
+#: rocks that are mixtures by volume; anything else is a material of the library
+MIXTURES: dict[str, dict[str, float]] = {"syenite": {"albite": 0.5, "orthoclase": 0.5}}
+#: the mafic line runs from this (0) to that (1)
+MAFIC_ENDS = ("syenite", "hedenbergite")
+
+
+# ---------------------------------------------------------------- attenuation
+def repair_columns(a: np.ndarray, bad: np.ndarray) -> None:
+    """In place: columns ``bad`` (W,) of ``a`` (L, W, ...) interpolated from the nearest good columns."""
+    bad_idx = np.flatnonzero(bad)
+    good = np.flatnonzero(~np.asarray(bad))
+    if bad_idx.size == 0 or good.size == 0:
+        return
+    pos = np.searchsorted(good, bad_idx)
+    left = good[np.clip(pos - 1, 0, None)]
+    right = good[np.clip(pos, None, good.size - 1)]
+    left = np.where(pos == 0, right, left)
+    right = np.where(pos == good.size, left, right)
+    span = right - left
+    w = np.where(span > 0, (bad_idx - left) / np.maximum(span, 1), 0.0).astype(np.float32)
+    w = w.reshape((-1,) + (1,) * (a.ndim - 2))
+    a[:, bad_idx] = a[:, left] * (1.0 - w) + a[:, right] * w
+
+
+def attenuation_into(raw: np.ndarray, dark: np.ndarray, log_flat: np.ndarray, bad: np.ndarray,
+                     out: np.ndarray) -> np.ndarray:
+    """The kernel of :func:`attenuation`, on pre-sliced calibration columns (trusted inputs).
+
+    ``raw`` (L, W, 2); ``dark``, ``log_flat`` = ln(air - dark) (W, 2) float32; ``bad`` (W,);
+    ``out`` (L, W, 2) C-contiguous float32.
+    """
+    if out.size == 0:
+        return out
+    np.copyto(out, raw, casting="unsafe")
+    np.subtract(out, dark, out=out)
+    flat = out.reshape(out.shape[0], -1)
+    np.maximum(flat, np.float32(SIGNAL_FLOOR_ADU), out=flat)
+    # cv2.log is markedly faster than np.log here (DESIGN.md section 6)
+    cv2.log(flat, dst=flat)
+    np.subtract(log_flat, out, out=out)
+    repair_columns(out, bad)
+    return out
+
+
+def _check_block(raw: np.ndarray, cal: Calibration, x0: int, name: str = "raw") -> np.ndarray:
+    raw = np.asarray(raw)
+    if raw.ndim != 3 or raw.shape[2] != 2:
+        raise ValueError(f"`{name}` (shape {raw.shape}) must be (lines, width, 2)")
+    if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        raise ValueError(f"`{name}` must hold real counts, got dtype {raw.dtype}")
+    if isinstance(x0, bool) or not isinstance(x0, (int, np.integer)):
+        raise ValueError(f"`x0` must be an int, got {x0!r}")
+    if x0 < 0 or x0 + raw.shape[1] > cal.pixels:
+        raise ValueError(f"`{name}` (shape {raw.shape}) at x0={x0} does not fit the calibration "
+                         f"(`cal.dark` shape {cal.dark.shape}): columns {x0}..{x0 + raw.shape[1] - 1}")
+    if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+        raw = np.nan_to_num(raw, nan=0.0, posinf=65535.0, neginf=0.0)
+    return raw
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, ...], name: str = "out") -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"`{name}` (shape {out.shape}, {out.dtype}) must be C-contiguous float32 of shape {shape}")
+    return out
+
+
+def attenuation(raw: np.ndarray, cal: Calibration, x0: int = 0, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Attenuation maps ``A = -ln((I - dark) / (air - dark))`` per channel.
+
+    Parameters
+    ----------
+    raw : (L, W, 2) ndarray of uint16
+        Raw counts of detector columns ``x0 .. x0+W-1``.
+    cal : Calibration
+    x0 : detector column of ``raw``'s column 0.
+    out : (L, W, 2) ndarray of float32, optional
+
+    Returns
+    -------
+    (L, W, 2) ndarray of float32. Signals at or below dark are floored at 1 ADU, so
+    starved pixels read large but finite A (at most ln(air - dark)); bad columns are
+    interpolated from their nearest good neighbours.
+    """
+    raw = _check_block(raw, cal, x0)
+    out = _check_out(out, raw.shape)
+    cols = slice(x0, x0 + raw.shape[1])
+    return attenuation_into(raw, cal.dark[cols], cal.log_flat[cols], cal.bad[cols], out)
+
+
+def ratio(a: np.ndarray, *, floor: float = 0.02, out: np.ndarray | None = None) -> np.ndarray:
+    """Dual-energy ratio ``R = A_low / max(A_high, floor)``.
+
+    Parameters
+    ----------
+    a : (..., 2) ndarray of float32
+    floor : lower bound of the denominator; keeps R finite on empty belt.
+    out : (...) ndarray of float32, optional
+
+    Returns
+    -------
+    (...) ndarray of float32
+    """
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim < 1 or a.shape[-1] != 2:
+        raise ValueError(f"`a` (shape {a.shape}) must end in the 2 channels")
+    if not floor > 0:
+        raise ValueError(f"`floor` must be > 0, got {floor!r}")
+    out = _check_out(out, a.shape[:-1])
+    np.maximum(a[..., 1], np.float32(floor), out=out)
+    np.divide(a[..., 0], out, out=out)
+    return out
+
+
+def starved(raw: np.ndarray, a: np.ndarray, cal: Calibration, x0: int = 0) -> np.ndarray:
+    """Pixels whose low channel is starved: ``A_low > STARVED_A`` or fewer than
+    ``STARVED_QUANTA`` equivalent quanta above dark.
+
+    The quanta come from the air noise: a pixel with ``n`` quanta in air has
+    ``sigma_A = 1/sqrt(n)``, and its count scales with the signal.
+
+    Parameters
+    ----------
+    raw : (L, W, 2) ndarray of uint16; a : (L, W, 2) float32, ``attenuation(raw, cal, x0)``.
+
+    Returns
+    -------
+    (L, W) ndarray of bool
+    """
+    raw = _check_block(raw, cal, x0)
+    a = np.asarray(a)
+    if a.shape != raw.shape:
+        raise ValueError(f"`a` (shape {a.shape}) does not match `raw` (shape {raw.shape})")
+    cols = slice(x0, x0 + raw.shape[1])
+    air_quanta = 1.0 / np.maximum(cal.air_sigma_a[cols, 0], np.float32(1e-6)) ** 2
+    signal = raw[..., 0].astype(np.float32) - cal.dark[cols, 0]
+    quanta = signal * (air_quanta / np.maximum(cal.air[cols, 0] - cal.dark[cols, 0], np.float32(SIGNAL_FLOOR_ADU)))
+    bad = cal.bad[cols]
+    if bad.any():  # their raw counts mean nothing: judge the repaired A
+        quanta[:, bad] = np.exp(-a[:, bad, 0]) * air_quanta[bad]
+    return (a[..., 0] > STARVED_A) | (quanta < STARVED_QUANTA)
+
+
+# ---------------------------------------------------------------- material maps
+@lru_cache(maxsize=64)
+def basis_vector(material: str) -> tuple[float, float]:
+    """Millimetres of POM and of iron that attenuate like 1 mm of ``material``.
+
+    Least-squares fit ``mu_m(E) ~ p mu_POM(E) + f mu_Fe(E)`` over 40-150 keV, from the
+    shipped material library; ``material`` is a library name or one of :data:`MIXTURES`.
+    These are physics constants: nearly independent of the machine.
+    """
+    lib = load_materials()
+    parts = MIXTURES.get(material.lower(), {material: 1.0})
+    mu = sum(frac * lib.mu_per_mm([name], _BASIS_ENERGIES_KEV)[0] for name, frac in parts.items())
+    basis = lib.mu_per_mm(["pom", "iron"], _BASIS_ENERGIES_KEV).T
+    (p, f), *_ = np.linalg.lstsq(basis, mu, rcond=None)
+    return float(p), float(f)
+
+
+@lru_cache(maxsize=1)
+def _mafic_inverse() -> np.ndarray:
+    ends = np.array([basis_vector(m) for m in MAFIC_ENDS]).T  # columns: syenite, hedenbergite
+    return np.linalg.inv(ends).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class MaterialMaps:
+    """Per-pixel material maps of one block, (L, W) float32, valid inside the mask and 0 outside.
+
+    ``a_low``, ``a_high`` and ``r`` are the smoothed attenuations the inversion used.
+    ``mafic_frac`` is the volume fraction of hedenbergite on the syenite -> hedenbergite
+    line (0 syenite, 1 hedenbergite; denser iron minerals read well above 1) and
+    ``thickness_mm`` the equivalent rock thickness along that line.
+    """
+
+    a_low: np.ndarray
+    a_high: np.ndarray
+    r: np.ndarray
+    t_pom_mm: np.ndarray
+    t_fe_mm: np.ndarray
+    fe_frac: np.ndarray
+    mafic_frac: np.ndarray
+    thickness_mm: np.ndarray
+    starved: np.ndarray  # (L, W) bool
+
+
+def _smooth_inside(a: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Normalized convolution: blur(A * mask) / blur(mask), so the belt does not leak in."""
+    m = mask.astype(np.float32)
+    num = cv2.GaussianBlur(a * m[..., None], (0, 0), sigma_px, borderType=cv2.BORDER_REPLICATE)
+    den = cv2.GaussianBlur(m, (0, 0), sigma_px, borderType=cv2.BORDER_REPLICATE)
+    num /= np.maximum(den, np.float32(1e-6))[..., None]
+    return num
+
+
+def material_maps(a: np.ndarray, mask: np.ndarray, cal: Calibration, *, smooth_px: float = 1.0,
+                  starved_mask: np.ndarray | None = None) -> MaterialMaps:
+    """Basis (POM, Fe) and mafic-fraction maps of a rock.
+
+    Parameters
+    ----------
+    a : (L, W, 2) ndarray of float32, attenuation
+    mask : (L, W) ndarray of bool, the rock's pixels
+    cal : Calibration (its basis table)
+    smooth_px : Gaussian sigma in pixels of the smoothing inside the mask before the
+        non-linear inversion (0 turns it off).
+    starved_mask : (L, W) bool, optional, from :func:`starved`; default ``A_low > STARVED_A``.
+
+    Returns
+    -------
+    MaterialMaps
+    """
+    a = np.asarray(a, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    if a.ndim != 3 or a.shape[2] != 2:
+        raise ValueError(f"`a` (shape {a.shape}) must be (lines, width, 2)")
+    if mask.shape != a.shape[:2]:
+        raise ValueError(f"`mask` (shape {mask.shape}) does not match `a` (shape {a.shape})")
+    if starved_mask is not None and np.shape(starved_mask) != mask.shape:
+        raise ValueError(f"`starved_mask` (shape {np.shape(starved_mask)}) does not match `a` (shape {a.shape})")
+    if not smooth_px >= 0:
+        raise ValueError(f"`smooth_px` must be >= 0, got {smooth_px!r}")
+    outside = ~mask
+    sa = _smooth_inside(a, mask, smooth_px) if smooth_px > 0 else a.copy()
+    sa[outside] = 0.0
+    a_low, a_high = np.ascontiguousarray(sa[..., 0]), np.ascontiguousarray(sa[..., 1])
+    r = ratio(sa)
+    t_pom, t_fe = cal.lut.invert(a_low, a_high)
+    t_pom[outside] = 0.0
+    t_fe[outside] = 0.0
+    total = np.maximum(t_pom + t_fe, np.float32(_FRACTION_FLOOR_MM))
+    fe_frac = t_fe / total
+    inv = _mafic_inverse()
+    syenite = inv[0, 0] * t_pom + inv[0, 1] * t_fe
+    mafic = inv[1, 0] * t_pom + inv[1, 1] * t_fe
+    thickness = syenite + mafic
+    mafic /= np.maximum(thickness, np.float32(_FRACTION_FLOOR_MM))
+    if starved_mask is None:
+        low_starved = a[..., 0] > STARVED_A
+    else:
+        low_starved = np.asarray(starved_mask, dtype=bool)
+    for m in (r, fe_frac, mafic, thickness):
+        m[outside] = 0.0
+    return MaterialMaps(a_low, a_high, r, t_pom, t_fe, fe_frac.astype(np.float32), mafic.astype(np.float32),
+                        thickness.astype(np.float32), low_starved & mask)
