@@ -32,16 +32,26 @@ CV_FOLDS = 5
 
 
 def _candidates(seed: int) -> dict[str, Any]:
-    """Classifiers tried by cross-validated AUC; all convert with skl2onnx and stay small."""
+    """Classifiers tried by cross-validated AUC; all convert with skl2onnx and stay small.
+
+    Each sits behind a median imputer: the converted trees send NaN down another branch
+    than scikit-learn does for features that had no NaN in training, so the graph
+    must never see one.
+    """
     from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+
+    def imputed(clf):
+        return Pipeline([("impute", SimpleImputer(strategy="median", keep_empty_features=True)), ("clf", clf)])
 
     return {
-        "hist_gradient_boosting": HistGradientBoostingClassifier(
+        "hist_gradient_boosting": imputed(HistGradientBoostingClassifier(
             learning_rate=0.05, max_iter=250, max_leaf_nodes=15, min_samples_leaf=10,
-            l2_regularization=1.0, early_stopping=False, random_state=seed),
-        "random_forest": RandomForestClassifier(
+            l2_regularization=1.0, early_stopping=False, random_state=seed)),
+        "random_forest": imputed(RandomForestClassifier(
             n_estimators=150, min_samples_leaf=3, max_depth=12, max_features="sqrt",
-            n_jobs=1, random_state=seed),
+            n_jobs=1, random_state=seed)),
     }
 
 
@@ -81,7 +91,7 @@ class TrainedModel:
             "threshold": self.threshold,
             "decision": "sc where score >= threshold, score = P(sc)",
             "target_recovery": self.target_recovery,
-            "estimator": type(self.classifier).__name__,
+            "estimator": self.metrics.get("estimator", type(self.classifier).__name__),
             "training_fingerprint": self.fingerprint,
             "training_metrics": self.metrics,
             "versions": {"sorting": __version__, "sklearn": sklearn.__version__,
@@ -96,8 +106,9 @@ class TrainedModel:
         from skl2onnx.common.data_types import FloatTensorType
 
         clf = self.classifier
+        final = clf.steps[-1][1] if hasattr(clf, "steps") else clf
         onx = to_onnx(clf, initial_types=[(INPUT_NAME, FloatTensorType([None, len(self.feature_names)]))],
-                      options={id(clf): {"zipmap": False}},
+                      options={id(final): {"zipmap": False}},
                       target_opset={"": 17, "ai.onnx.ml": 3})
         onx.producer_name = "sorting"
         onx.doc_string = "DE-XRT rock classifier: P(sc) from the sorting feature vector"
@@ -132,7 +143,7 @@ def _oof_scores(clf, X: np.ndarray, y: np.ndarray, w: np.ndarray, folds) -> np.n
 
     oof = np.empty(len(y), np.float64)
     for tr, va in folds:
-        m = clone(clf).fit(X[tr], y[tr], sample_weight=w[tr])
+        m = clone(clf).fit(X[tr], y[tr], clf__sample_weight=w[tr])
         oof[va] = m.predict_proba(X[va])[:, 1]
     return oof
 
@@ -146,8 +157,8 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
     Parameters
     ----------
     X : (n, F) array_like of float32
-        One feature row per rock, columns in ``feature_names`` order. NaN is allowed
-        (gradient boosting routes it); drop failed crops before calling.
+        One feature row per rock, columns in ``feature_names`` order. A NaN feature is
+        replaced by its training median; drop failed crops (all-NaN rows) before calling.
     y : (n,) array_like of bool
         True where the rock is ``sc``.
     feature_names, feature_version
@@ -189,7 +200,7 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
             oof[name] = _oof_scores(clf, X, y, w, folds)
             cv_auc[name] = roc_auc(oof[name], y)
         best = max(cv_auc, key=lambda k: cv_auc[k])
-        clf = cands[best].fit(X, y, sample_weight=w)
+        clf = cands[best].fit(X, y, clf__sample_weight=w)
     feed = make_feed(y, mass_g, sc2o3_ppm)
     threshold = threshold_for_recovery(oof[best], feed.units, target_recovery)
     bal = sort_balance(oof[best] >= threshold, y, feed)
@@ -244,6 +255,7 @@ class OnnxModel:
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """P(sc) in [0, 1], (n,) float32, for features in ``feature_names`` order."""
         X = np.ascontiguousarray(X, dtype=np.float32)
+        X = np.where(np.isinf(X), np.float32(np.nan), X)  # the imputer fills NaN, not inf
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(f"`X` (shape {X.shape}) does not have {self.n_features} feature columns")
         if len(X) == 0:
