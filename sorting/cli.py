@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     insp = sub.add_parser("inspect", help="validate a dataset or recording and summarize it")
     insp.add_argument("path", type=Path)
+    # train / predict / evaluate: the batch verbs on xrt-rocks/1 datasets (sorting/batch.py)
+    from .batch import add_parsers as _add_batch_parsers
+
+    _add_batch_parsers(sub)
     return parser
 
 
@@ -62,6 +66,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.what == "rocks":
             return simulate.cli_rocks(args)
         return simulate.cli_belt(args)
+    if args.verb in ("train", "predict", "evaluate"):
+        from .batch import VERBS
+
+        return VERBS[args.verb](args)
     if args.verb == "inspect":
         from .formats import describe
 
