@@ -69,34 +69,37 @@ EDGE_PX = 2
 FAYALITE_LEVEL = 1.3
 #: ... and above this: oxide grains (magnetite reads ~3)
 OXIDE_LEVEL = 2.5
-#: Gaussian sigma (mm) of the local background removed before the texture statistics
-TEXTURE_SIGMA_MM = 2.0
-#: weighted-histogram quantiles: value range and bin width of each distribution
-_MAFIC_BINS = (-1.0, 5.0, 0.01)
-_FE_BINS = (-0.5, 1.5, 0.005)
+#: width (mm) of the box whose mean inside the rock is the local background of the texture
+TEXTURE_WINDOW_MM = 4.0
 _Q = np.array(_QUANTILES)
 _Q_FE = np.array((0.10, 0.50, 0.90))
 _PAD = 4
 _DISK = {r: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) for r in (1, 2)}
 
 
-def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, bins: tuple[float, float, float],
-                        quantiles: np.ndarray) -> np.ndarray:
-    """Quantiles of a weighted sample from a fine histogram (O(n), no sort): linear
-    interpolation inside the bin where the cumulative weight crosses q."""
-    lo, hi, step = bins
-    n_bins = int(round((hi - lo) / step))
-    v = np.minimum(np.maximum(values, np.float32(lo)), np.float32(hi - 0.5 * step))
-    v -= np.float32(lo)
-    v *= np.float32(1.0 / step)
-    idx = v.astype(np.intp)
-    hist = np.bincount(idx, weights=weights, minlength=n_bins)
-    cum = np.cumsum(hist)
-    target = quantiles * cum[-1]
-    k = np.minimum(np.searchsorted(cum, target), n_bins - 1)
-    hk = hist[k]
-    frac = np.where(hk > 0, (target - (cum[k] - hk)) / np.where(hk > 0, hk, 1.0), 0.5)
-    return lo + (k + frac) * step
+class _Histogram:
+    """Fixed bins for weighted quantiles in O(n) (no sort): the cumulative weight at the bin
+    edges, interpolated linearly inside the bin where it crosses q."""
+
+    def __init__(self, lo: float, hi: float, step: float):
+        self.n_bins = int(round((hi - lo) / step))
+        self.scale = np.float32(1.0 / step)
+        self.shift = np.float32(-lo / step)
+        self.top = np.float32(self.n_bins - 0.5)
+        self.edges = lo + step * np.arange(self.n_bins + 1)
+
+    def quantiles(self, values: np.ndarray, weights: np.ndarray, q: np.ndarray) -> np.ndarray:
+        v = values * self.scale
+        v += self.shift
+        np.clip(v, 0.0, self.top, out=v)
+        cum = np.zeros(self.n_bins + 1)
+        np.cumsum(np.bincount(v.astype(np.intp), weights=weights, minlength=self.n_bins), out=cum[1:])
+        return np.interp(q * cum[-1], cum, self.edges)
+
+
+#: weighted quantiles: value range and bin width of each distribution
+_MAFIC_HIST = _Histogram(-1.0, 5.0, 0.02)
+_FE_HIST = _Histogram(-0.5, 1.5, 0.01)
 
 
 def _weighted_mean_std(values: np.ndarray, weights: np.ndarray, total: float) -> tuple[float, float]:
@@ -197,7 +200,7 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
     maps = material_maps(ab, rock, cal)  # its maps are 0 outside the mask
     thick = maps.thickness_mm[rock]
     k90 = int(0.9 * (thick.size - 1))
-    f["thickness_mean_mm"] = float(thick.mean())
+    f["thickness_mean_mm"] = float(thick.sum()) / thick.size
     f["thickness_p90_mm"] = float(np.partition(thick, k90)[k90])
     f["volume_cm3"] = float(np.maximum(thick, 0.0).sum()) * px_area * 1e-3
 
@@ -205,9 +208,10 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
     n_core = idx.size
     f["interior_share"] = n_core / area_px
     a_low, a_high = maps.a_low.ravel()[idx], maps.a_high.ravel()[idx]
-    f["a_low_mean"] = float(a_low.mean())
-    f["a_high_mean"] = float(a_high.mean())
-    f["r_mean"] = float(a_low.sum()) / max(float(a_high.sum()), 1e-3 * n_core)
+    sum_low, sum_high = float(a_low.sum()), float(a_high.sum())
+    f["a_low_mean"] = sum_low / n_core
+    f["a_high_mean"] = sum_high / n_core
+    f["r_mean"] = sum_low / max(sum_high, 1e-3 * n_core)
 
     wts = np.maximum(maps.thickness_mm.ravel()[idx], np.float32(0.0))
     total = float(wts.sum())
@@ -215,24 +219,23 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
         wts = np.ones_like(wts)
         total = float(n_core)
     mafic = maps.mafic_frac.ravel()[idx]
-    f["mafic_mean"], f["mafic_std"] = _weighted_mean_std(mafic, wts, total)
-    for name, v in zip(_MAFIC_Q_NAMES, _weighted_quantiles(mafic, wts, _MAFIC_BINS, _Q).tolist()):
-        f[name] = v
     fe = maps.fe_frac.ravel()[idx]
+    f["mafic_mean"], f["mafic_std"] = _weighted_mean_std(mafic, wts, total)
     f["fe_frac_mean"], f["fe_frac_std"] = _weighted_mean_std(fe, wts, total)
-    f["fe_frac_p10"], f["fe_frac_p50"], f["fe_frac_p90"] = _weighted_quantiles(fe, wts, _FE_BINS, _Q_FE).tolist()
+    f.update(zip(_MAFIC_Q_NAMES, _MAFIC_HIST.quantiles(mafic, wts, _Q).tolist()))
+    f["fe_frac_p10"], f["fe_frac_p50"], f["fe_frac_p90"] = _FE_HIST.quantiles(fe, wts, _Q_FE).tolist()
     f["fayalite_share"] = float(wts[mafic > FAYALITE_LEVEL].sum()) / total
     f["oxide_share"] = float(wts[mafic > OXIDE_LEVEL].sum()) / total
 
-    # texture: what is left after removing the local background (normalised blur inside the
-    # rock), thickness-weighted so the noisy rim and thin spots do not dominate
-    sx, sy = TEXTURE_SIGMA_MM / pixel_pitch_mm, TEXTURE_SIGMA_MM / line_pitch_mm
-    den = cv2.GaussianBlur(rock.astype(np.float32), (0, 0), sigmaX=sx, sigmaY=sy,
-                           borderType=cv2.BORDER_CONSTANT).ravel()[idx]
-    np.maximum(den, np.float32(1e-6), out=den)
+    # texture: what is left after removing the local background (box mean inside the rock,
+    # so the belt does not leak in), thickness-weighted so the noisy rim does not dominate
+    win = (2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / pixel_pitch_mm)), 1) + 1,
+           2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / line_pitch_mm)), 1) + 1)
+    den = cv2.boxFilter(rock.astype(np.float32), -1, win, borderType=cv2.BORDER_CONSTANT).ravel()[idx]
     for src, vals, name in ((maps.mafic_frac, mafic, "mafic_texture"), (maps.a_high, a_high, "a_high_contrast")):
-        bg = cv2.GaussianBlur(src, (0, 0), sigmaX=sx, sigmaY=sy, borderType=cv2.BORDER_CONSTANT)
-        hp = vals - bg.ravel()[idx] / den
+        bg = cv2.boxFilter(src, -1, win, borderType=cv2.BORDER_CONSTANT).ravel()[idx]
+        bg /= den  # den > 0: every interior pixel is its own neighbour
+        hp = vals - bg
         hp *= hp
         f[name] = float(np.sqrt(max(float(hp @ wts), 0.0) / total))
     f["a_high_contrast"] /= max(f["a_high_mean"], 1e-3)
