@@ -52,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     insp = sub.add_parser("inspect", help="validate a dataset or recording and summarize it")
     insp.add_argument("path", type=Path)
+
+    run = sub.add_parser("run", help="stream a belt recording through the sorting loop")
+    run.add_argument("recording", type=Path, help="xrt-belt/1 folder (its calibration/ and recording.json "
+                     "are used; lines come from lines.u16 or, with --listen, from a TCP line stream)")
+    run.add_argument("--model", type=Path, required=True)
+    run.add_argument("--sorter", type=Path, required=True, help="sorter YAML (CONTRACT.md section 5)")
+    run.add_argument("--events", type=Path, required=True, help="JSON-lines event log to write")
+    run.add_argument("--realtime", action="store_true", help="pace the replay at the line rate")
+    run.add_argument("--chunk-lines", type=int, default=32)
+    run.add_argument("--udp", metavar="HOST:PORT", default=None, help="send valve commands as UDP datagrams")
+    run.add_argument("--listen", metavar="HOST:PORT", default=None,
+                     help="take lines from a TCP line stream (sorting/wire.py) instead of lines.u16")
+    run.add_argument("--summary-json", type=Path, default=None, help="write the run summary as JSON")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="simulate a belt of Crater Lake ore and sort it with the shipped model")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the recording, events and plot")
+    demo.add_argument("--seconds", type=float, default=8.0)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--model", type=Path, default=None, help="default: models/crater_lake.onnx")
     # train / predict / evaluate: the batch verbs on xrt-rocks/1 datasets (sorting/batch.py)
     from .batch import add_parsers as _add_batch_parsers
 
@@ -66,6 +86,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.what == "rocks":
             return simulate.cli_rocks(args)
         return simulate.cli_belt(args)
+    if args.verb == "run":
+        from .runner import cli_run
+
+        return cli_run(args)
+    if args.verb == "demo":
+        from .demo import cli_demo
+
+        return cli_demo(args)
     if args.verb in ("train", "predict", "evaluate"):
         from .batch import VERBS
 

@@ -1,0 +1,213 @@
+"""Running the loop: `sorting run` and `sorting demo`.
+
+The loop owns shutdown: SIGINT/SIGTERM set a flag checked every chunk, and the event
+log is flushed every chunk and closed on the way out, whatever happened.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .calibrate import calibrate
+from .config import SorterConfig
+from .eject import Timing, check_geometry
+from .errors import InputError
+from .model import OnnxModel
+from .sinks import EventLog, UDPValveSink
+from .sources import Chunk
+from .stream import Pipeline
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    events: list[dict]
+
+
+class _Stop:
+    """SIGINT/SIGTERM -> stop after the current chunk."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self) -> "_Stop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: the caller owns signals
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None = None,
+             valves: UDPValveSink | None = None, keep_events: bool = True, total_lines: int | None = None,
+             progress: bool = False) -> RunResult:
+    """Drive ``pipeline`` over ``chunks``; returns the summary and (optionally) the events."""
+    kept: list[dict] = []
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    gc.collect()
+    gc.freeze()  # start-up objects never need another full GC pass (DESIGN.md section 6)
+    bar = tqdm(total=total_lines, unit="line", unit_scale=True, desc="sorting", disable=not progress,
+               mininterval=0.5)
+    stopped = False
+    try:
+        with _Stop() as stop:
+            for first, raw, t_in in chunks:
+                events = pipeline.step(first, raw, t_in)
+                if events:
+                    if valves is not None:
+                        valves.send(events)
+                    if log is not None:
+                        log.write(events)
+                    if keep_events:
+                        kept.extend(events)
+                bar.update(raw.shape[0])
+                if stop.requested:
+                    stopped = True
+                    break
+            events = pipeline.finish()
+            if valves is not None:
+                valves.send(events)
+            if log is not None:
+                log.write(events)
+            if keep_events:
+                kept.extend(events)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        gc.unfreeze()
+    wall = time.perf_counter() - t_start
+    cpu = time.process_time() - cpu_start
+    c = pipeline.counters
+    if valves is not None:
+        c.valve_errors = valves.errors
+    summary = c.summary()
+    stream_s = c.lines / pipeline.timing.line_rate_hz
+    summary.update({
+        "stopped_by_signal": stopped,
+        "wall_s": wall,
+        "stream_s": stream_s,
+        "throughput_lines_s": c.lines / wall if wall > 0 else None,
+        "realtime_factor": (c.lines / wall) / pipeline.timing.line_rate_hz if wall > 0 else None,
+        "cpu_s": cpu,
+        "cpu_fraction": cpu / stream_s if stream_s > 0 else None,
+        "line_rate_hz": pipeline.timing.line_rate_hz,
+        "pixels": pipeline.pixels,
+    })
+    return RunResult(summary, kept)
+
+
+def timing_of(meta: dict) -> Timing:
+    return Timing(float(meta["line_rate_hz"]), float(meta["belt_speed_m_s"]), float(meta["pixel_pitch_mm"]),
+                  int(meta["detector_pixels"]))
+
+
+def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,
+                   chunk_lines: int = 32) -> Pipeline:
+    check_geometry(sorter.ejector, timing, sorter_path)
+    if chunk_lines < 1:
+        raise InputError("--chunk-lines", f"must be at least 1, got {chunk_lines}")
+    cal = calibrate(scans)
+    if cal.pixels != timing.pixels:
+        raise InputError(scans.source, f"calibration has {cal.pixels} pixels, the stream {timing.pixels}")
+    return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines)
+
+
+def format_summary(summary: dict, outcome: dict | None = None, detection: dict | None = None) -> str:
+    s = summary
+    lat = s["latency_ms"]
+    lines = [
+        f"lines {s['lines']} ({s['stream_s']:.2f} s of belt) in {s['wall_s']:.2f} s: "
+        f"{s['throughput_lines_s']:.0f} lines/s = {s['realtime_factor']:.2f}x the {s['line_rate_hz']:g} Hz line rate",
+        f"particles {s['particles']}: eject {s['ejected']}, pass {s['passed']}, late {s['late']}, "
+        f"cut {s['cut']}, gaps {s['gaps']} ({s['dropped_lines']} lines dropped)",
+        f"latency ms (last line in -> decision out): p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
+        f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {s['cpu_fraction']:.2f} of stream time",
+    ]
+    if detection:
+        lines.append(f"detection: {detection['found_once']}/{detection['truth_rocks']} truth rocks found once, "
+                     f"{detection['missed']} missed, {detection['duplicated']} duplicated, "
+                     f"{detection['unmatched_particles']} particles matching no rock")
+    if outcome:
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.1f}%"
+
+        def ppm(x):
+            return "n/a" if x is None else f"{x:.0f} ppm"
+
+        lines.append(f"sort (what the jets hit): mass pull {pct(outcome['mass_pull'])}, Sc recovery "
+                     f"{pct(outcome['sc_recovery'])}, feed {ppm(outcome['feed_grade_ppm'])} -> product "
+                     f"{ppm(outcome['product_grade_ppm'])}, reject {ppm(outcome['reject_grade_ppm'])}, upgrade "
+                     f"{'n/a' if outcome['upgrade_ratio'] is None else format(outcome['upgrade_ratio'], '.2f') + 'x'}, "
+                     f"misfires {outcome['misfires']}")
+    return "\n".join(lines)
+
+
+def _load_run_inputs(args):
+    from .config import load_sorter
+    from .formats import read_belt_recording
+    from .model import load_model
+
+    rec = read_belt_recording(args.recording)
+    model = load_model(args.model)
+    sorter = load_sorter(args.sorter)
+    return rec, model, sorter
+
+
+def cli_run(args) -> int:
+    from .outcome import jets_outcome, match_particles
+    from .sinks import parse_hostport
+    from .sources import TCPLineSource, replay
+
+    rec, model, sorter = _load_run_inputs(args)
+    timing = timing_of(rec.meta)
+    pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(args.sorter), args.chunk_lines)
+    valves = None
+    if args.udp:
+        host, port = parse_hostport(args.udp, "--udp")
+        valves = UDPValveSink(host, port, sorter.ejector.valves)
+    if args.listen:
+        host, port = parse_hostport(args.listen, "--listen")
+        source = TCPLineSource(timing.pixels, host, port)
+        print(f"listening for the line stream on {source.address[0]}:{source.address[1]}", file=sys.stderr)
+        chunks, total = iter(source), None
+    else:
+        chunks = replay(rec.lines, timing.line_rate_hz, args.chunk_lines, args.realtime)
+        total = rec.n_lines
+    log = EventLog(args.events)
+    result = run_loop(chunks, pipeline, log, valves, keep_events=rec.truth is not None, total_lines=total,
+                      progress=not args.quiet)
+    if valves is not None:
+        result.summary["valve_datagrams"] = valves.sent
+        valves.close()
+    detection = outcome = None
+    if rec.truth is not None and not args.listen:
+        detection = match_particles(result.events, rec.truth)
+        outcome = jets_outcome(result.events, rec.truth, sorter, timing)
+        result.summary["detection"] = detection
+        result.summary["outcome"] = outcome
+    print(format_summary(result.summary, outcome, detection))
+    print(f"events: {args.events} ({log.count} particles)")
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(result.summary, indent=2, default=float) + "\n")
+    return 0

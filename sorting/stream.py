@@ -1,0 +1,175 @@
+"""The real-time loop: detector lines in, valve commands out (CONTRACT.md sections 5, 7).
+
+Per chunk (default 32 lines): calibrated normalization into preallocated buffers ->
+per-pixel foreground -> stitching across chunks (each particle once, complete when the
+line after its last line arrives) -> features on the particle's box, cut from a ring
+buffer of attenuation lines (the same code as training) -> one ONNX batch -> valve plan.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .calibrate import Calibration
+from .config import SorterConfig
+from .eject import Timing, plan
+from .features import FEATURE_NAMES, particle_features
+from .model import OnnxModel
+from .normalize import attenuation
+from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
+
+#: lines of belt kept around a particle's box when its features are computed, as the rock crops have
+CROP_MARGIN_PX = 4
+
+
+@dataclass
+class Counters:
+    chunks: int = 0
+    lines: int = 0
+    particles: int = 0
+    ejected: int = 0
+    passed: int = 0
+    late: int = 0
+    cut: int = 0
+    too_long: int = 0
+    gaps: int = 0
+    dropped_lines: int = 0
+    valve_errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        return {
+            "chunks": self.chunks, "lines": self.lines, "particles": self.particles,
+            "ejected": self.ejected, "passed": self.passed, "late": self.late, "cut": self.cut,
+            "too_long": self.too_long, "gaps": self.gaps, "dropped_lines": self.dropped_lines,
+            "valve_errors": self.valve_errors,
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                           "p999": float(np.percentile(lat, 99.9)), "max": float(lat.max())},
+        }
+
+
+class Pipeline:
+    """One chunk at a time, in stream order. Not thread-safe; one per belt (or lane)."""
+
+    def __init__(self, cal: Calibration, model: OnnxModel, sorter: SorterConfig, timing: Timing,
+                 seg: SegmentConfig = SegmentConfig(), chunk_lines: int = 32, max_particle_lines: int = 512,
+                 line_pitch_mm: float | None = None):
+        self.cal, self.model, self.sorter, self.timing = cal, model, sorter, timing
+        self.seg = seg
+        self.pixels = timing.pixels
+        self.line_pitch_mm = line_pitch_mm or timing.belt_speed_m_s * 1000.0 / timing.line_rate_hz
+        self.threshold = sorter.sorting.threshold if sorter.sorting.threshold is not None else model.threshold
+        self.eject_sc = sorter.sorting.eject == "sc"
+        self.segmenter = StreamSegmenter(self.pixels, cal, timing.pixel_pitch_mm, self.line_pitch_mm, seg,
+                                         max_particle_lines)
+        # the ring must still hold a particle's first lines (and margin) when it completes
+        self.ring_lines = 1 << int(np.ceil(np.log2(max_particle_lines + 2 * chunk_lines + 2 * CROP_MARGIN_PX + 8)))
+        self._ring = np.zeros((self.ring_lines, self.pixels, 2), np.float32)
+        self._arrival = np.zeros(self.ring_lines, np.float64)
+        self._a = np.empty((chunk_lines, self.pixels, 2), np.float32)
+        self._mask = np.empty((chunk_lines, self.pixels), bool)
+        self._x = np.empty((64, len(FEATURE_NAMES)), np.float32)
+        self.counters = Counters()
+        self._next_id = 0
+
+    # ------------------------------------------------------------ input side
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n > self._a.shape[0]:
+            self._a = np.empty((n, self.pixels, 2), np.float32)
+            self._mask = np.empty((n, self.pixels), bool)
+        return self._a[:n], self._mask[:n]
+
+    def step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
+        """Process lines ``first_line ..`` (raw (L, P, 2) uint16) that entered at wall time ``t_in``."""
+        n = raw.shape[0]
+        a, mask = self._buffers(n)
+        attenuation(raw, self.cal, 0, out=a)
+        foreground(a, self.cal, 0, self.seg, out=mask)
+        idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
+        self._ring[idx] = a
+        self._arrival[idx] = t_in
+        c = self.counters
+        c.chunks += 1
+        c.lines += n
+        expected = self.segmenter.next_line
+        if expected is not None and first_line > expected:
+            c.gaps += 1
+            c.dropped_lines += first_line - expected
+        done = self.segmenter.push(first_line, mask)
+        return self._decide(done) if done else []
+
+    def finish(self) -> list[dict]:
+        """End of stream: particles still open are cut."""
+        return self._decide(self.segmenter.flush())
+
+    # ------------------------------------------------------------ decisions
+    def _crop(self, p: Completed) -> tuple[np.ndarray, np.ndarray]:
+        m = CROP_MARGIN_PX
+        l0, l1 = p.line0 - m, p.line1 + m
+        c0, c1 = max(p.col0 - m, 0), min(p.col1 + m, self.pixels - 1)
+        lines = np.arange(l0, l1 + 1) & (self.ring_lines - 1)
+        a = self._ring[lines, c0:c1 + 1]
+        mask = np.zeros(a.shape[:2], bool)
+        mask[p.line0 - l0:p.line1 - l0 + 1, p.col0 - c0:p.col1 - c0 + 1] = p.mask
+        return a, mask
+
+    def _decide(self, done: list[Completed]) -> list[dict]:
+        n = len(done)
+        if n > self._x.shape[0]:
+            self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
+        x = self._x[:n]
+        for i, p in enumerate(done):
+            a, mask = self._crop(p)
+            particle_features(a, mask, self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=x[i])
+        np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)
+        first = np.fromiter((p.line0 for p in done), np.int64, n)
+        last = np.fromiter((p.line1 for p in done), np.int64, n)
+        xmin = np.fromiter((p.col0 for p in done), np.int64, n)
+        xmax = np.fromiter((p.col1 for p in done), np.int64, n)
+        ej = plan(first, last, xmin, xmax, self.sorter.ejector, self.timing)
+        is_sc = scores >= self.threshold
+        eject = is_sc if self.eject_sc else ~is_sc
+        t_out = time.perf_counter()
+        px_area = self.timing.pixel_pitch_mm * self.line_pitch_mm
+        events = []
+        c = self.counters
+        resp_s = self.sorter.ejector.response_ms / 1000.0
+        for i, p in enumerate(done):
+            # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
+            fire = bool(eject[i]) and not p.cut and not p.too_long and ej.valve_hi[i] >= ej.valve_lo[i]
+            latency_ms = (t_out - self._arrival[p.line1 & (self.ring_lines - 1)]) * 1000.0
+            slack_ms = (ej.open_s[i] - resp_s - p.line1 / self.timing.line_rate_hz) * 1000.0 - latency_ms
+            late = bool(slack_ms < 0)
+            ev = {
+                "particle": self._next_id,
+                "first_line": int(p.line0), "last_line": int(p.line1),
+                "x_min_px": int(p.col0), "x_max_px": int(p.col1),
+                "centroid_line": round(float(p.centroid_line), 3), "centroid_px": round(float(p.centroid_px), 3),
+                "area_mm2": round(p.area_px * px_area, 2),
+                "score": round(float(scores[i]), 6),
+                "decision": "eject" if fire else "pass",
+                "valves": list(range(int(ej.valve_lo[i]), int(ej.valve_hi[i]) + 1)) if fire else [],
+                "open_s": round(float(ej.open_s[i]), 6) if fire else None,
+                "close_s": round(float(ej.close_s[i]), 6) if fire else None,
+                "latency_ms": round(latency_ms, 3),
+                "slack_ms": round(float(slack_ms), 3),
+                "late": late,
+                "class": "sc" if is_sc[i] else "waste",
+                "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
+            }
+            self._next_id += 1
+            c.particles += 1
+            c.latencies_ms.append(latency_ms)
+            c.cut += p.cut
+            c.too_long += p.too_long
+            if fire:
+                c.ejected += 1
+                c.late += late
+            else:
+                c.passed += 1
+            events.append(ev)
+        return events
