@@ -552,8 +552,9 @@ class BeltRecordingWriter:
         self._fh.write(np.ascontiguousarray(lines, dtype="<u2").data)
         self._n += lines.shape[0]
 
-    def close(self, truth: list[dict] | None = None) -> None:
-        """Finish lines.u16, write truth.csv (if given) and recording.json with ``"lines": N``."""
+    def close(self, truth: list[dict] | None = None, extra_meta: dict | None = None) -> None:
+        """Finish lines.u16, write truth.csv (if given) and recording.json with ``"lines": N``
+        (plus ``extra_meta``, keys known only at the end such as the realised occupancy)."""
         if self._closed:
             return
         self._closed = True
@@ -564,7 +565,7 @@ class BeltRecordingWriter:
                 if unknown:
                     raise ValueError(f"truth keys {sorted(unknown)} not in the truth columns")
             _write_csv(self.root / "truth.csv", self._truth_columns, truth)
-        _write_json(self.root / "recording.json", {**self._meta, "lines": self._n})
+        _write_json(self.root / "recording.json", {**self._meta, **(extra_meta or {}), "lines": self._n})
 
 
 def _typed(text: str) -> int | float | str | None:

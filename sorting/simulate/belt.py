@@ -248,7 +248,7 @@ def simulate_belt(out: Path, seconds: float, seed: int, machine: MachineConfig, 
         for _, block in twin.chunks():
             writer.append(block)
             bar.update(block.shape[0])
-        writer.close(twin.truth)
+        writer.close(twin.truth, extra_meta={k: twin.meta[k] for k in ('rocks', 'occupancy')})
     return out
 
 
