@@ -14,9 +14,13 @@ the few wedge steps misses the strong beam-hardening curvature of the low channe
 (errors of 0.01-0.03 in A, i.e. ~0.03 mm Fe, enough to spoil a mafic fraction),
 while this form is exact for an energy-integrating detector, smooth, monotone, and
 extrapolates sanely into the starved corner of the grid, which it is not fitted on.
-The fitted map is sampled densely and scattered onto a regular ``(A_high, R)`` grid
-(R = A_low / A_high keeps the thin band of physical pairs well resolved), which is
-looked up bilinearly with ``cv2.remap``, clamped at the edges.
+The fitted map is inverted onto a regular ``(R, A_high)`` table (R = A_low / A_high
+keeps the thin band of physical pairs well resolved), column by column along its
+iso-lines, and looked up bilinearly with ``cv2.remap``, clamped at the edges.
+
+A wedge cell's A is ``-ln`` of its mean transmission (unbiased; the mean of per-pixel
+logs is not, where few quanta are left), its equivalent quanta per pixel are measured
+from the line-to-line noise, and from those the A at which the low channel starves.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from .errors import InputError
-from .normalize import SIGNAL_FLOOR_ADU, attenuation_into, repair_columns
+from .normalize import SIGNAL_FLOOR_ADU, STARVED_A, STARVED_QUANTA, repair_columns
 from .physics import MaterialLibrary, load_materials
 
 if TYPE_CHECKING:
@@ -228,6 +232,8 @@ class Calibration:
     air_sigma_a: np.ndarray  # (P, 2) float32: per-pixel temporal noise of A in air
     lut: BasisLUT
     fingerprint: str  # short hex digest of dark, air, bad and the basis table
+    #: low-channel A above which a pixel is starved (STARVED_A, or lower where the quanta run out first)
+    starved_a_low: float = STARVED_A
     #: ln(air - dark), floored; what attenuation() subtracts from
     log_flat: np.ndarray = field(init=False, repr=False)
 
@@ -256,20 +262,22 @@ def find_bad_pixels(dark: np.ndarray, air: np.ndarray) -> BadPixels:
     ----------
     dark, air : (n, P, 2) ndarray of uint16
 
-    Dead: air signal (air - dark) below a tenth of the channel's median. Stuck: reads
-    saturated, or the air has (almost) no temporal variance where the others do.
-    Noisy: temporal std of dark or air far above the channel's median (robust MAD test).
+    Stuck: reads saturated, or air with (almost) no temporal variance where the others
+    have photon noise. Dead: air signal (air - dark) below a tenth of the channel's
+    median (a pixel stuck near its dark level counts as dead). Noisy: temporal std of
+    dark or air far above the channel's median (robust MAD test).
     """
     dark_m, air_m = dark.mean(axis=0), air.mean(axis=0)
     dark_sd, air_sd = dark.std(axis=0), air.std(axis=0)
     signal = air_m - dark_m
-    dead = signal < _DEAD_FRACTION * np.median(signal, axis=0)
-    stuck = (air_m >= _SATURATED_ADU) | (dark_m >= _SATURATED_ADU)
+    # saturated pixels read the same beam on and off, which would also pass as dead
+    saturated = ((air_m >= _SATURATED_ADU) | (dark_m >= _SATURATED_ADU)).any(axis=1)
+    dead_px = (signal < _DEAD_FRACTION * np.median(signal, axis=0)).any(axis=1) & ~saturated
     med_sd = np.median(air_sd, axis=0)
-    stuck |= (med_sd > 0) & (air_sd < _STUCK_STD_FRACTION * med_sd)
-    noisy = (_robust_high(dark_sd) | _robust_high(air_sd)) & ~stuck & ~dead
-    return BadPixels(dead.any(axis=1), stuck.any(axis=1) & ~dead.any(axis=1),
-                     noisy.any(axis=1) & ~stuck.any(axis=1) & ~dead.any(axis=1))
+    frozen = ((med_sd > 0) & (air_sd < _STUCK_STD_FRACTION * med_sd)).any(axis=1)
+    stuck_px = saturated | (frozen & ~dead_px)
+    noisy_px = (_robust_high(dark_sd) | _robust_high(air_sd)).any(axis=1) & ~stuck_px & ~dead_px
+    return BadPixels(dead_px, stuck_px, noisy_px)
 
 
 def _repair_pixels(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
@@ -303,36 +311,68 @@ def _check_scans(scans: CalibrationScans) -> str:
     return where
 
 
-def _wedge_cells(scans: CalibrationScans, dark: np.ndarray,
-                 flat: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per distinct (pom, fe): A (2,) and its standard error (2,).
+def _wedge_cells(scans: CalibrationScans, dark: np.ndarray, flat: np.ndarray, read_var: np.ndarray,
+                 bad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct (pom, fe): A (2,), its standard error (2,) and the equivalent quanta per pixel (2,).
 
     A cell's A is ``-ln`` of its mean transmission, not the mean of per-pixel ``-ln``:
     the log of a noisy count is biased by about ``1/(2 quanta)``, which breaks the
     exact Beer-Lambert form the forward model is fitted in, for the thick cells.
+    The quanta are ``signal**2 / variance`` per pixel over the scan's lines, read noise
+    removed (gain cancels), infinite for noise-free scans.
     """
-    sums: dict[tuple[float, float], list] = {}
+    sums: dict[tuple[float, float], np.ndarray] = {}
     for w in scans.wedges:
         cols = slice(w.x0, w.x0 + w.counts.shape[1])
         good = ~bad[cols]
         if not good.any():
             continue
-        trans = (w.counts[:, good].astype(np.float64) - dark[cols][good]) / flat[cols][good]
-        trans = trans.reshape(-1, 2)
-        s = sums.setdefault((float(w.pom_mm), float(w.fe_mm)), [0, np.zeros(2), np.zeros(2)])
-        s[0] += trans.shape[0]
-        s[1] += trans.sum(axis=0)
-        s[2] += (trans**2).sum(axis=0)
+        signal = w.counts[:, good].astype(np.float64) - dark[cols][good]  # (lines, g, 2)
+        trans = (signal / flat[cols][good]).reshape(-1, 2)
+        acc = np.zeros((6, 2))
+        acc[0] = trans.shape[0]
+        acc[1] = trans.sum(axis=0)
+        acc[2] = (trans**2).sum(axis=0)
+        if signal.shape[0] > 1:
+            photon_var = np.maximum(signal.var(axis=0, ddof=1) - read_var[cols][good], 0.0)
+            acc[3] = (signal.mean(axis=0) ** 2).sum(axis=0)
+            acc[4] = photon_var.sum(axis=0)
+            acc[5] = signal.shape[1]
+        key = (float(w.pom_mm), float(w.fe_mm))
+        sums[key] = sums.get(key, 0.0) + acc
     keys = sorted(sums)
     t = np.array(keys, dtype=np.float64).reshape(-1, 2)
-    n = np.array([sums[k][0] for k in keys], dtype=np.float64).reshape(-1, 1)
-    mean = np.array([sums[k][1] for k in keys]).reshape(-1, 2) / n
-    var = np.maximum(np.array([sums[k][2] for k in keys]).reshape(-1, 2) / n - mean**2, 0.0)
-    sd_mean = np.sqrt(var / n)
+    acc = np.array([sums[k] for k in keys]).reshape(-1, 6, 2)
+    n = acc[:, 0]
+    mean = acc[:, 1] / n
+    var = np.maximum(acc[:, 2] / n - mean**2, 0.0)
     # a cell whose mean transmission is not clearly above zero has no usable A
     a = -np.log(np.maximum(mean, 1e-300))
-    a_sd = np.where(mean > 0, sd_mean / np.maximum(mean, 1e-300), np.inf)
-    return t, a, a_sd
+    a_sd = np.where(mean > 0, np.sqrt(var / n) / np.maximum(mean, 1e-300), np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quanta = np.where(acc[:, 5] > 0, acc[:, 3] / acc[:, 4], np.nan)
+    return t, a, a_sd, quanta
+
+
+def _starved_a_low(cells_a: np.ndarray, quanta: np.ndarray) -> float:
+    """The low-channel A at which a pixel keeps only STARVED_QUANTA equivalent quanta.
+
+    Beam hardening makes the quanta fall slower than the transmission, so this is
+    measured on the wedge cells (log quanta linear in A), not extrapolated from air.
+    Capped at STARVED_A; noise-free scans (infinite quanta) give STARVED_A.
+    """
+    a, q = cells_a[:, 0], quanta[:, 0]
+    ok = np.isfinite(q) & (q > 0) & (a >= 1.0) & (a <= _CELL_MAX_A)
+    if ok.sum() < 3 or np.ptp(a[ok]) < 1.0:
+        return STARVED_A
+    slope, offset = np.polyfit(a[ok], np.log(q[ok]), 1)
+    if not slope < 0:
+        return STARVED_A
+    return float(min((np.log(STARVED_QUANTA) - offset) / slope, STARVED_A))
+
+
+def _listing(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in np.unique(values)) + "]"
 
 
 def calibrate(scans: CalibrationScans, *, library: MaterialLibrary | None = None) -> Calibration:
@@ -378,19 +418,21 @@ def calibrate(scans: CalibrationScans, *, library: MaterialLibrary | None = None
 
     if not scans.wedges:
         raise InputError(where, "wedges.csv: no wedge scans")
-    cells_t, cells_a, cells_sd = _wedge_cells(scans, dark, flat, bad)
+    read_var = dark_raw.var(axis=0, ddof=1).astype(np.float64)
+    cells_t, cells_a, cells_sd, quanta = _wedge_cells(scans, dark, flat, read_var, bad)
     used = (cells_a <= _CELL_MAX_A) & (cells_sd <= _CELL_MAX_SD_A)
     for c, name in enumerate(("low", "high")):
         u = cells_t[used[:, c]]
         if u.shape[0] < 6 or np.unique(u[:, 0]).size < 3 or np.unique(u[:, 1]).size < 3:
             raise InputError(where, f"wedges.csv: the wedge grid is too small: {u.shape[0]} usable cells in the "
-                                    f"{name} channel over POM {sorted(set(cells_t[:, 0]))} mm x Fe "
-                                    f"{sorted(set(cells_t[:, 1]))} mm; need at least 3 POM and 3 Fe thicknesses")
+                                    f"{name} channel over POM {_listing(cells_t[:, 0])} mm x Fe {_listing(cells_t[:, 1])} mm; "
+                                    "need at least 3 POM and 3 Fe thicknesses")
     model, rms = _fit_forward(cells_t, cells_a, cells_sd, used, library)
     t_pom, t_fe, a_step, r_min, r_step = _build_lut(model, cells_t[:, 0].max(), cells_t[:, 1].max())
     lut = BasisLUT(t_pom, t_fe, a_step, r_min, r_step, cells_a.astype(np.float32), cells_t.astype(np.float32),
                    used, rms)
+    starved_a_low = _starved_a_low(cells_a, quanta)
     digest = hashlib.blake2b(digest_size=8)
-    for arr in (dark, air, bad, t_pom, t_fe):
+    for arr in (dark, air, bad, t_pom, t_fe, np.float64(starved_a_low)):
         digest.update(np.ascontiguousarray(arr).tobytes())
-    return Calibration(dark, air, bad, air_sigma_a.astype(np.float32), lut, digest.hexdigest())
+    return Calibration(dark, air, bad, air_sigma_a.astype(np.float32), lut, digest.hexdigest(), starved_a_low)
