@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch import add_parsers as _add_batch_parsers
 
     _add_batch_parsers(sub)
+    bench = sub.add_parser("bench", help="throughput and latency against the sorter's timing")
+    bench.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    bench.add_argument("--recording", type=Path, default=None, help="an xrt-belt/1 recording (default: simulate one)")
+    bench.add_argument("--seconds", type=float, default=20.0, help="belt seconds to simulate (default 20)")
+    bench.add_argument("--occupancy", type=float, default=0.3)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--machine", type=Path, default=None)
+    bench.add_argument("--model", type=Path, default=None, help="default: models/crater_lake.onnx")
+    bench.add_argument("--sorter", type=Path, default=None, help="default: configs/sorter_reference.yaml")
+    bench.add_argument("--chunk-lines", type=int, default=32)
+    bench.add_argument("--no-paced", action="store_true", help="skip the paced (latency) run")
+    bench.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -90,6 +102,10 @@ def _run(args: argparse.Namespace) -> int:
         from .runner import cli_run
 
         return cli_run(args)
+    if args.verb == "bench":
+        from .bench import cli_bench
+
+        return cli_bench(args)
     if args.verb == "demo":
         from .demo import cli_demo
 

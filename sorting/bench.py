@@ -1,0 +1,124 @@
+"""`sorting bench`: throughput and latency against the sorter's timing (CONTRACT.md section 8).
+
+One run measures, on the same recording: the floor (normalizing the lines and nothing
+else), the whole pipeline unpaced (throughput), and the pipeline paced at the line rate
+(latency from a particle's last line to its decision, late count, CPU fraction).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import CONFIG_DIR, load_machine, load_ore, load_sorter
+from .errors import InputError
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def floor_throughput(lines: np.ndarray, cal, chunk_lines: int) -> float:
+    """Lines per second for normalizing both channels and nothing else (preallocated buffers)."""
+    from .normalize import attenuation
+
+    out = np.empty((chunk_lines, lines.shape[1], 2), np.float32)
+    n = lines.shape[0]
+    t0 = time.perf_counter()
+    for first in range(0, n, chunk_lines):
+        chunk = lines[first:first + chunk_lines]
+        attenuation(chunk, cal, 0, out=out[:chunk.shape[0]])
+    return n / (time.perf_counter() - t0)
+
+
+def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines: int = 32,
+              paced: bool = True, progress: bool = True) -> dict:
+    from .formats import read_belt_recording
+    from .model import load_model
+    from .runner import build_pipeline, run_loop, timing_of
+    from .sources import replay
+
+    rec = read_belt_recording(recording)
+    model = load_model(model_path)
+    sorter = load_sorter(sorter_path)
+    timing = timing_of(rec.meta)
+    # warm the page cache so the first pass is not a disk benchmark
+    np.asarray(rec.lines[:: max(rec.n_lines // 64, 1)]).sum()
+    pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines)
+    floor = floor_throughput(rec.lines, pipe.cal, chunk_lines)
+    fast = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, False), pipe, keep_events=False,
+                    total_lines=rec.n_lines, progress=progress)
+    stages = {k: round(v * 1000.0 / max(pipe.counters.chunks, 1), 4) for k, v in pipe.stage_s.items()}
+    per_particle_us = {k: round(pipe.stage_s[k] * 1e6 / max(pipe.counters.particles, 1), 1)
+                       for k in ("features", "classify", "decide")}
+    s = fast.summary
+    result = {
+        "machine": machine_description(),
+        "line_rate_hz": timing.line_rate_hz,
+        "pixels": timing.pixels,
+        "lines": rec.n_lines,
+        "stream_s": rec.n_lines / timing.line_rate_hz,
+        "particles": s["particles"],
+        "rocks_truth": len(rec.truth) if rec.truth else None,
+        "occupancy": rec.meta.get("occupancy"),
+        "chunk_lines": chunk_lines,
+        "throughput_lines_s": s["throughput_lines_s"],
+        "realtime_factor": s["realtime_factor"],
+        "floor_throughput_lines_s": floor,
+        "floor_realtime_factor": floor / timing.line_rate_hz,
+        "pipeline_over_floor": s["throughput_lines_s"] / floor,
+        "stage_ms_per_chunk": stages,
+        "stage_us_per_particle": per_particle_us,
+    }
+    if paced:
+        pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines)
+        slow = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, True), pipe, keep_events=False,
+                        total_lines=rec.n_lines, progress=progress)
+        p = slow.summary
+        result.update({
+            "latency_ms": p["latency_ms"],
+            "late": p["late"],
+            "cpu_fraction": p["cpu_fraction"],
+        })
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return result
+
+
+def cli_bench(args) -> int:
+    from .demo import SHIPPED_MODEL
+    from .physics import load_materials
+    from .simulate import simulate_belt
+
+    model = args.model or SHIPPED_MODEL
+    if not Path(model).is_file():
+        raise InputError(model, "no model file; rebuild the shipped one with models/rebuild.sh")
+    sorter = args.sorter or CONFIG_DIR / "sorter_reference.yaml"
+    with tempfile.TemporaryDirectory(prefix="sorting_bench_") as tmp:
+        recording = args.recording
+        if recording is None:
+            recording = Path(tmp) / "belt"
+            print(f"simulating {args.seconds:g} s of reference belt at {args.occupancy:.0%} occupancy (seed {args.seed})")
+            simulate_belt(recording, args.seconds, args.seed, load_machine(args.machine), load_ore(),
+                          load_materials(), occupancy=args.occupancy, progress=not args.quiet)
+        result = run_bench(recording, Path(model), Path(sorter), args.chunk_lines, paced=not args.no_paced,
+                           progress=not args.quiet)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
