@@ -269,8 +269,8 @@ class Completed:
     line0..line1 : inclusive stream lines; col0..col1 : inclusive detector columns.
     mask : (line1 - line0 + 1, col1 - col0 + 1) bool, the particle's pixels in its box.
     centroid_line, centroid_px : unweighted mask centroid (line / column index units).
-    cut : the stream broke (gap, end of stream) while the particle was open: it may be
-        incomplete. too_long : emitted after ``max_particle_lines`` without ending.
+    cut : it may be incomplete: it touches the first line of the stream or the first line
+        after a gap, or was still open at a gap or at the end of the stream. too_long : emitted after ``max_particle_lines`` without ending.
     touches_border : it reaches detector column 0 or P-1 (the belt edge may hide part).
     split : it was split off a touching neighbour.
     """
@@ -416,7 +416,7 @@ def segment_crop(a: np.ndarray, cal: Calibration, x0: int, pixel_pitch_mm: float
 class _Open:
     """Accumulators of one particle still open at the newest line."""
 
-    __slots__ = ("line0", "line1", "col0", "col1", "area", "sum_line", "sum_col", "pieces", "too_long")
+    __slots__ = ("line0", "line1", "col0", "col1", "area", "sum_line", "sum_col", "pieces", "too_long", "cut")
 
     def __init__(self) -> None:
         self.line0 = self.col0 = 1 << 62
@@ -424,6 +424,7 @@ class _Open:
         self.area = self.sum_line = self.sum_col = 0
         self.pieces: list[tuple[int, int, np.ndarray]] = []
         self.too_long = False
+        self.cut = False
 
     def absorb(self, other: _Open) -> None:
         self.line0 = min(self.line0, other.line0)
@@ -435,6 +436,7 @@ class _Open:
         self.sum_col += other.sum_col
         self.pieces.extend(other.pieces)
         self.too_long |= other.too_long
+        self.cut |= other.cut
 
     def mask(self) -> np.ndarray:
         m = np.zeros((self.line1 - self.line0 + 1, self.col1 - self.col0 + 1), bool)
@@ -481,6 +483,7 @@ class StreamSegmenter:
 
     def _reset(self, next_line: int | None) -> None:
         self._next = next_line
+        self._start = next_line  # first line after a (re)start: what touches it may have begun earlier
         self._buf[0] = 0
         self._prev_ids = np.zeros(self.pixels, np.int64)  # open particle owning each pixel of the last line
         self._open: dict[int, _Open] = {}
@@ -508,7 +511,9 @@ class StreamSegmenter:
         if mask.ndim != 2 or mask.shape[1] != self.pixels or mask.shape[0] < 1:
             raise ValueError(f"mask must be (L >= 1, {self.pixels}), got shape {mask.shape}")
         out: list[Completed] = []
-        if self._next is not None and first_line != self._next:
+        if self._next is None:
+            self._start = first_line
+        elif first_line != self._next:
             if first_line < self._next:
                 raise ValueError(f"chunk starts at line {first_line}, but line {self._next - 1} was already seen")
             out = self.gap(first_line)
@@ -565,6 +570,8 @@ class StreamSegmenter:
             rec = self._open[pid]
             x, y, w, h = (int(v) for v in stats[label, :4])
             top = max(y, 1)
+            if base + top == self._start:
+                rec.cut = True
             rec.pieces.append((base + top, x, lab[top:y + h, x:x + w] == label))
             rec.line0 = min(rec.line0, base + top)
             rec.line1 = max(rec.line1, base + y + h - 1)
@@ -581,13 +588,14 @@ class StreamSegmenter:
         out: list[Completed] = []
         done = sorted((rec.line0, rec.col0, pid) for pid, rec in self._open.items() if pid not in alive)
         for _, _, pid in done:
-            out.extend(self._emit(self._open.pop(pid), cut=False))
+            rec = self._open.pop(pid)
+            out.extend(self._emit(rec, cut=rec.cut))
         newest = base + lab.shape[0] - 1
         for pid in sorted(alive):
             rec = self._open[pid]
             if newest - rec.line0 + 1 >= self.max_particle_lines:
                 rec.too_long = True
-                out.extend(self._emit(rec, cut=False))
+                out.extend(self._emit(rec, cut=rec.cut))
                 fresh = _Open()
                 fresh.too_long = True
                 self._open[pid] = fresh
@@ -607,7 +615,8 @@ class StreamSegmenter:
 
     def gap(self, next_line: int) -> list[Completed]:
         """Lines before ``next_line`` were lost: particles open at the last line seen are
-        returned with ``cut=True``; nothing is stitched across the gap."""
+        returned with ``cut=True``; nothing is stitched across the gap, and particles on
+        ``next_line`` itself will come out ``cut=True`` too."""
         if self._next is not None and next_line < self._next:
             raise ValueError(f"gap to line {next_line}, but line {self._next - 1} was already seen")
         out = self._emit_all_cut()
