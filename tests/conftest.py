@@ -1,0 +1,54 @@
+"""Session-wide test data, built once per test session (small: a few seconds each).
+
+``small_belt``: 1.5 s of simulated belt (xrt-belt/1 with truth.csv) on the reference machine.
+``small_rocks``: ~120 labeled rocks (xrt-rocks/1). ``small_model``: a model trained on them.
+Treat them as read-only; copy before damaging one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+BELT_SECONDS = 1.5
+BELT_SEED = 11
+ROCKS_N = 120
+ROCKS_SEED = 12
+
+
+@pytest.fixture(scope="session")
+def small_configs():
+    from sorting.config import load_machine, load_ore
+    from sorting.physics import load_materials
+
+    return load_machine(None), load_ore(None), load_materials(None)
+
+
+@pytest.fixture(scope="session")
+def small_belt(tmp_path_factory, small_configs) -> Path:
+    """Path of a 1.5 s xrt-belt/1 recording with truth.csv (reference machine, Crater Lake ore)."""
+    from sorting.simulate import simulate_belt
+
+    machine, ore, lib = small_configs
+    out = tmp_path_factory.mktemp("small_belt") / "belt"
+    return simulate_belt(out, BELT_SECONDS, BELT_SEED, machine, ore, lib, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_rocks(tmp_path_factory, small_configs) -> Path:
+    """Path of a ~120-rock xrt-rocks/1 dataset with a train/test split."""
+    from sorting.simulate import simulate_rocks
+
+    machine, ore, lib = small_configs
+    out = tmp_path_factory.mktemp("small_rocks") / "rocks"
+    return simulate_rocks(out, ROCKS_N, ROCKS_SEED, machine, ore, lib, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, small_rocks) -> Path:
+    """Path of an ONNX model trained by ``sorting train`` on ``small_rocks``."""
+    from sorting.cli import main
+
+    out = tmp_path_factory.mktemp("small_model") / "model.onnx"
+    assert main(["train", str(small_rocks), "--out", str(out), "--quiet"]) == 0
+    return out
