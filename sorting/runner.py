@@ -12,9 +12,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from .calibrate import calibrate

@@ -7,7 +7,6 @@ with, expected mafic fractions the volume fractions of the simulated rocks.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -18,23 +17,7 @@ from sorting.errors import InputError
 from sorting.normalize import attenuation, basis_vector, material_maps
 from sorting.physics import build_response, load_materials, pixel_pattern, sample_counts
 
-try:
-    from sorting.formats import CalibrationScans, WedgeScan
-except ImportError:  # formats.py not landed yet: the same shape, for these tests only
-    @dataclass(frozen=True)
-    class WedgeScan:  # type: ignore[no-redef]
-        file: str
-        x0: int
-        pom_mm: float
-        fe_mm: float
-        counts: np.ndarray
-
-    @dataclass(frozen=True)
-    class CalibrationScans:  # type: ignore[no-redef]
-        dark: np.ndarray
-        air: np.ndarray
-        wedges: tuple
-        source: str = ""
+from sorting.formats import CalibrationScans, WedgeScan
 
 #: the crossed wedge grid of CONTRACT.md section 2 (POM 0-250 mm, Fe 0-12 mm)
 WEDGE_POM_MM = (0.0, 10.0, 20.0, 35.0, 50.0, 70.0, 90.0, 120.0, 150.0, 200.0, 250.0)

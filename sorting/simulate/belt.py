@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import MachineConfig, OreConfig
 from ..errors import InputError
-from ..formats import TRUTH_COLUMNS, BeltRecordingWriter
+from ..formats import BeltRecordingWriter
 from ..physics import MaterialLibrary
 from .ore import densities, mineral_list
 from .render import Renderer

@@ -58,7 +58,7 @@ class Renderer:
         cols = slice(x0, x0 + mean.shape[1])
         return sample_counts(mean, var, self.pattern, rng, cols)
 
-    def calibration_scans(self, rng: np.random.Generator, lines: int = 64, wedge_lines: int = 16,
+    def calibration_scans(self, rng: np.random.Generator, lines: int = 64, wedge_lines: int = 64,
                           wedge_width: int = 48) -> CalibrationScans:
         """Dark, air and crossed POM x Fe wedge scans, as the machine would record them."""
         p = self.machine.detector.pixels
