@@ -2,8 +2,8 @@
 
 Every feature is in physical units (mm, mm2, cm3, attenuation, material fractions), so a
 model means the same on another machine with its own pitch and calibration. Material
-statistics come from the rock's interior (mask eroded by ``EDGE_PX``): the thin rim reads
-noise-dominated material values. Distributions are thickness-weighted where that is the
+statistics come from the rock's interior (mask eroded by ``EDGE_PX``) without starved
+pixels: the thin rim reads noise-dominated material values, a starved pixel none at all. Distributions are thickness-weighted where that is the
 physical quantity (the share of the rock's volume, not of its projected pixels).
 
 The batch path (:func:`dataset_features`) and the belt (the streaming loop cutting a
@@ -59,16 +59,17 @@ FEATURE_NAMES: tuple[str, ...] = (
     "mafic_texture",  # rms of the high-passed mafic_frac (thickness-weighted)
     "a_high_contrast",  # rms of the high-passed A_high (thickness-weighted) / mean A_high
     "starved_share",  # share of rock pixels with a starved low channel
-    "interior_share",  # share of rock pixels left after the edge erosion (reliability)
+    "interior_share",  # share of rock pixels in the material statistics (not rim, not starved)
 )
 N_FEATURES = len(FEATURE_NAMES)
 
 #: rim pixels kept out of the material statistics
 EDGE_PX = 2
-#: mafic_frac above this: denser / higher Z than the pyroxene (fayalite reads ~2)
+#: mafic_frac above this: denser / higher Z than any pyroxene-amphibole-feldspar mix (pure
+#: hedenbergite reads 1 by definition, hastingsite 1.1, fayalite and ilmenite 3.0-3.1)
 FAYALITE_LEVEL = 1.3
-#: ... and above this: oxide grains (magnetite reads ~3)
-OXIDE_LEVEL = 2.5
+#: ... and above this: magnetite (reads 6.6), between it and fayalite / ilmenite
+OXIDE_LEVEL = 4.5
 #: width (mm) of the box whose mean inside the rock is the local background of the texture
 TEXTURE_WINDOW_MM = 4.0
 _Q = np.array(_QUANTILES)
@@ -98,7 +99,7 @@ class _Histogram:
 
 
 #: weighted quantiles: value range and bin width of each distribution
-_MAFIC_HIST = _Histogram(-1.0, 5.0, 0.02)
+_MAFIC_HIST = _Histogram(-1.0, 8.0, 0.02)
 _FE_HIST = _Histogram(-0.5, 1.5, 0.01)
 
 
@@ -141,13 +142,24 @@ def _shape_features(m8: np.ndarray, area_px: int, pixel_pitch_mm: float, line_pi
             f["convexity"] = min(cv2.arcLength(hull, True) / per, 1.0)
 
 
-def _interior(m8: np.ndarray) -> np.ndarray:
-    """The mask eroded by EDGE_PX (less when nothing would be left), as uint8."""
+def _reliable(m8: np.ndarray, starved: np.ndarray) -> np.ndarray:
+    """Pixels for the material statistics, (h, w) uint8: the mask eroded by EDGE_PX (less
+    when nothing would be left), without starved pixels; if that leaves nothing, the
+    unstarved rim; if the whole rock is starved, the interior all the same."""
+    interior = m8
     for r in (EDGE_PX, 1):
         eroded = cv2.erode(m8, _DISK[r], borderType=cv2.BORDER_CONSTANT, borderValue=0)
         if cv2.countNonZero(eroded):
-            return eroded
-    return m8
+            interior = eroded
+            break
+    if not starved.any():
+        return interior
+    fed = (~starved).view(np.uint8)
+    for region in (interior, m8):
+        ok = cv2.bitwise_and(region, fed)
+        if cv2.countNonZero(ok):
+            return ok
+    return interior
 
 
 def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_pitch_mm: float,
@@ -204,7 +216,7 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
     f["thickness_p90_mm"] = float(np.partition(thick, k90)[k90])
     f["volume_cm3"] = float(np.maximum(thick, 0.0).sum()) * px_area * 1e-3
 
-    idx = np.flatnonzero(_interior(m8))
+    idx = np.flatnonzero(_reliable(m8, maps.starved))
     n_core = idx.size
     f["interior_share"] = n_core / area_px
     a_low, a_high = maps.a_low.ravel()[idx], maps.a_high.ravel()[idx]
