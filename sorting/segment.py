@@ -7,6 +7,8 @@ component -> drop specks below ``min_area_mm2`` -> :func:`split_touching` -> par
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -465,10 +467,13 @@ class StreamSegmenter:
     max_particle_lines : a particle still open after this many lines is emitted with
         ``too_long=True`` and its continuation starts afresh (also flagged), so a jam on
         the belt cannot hold memory or the deadline.
+    claim : optional ``claim(col0, col1) -> bool`` on each whole component's columns; a
+        component it refuses is dropped (lane-parallel mode: another lane owns it).
     """
 
     def __init__(self, pixels: int, cal: Calibration | None, pixel_pitch_mm: float, line_pitch_mm: float,
-                 config: SegmentConfig = SegmentConfig(), max_particle_lines: int = 512):
+                 config: SegmentConfig = SegmentConfig(), max_particle_lines: int = 512,
+                 claim: Callable[[int, int], bool] | None = None):
         if pixels < 1 or max_particle_lines < 1:
             raise ValueError(f"pixels and max_particle_lines must be >= 1, got {pixels}, {max_particle_lines}")
         _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
@@ -478,6 +483,9 @@ class StreamSegmenter:
         self.line_pitch_mm = float(line_pitch_mm)
         self.config = config
         self.max_particle_lines = int(max_particle_lines)
+        # lane-parallel mode: only components this lane owns (decided on the whole component,
+        # before touching rocks are split, so two lanes never split the same blob differently)
+        self.claim = claim
         self._buf = np.zeros((33, self.pixels), np.uint8)
         self._reset(None)
 
@@ -603,6 +611,8 @@ class StreamSegmenter:
 
     def _emit(self, rec: _Open, cut: bool) -> list[Completed]:
         if rec.area == 0:
+            return []
+        if self.claim is not None and not self.claim(rec.col0, rec.col1):
             return []
         return _pieces(rec.mask(), rec.line0, rec.col0, self.pixel_pitch_mm, self.line_pitch_mm,
                        self.config, cut=cut, too_long=rec.too_long, pixels=self.pixels)

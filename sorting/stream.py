@@ -8,6 +8,7 @@ buffer of attenuation lines (the same code as training) -> one ONNX batch -> val
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,15 +57,20 @@ class Pipeline:
 
     def __init__(self, cal: Calibration, model: OnnxModel, sorter: SorterConfig, timing: Timing,
                  seg: SegmentConfig = SegmentConfig(), chunk_lines: int = 32, max_particle_lines: int = 512,
-                 line_pitch_mm: float | None = None):
+                 line_pitch_mm: float | None = None, x0: int = 0, width: int | None = None,
+                 claim: Callable[[int, int], bool] | None = None):
+        """``x0``/``width``: the detector columns this pipeline sees (a lane; default the whole
+        belt). ``claim(col0, col1)``, in window columns, decides on each whole connected
+        component (before touching rocks are split) whether this pipeline owns it."""
         self.cal, self.model, self.sorter, self.timing = cal, model, sorter, timing
         self.seg = seg
-        self.pixels = timing.pixels
+        self.x0 = int(x0)
+        self.pixels = timing.pixels - self.x0 if width is None else int(width)
         self.line_pitch_mm = line_pitch_mm or timing.belt_speed_m_s * 1000.0 / timing.line_rate_hz
         self.threshold = sorter.sorting.threshold if sorter.sorting.threshold is not None else model.threshold
         self.eject_sc = sorter.sorting.eject == "sc"
         self.segmenter = StreamSegmenter(self.pixels, cal, timing.pixel_pitch_mm, self.line_pitch_mm, seg,
-                                         max_particle_lines)
+                                         max_particle_lines, claim=claim)
         # the ring must still hold a particle's first lines (and margin) when it completes
         self.ring_lines = 1 << int(np.ceil(np.log2(max_particle_lines + 2 * chunk_lines + 2 * CROP_MARGIN_PX + 8)))
         self._ring = np.zeros((self.ring_lines, self.pixels, 2), np.float32)
@@ -89,12 +95,12 @@ class Pipeline:
         n = raw.shape[0]
         a, mask = self._buffers(n)
         t0 = time.perf_counter()
-        attenuation(raw, self.cal, 0, out=a)
+        attenuation(raw, self.cal, self.x0, out=a)
         idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
         self._ring[idx] = a
         self._arrival[idx] = t_in
         t1 = time.perf_counter()
-        foreground(a, self.cal, 0, self.seg, out=mask)
+        foreground(a, self.cal, self.x0, self.seg, out=mask)
         c = self.counters
         c.chunks += 1
         c.lines += n
@@ -124,6 +130,8 @@ class Pipeline:
         return a, mask
 
     def _decide(self, done: list[Completed]) -> list[dict]:
+        # one canonical order within a chunk, whatever order the segmenter found them in
+        done.sort(key=lambda p: (p.line0, p.col0))
         n = len(done)
         if n > self._x.shape[0]:
             self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
@@ -138,8 +146,8 @@ class Pipeline:
         t2 = time.perf_counter()
         first = np.fromiter((p.line0 for p in done), np.int64, n)
         last = np.fromiter((p.line1 for p in done), np.int64, n)
-        xmin = np.fromiter((p.col0 for p in done), np.int64, n)
-        xmax = np.fromiter((p.col1 for p in done), np.int64, n)
+        xmin = np.fromiter((p.col0 for p in done), np.int64, n) + self.x0
+        xmax = np.fromiter((p.col1 for p in done), np.int64, n) + self.x0
         ej = plan(first, last, xmin, xmax, self.sorter.ejector, self.timing)
         is_sc = scores >= self.threshold
         eject = is_sc if self.eject_sc else ~is_sc
@@ -157,8 +165,9 @@ class Pipeline:
             ev = {
                 "particle": self._next_id,
                 "first_line": int(p.line0), "last_line": int(p.line1),
-                "x_min_px": int(p.col0), "x_max_px": int(p.col1),
-                "centroid_line": round(float(p.centroid_line), 3), "centroid_px": round(float(p.centroid_px), 3),
+                "x_min_px": int(xmin[i]), "x_max_px": int(xmax[i]),
+                "centroid_line": round(float(p.centroid_line), 3),
+                "centroid_px": round(float(p.centroid_px) + self.x0, 3),
                 "area_mm2": round(p.area_px * px_area, 2),
                 "score": round(float(scores[i]), 6),
                 "decision": "eject" if fire else "pass",
