@@ -46,7 +46,7 @@ def floor_throughput(lines: np.ndarray, cal, chunk_lines: int) -> float:
 
 
 def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines: int = 32,
-              paced: bool = True, progress: bool = True) -> dict:
+              paced: bool = True, progress: bool = True, workers: int = 2) -> dict:
     from .formats import read_belt_recording
     from .model import load_model
     from .runner import build_pipeline, run_loop, timing_of
@@ -95,6 +95,17 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
             "cpu_fraction": p["cpu_fraction"],
         })
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if workers > 1:
+        from .lanes import run_lanes
+
+        lanes = run_lanes(recording, model_path, sorter_path, workers, chunk_lines)["summary"]
+        result["lanes"] = {
+            "workers": workers,
+            "throughput_lines_s": lanes["throughput_lines_s"],
+            "realtime_factor": lanes["realtime_factor"],
+            "speedup_over_one_worker": lanes["throughput_lines_s"] / result["throughput_lines_s"],
+            "particles": lanes["particles"],
+        }
     return result
 
 
@@ -115,7 +126,7 @@ def cli_bench(args) -> int:
             simulate_belt(recording, args.seconds, args.seed, load_machine(args.machine), load_ore(),
                           load_materials(), occupancy=args.occupancy, progress=not args.quiet)
         result = run_bench(recording, Path(model), Path(sorter), args.chunk_lines, paced=not args.no_paced,
-                           progress=not args.quiet)
+                           progress=not args.quiet, workers=args.workers)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", metavar="HOST:PORT", default=None,
                      help="take lines from a TCP line stream (sorting/wire.py) instead of lines.u16")
     run.add_argument("--summary-json", type=Path, default=None, help="write the run summary as JSON")
+    run.add_argument("--workers", type=int, default=1,
+                     help="lane-parallel worker processes, each owning a range of columns (replay only)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="simulate a belt of Crater Lake ore and sort it with the shipped model")
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sorter", type=Path, default=None, help="default: configs/sorter_reference.yaml")
     bench.add_argument("--chunk-lines", type=int, default=32)
     bench.add_argument("--no-paced", action="store_true", help="skip the paced (latency) run")
+    bench.add_argument("--workers", type=int, default=2,
+                       help="also measure lane-parallel throughput with this many workers (0 = skip)")
     bench.add_argument("--quiet", action="store_true")
     return parser
 

@@ -120,14 +120,15 @@ def timing_of(meta: dict) -> Timing:
 
 
 def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,
-                   chunk_lines: int = 32) -> Pipeline:
+                   chunk_lines: int = 32, **window) -> Pipeline:
+    """Calibrate from ``scans`` and set up the loop; ``window`` = Pipeline's x0, width, claim (lanes)."""
     check_geometry(sorter.ejector, timing, sorter_path)
     if chunk_lines < 1:
         raise InputError("--chunk-lines", f"must be at least 1, got {chunk_lines}")
     cal = calibrate(scans)
     if cal.pixels != timing.pixels:
         raise InputError(scans.source, f"calibration has {cal.pixels} pixels, the stream {timing.pixels}")
-    return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines)
+    return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines, **window)
 
 
 def format_summary(summary: dict, outcome: dict | None = None, detection: dict | None = None) -> str:
@@ -178,6 +179,8 @@ def cli_run(args) -> int:
 
     rec, model, sorter = _load_run_inputs(args)
     timing = timing_of(rec.meta)
+    if args.workers != 1:
+        return _cli_run_lanes(args, rec, sorter, timing)
     pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(args.sorter), args.chunk_lines)
     valves = None
     if args.udp:
@@ -208,4 +211,36 @@ def cli_run(args) -> int:
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(result.summary, indent=2, default=float) + "\n")
+    return 0
+
+
+def _cli_run_lanes(args, rec, sorter, timing) -> int:
+    from .lanes import run_lanes
+    from .outcome import jets_outcome, match_particles
+    from .sinks import parse_hostport
+
+    if args.listen:
+        raise InputError("--workers", "lane-parallel mode reads a recording; it cannot take --listen")
+    valves = None
+    if args.udp:
+        host, port = parse_hostport(args.udp, "--udp")
+        valves = UDPValveSink(host, port, sorter.ejector.valves)
+    log = EventLog(args.events)
+    result = run_lanes(args.recording, args.model, args.sorter, args.workers, args.chunk_lines, args.realtime,
+                       log=log, valves=valves)
+    s = result["summary"]
+    lat = s["latency_ms"]
+    print(f"{args.workers} lanes {s['lanes']}: {s['lines']} lines in {s['wall_s']:.2f} s = "
+          f"{s['realtime_factor']:.2f}x the line rate; particles {s['particles']}, eject {s['ejected']}, "
+          f"late {s['late']}; latency ms p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} p99.9 {lat['p999']:.2f}")
+    if rec.truth is not None:
+        det = match_particles(result["events"], rec.truth)
+        out = jets_outcome(result["events"], rec.truth, sorter, timing)
+        s["detection"], s["outcome"] = det, out
+        print(format_summary({**s, "cut": 0, "gaps": 0, "dropped_lines": 0, "passed": s["particles"] - s["ejected"],
+                              "cpu_fraction": s["cpu_fraction"], "line_rate_hz": timing.line_rate_hz}, out, det)
+              .split("\n", 3)[-1])
+    print(f"events: {args.events} ({log.count} particles)")
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(s, indent=2, default=float) + "\n")
     return 0

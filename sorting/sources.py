@@ -22,10 +22,10 @@ Chunk = tuple[int, np.ndarray, float]
 class Pacer:
     """Sleeps until line ``i`` would have been acquired: t0 + i / line_rate."""
 
-    def __init__(self, line_rate_hz: float, realtime: bool):
+    def __init__(self, line_rate_hz: float, realtime: bool, t0: float | None = None):
         self.rate = line_rate_hz
         self.realtime = realtime
-        self.t0: float | None = None
+        self.t0 = t0  # wall time of line 0; None = when the first chunk is asked for
 
     def wait(self, end_line: int, first_line: int = 0) -> float:
         """When lines before ``end_line`` are (or were) acquired.
@@ -45,10 +45,11 @@ class Pacer:
 
 
 def replay(lines: np.ndarray, line_rate_hz: float, chunk_lines: int = 32, realtime: bool = False,
-           start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-    """Chunks of a memory-mapped recording, as fast as possible or paced at the line rate."""
+           start: int = 0, stop: int | None = None, t0: float | None = None) -> Iterator[Chunk]:
+    """Chunks of a memory-mapped recording, as fast as possible or paced at the line rate
+    (``t0``: a shared wall time of line 0, for lanes that must keep the same clock)."""
     n = lines.shape[0] if stop is None else min(stop, lines.shape[0])
-    pacer = Pacer(line_rate_hz, realtime)
+    pacer = Pacer(line_rate_hz, realtime, t0)
     for first in range(start, n, chunk_lines):
         last = min(first + chunk_lines, n)
         chunk = lines[first:last]

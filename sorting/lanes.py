@@ -1,0 +1,215 @@
+"""Lane-parallel sorting for wide or fast belts: worker processes own column ranges.
+
+Lane k owns the components whose leftmost column lies in its range and sees ``overlap_px``
+more columns to its right, so every owned component is seen whole (a component touching
+the lane's window edge is not owned: the lane to its left sees it whole). Ownership is
+decided on the whole component before touching rocks are split, so no blob is split two
+ways. The parent merges the lanes' decisions in the single worker's order: by the chunk
+that completed them, then first line, then first column; the events are the same as one
+worker's, apart from wall-clock latencies.
+
+Workers read their columns straight from the memory-mapped recording, so only decisions
+cross process boundaries, batched every few milliseconds.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+#: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
+DEFAULT_OVERLAP_MM = 200.0
+
+
+@dataclass(frozen=True)
+class Lane:
+    lo: int  # first column of the window
+    hi: int  # one past the last column of the window
+    own_lo: int  # owned leftmost columns: own_lo <= col0 < own_hi (absolute)
+    own_hi: int
+
+
+def lane_windows(pixels: int, workers: int, overlap_px: int) -> list[Lane]:
+    """Owned ranges chosen so every window has about the same width (the overlap is one-sided)."""
+    if workers < 1:
+        raise InputError("--workers", f"must be at least 1, got {workers}")
+    if workers == 1:
+        return [Lane(0, pixels, 0, pixels)]
+    # balance: window_k = bounds[k+1] - bounds[k] + overlap (k < last), last = pixels - bounds[-2]
+    width = (pixels + (workers - 1) * overlap_px) / workers
+    bounds = [0]
+    for k in range(1, workers):
+        bounds.append(int(round(k * (width - overlap_px))))
+    bounds.append(pixels)
+    if any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:])):
+        raise InputError("--workers", f"{workers} lanes with {overlap_px} px overlap do not fit {pixels} pixels")
+    lanes = []
+    for k in range(workers):
+        hi = pixels if k == workers - 1 else min(bounds[k + 1] + overlap_px, pixels)
+        lanes.append(Lane(bounds[k], hi, bounds[k], bounds[k + 1]))
+    return lanes
+
+
+def _claim_rule(lane: Lane, pixels: int):
+    """In window columns: own the component if its leftmost column is in the owned range and
+    it does not touch a window edge that is not the belt edge."""
+    lo, hi = lane.lo, lane.hi
+    left_cut = lo > 0
+    right_cut = hi < pixels
+
+    def claim(col0: int, col1: int) -> bool:
+        a0, a1 = col0 + lo, col1 + lo
+        # a component starting on the next lane's first column touches that lane's cut, so it is ours
+        if not lane.own_lo <= a0 <= (lane.own_hi if right_cut else lane.own_hi - 1):
+            return False
+        if left_cut and col0 == 0:
+            return False  # cut by this window: the lane to the left sees it whole
+        if right_cut and a1 == hi - 1:
+            return False  # wider than the overlap: reaches past this window
+        return True
+
+    return claim
+
+
+def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: str, chunk_lines: int,
+            realtime: bool, t0: float, queue, flush_s: float) -> None:
+    from .config import load_sorter
+    from .formats import read_belt_recording
+    from .model import load_model
+    from .runner import build_pipeline, timing_of
+    from .sources import replay
+
+    try:
+        rec = read_belt_recording(Path(recording))
+        timing = timing_of(rec.meta)
+        sorter = load_sorter(sorter_path)
+        pipe = build_pipeline(rec.calibration, load_model(model_path), sorter, timing, sorter_path, chunk_lines,
+                              x0=lane.lo, width=lane.hi - lane.lo, claim=_claim_rule(lane, timing.pixels))
+        window = rec.lines[:, lane.lo:lane.hi]
+        pending: list = []
+        last_send = time.perf_counter()
+        chunk = -1
+        for chunk, (first, raw, t_in) in enumerate(replay(window, timing.line_rate_hz, chunk_lines, realtime,
+                                                          t0=t0)):
+            events = pipe.step(first, raw, t_in)
+            if events:
+                pending.append((chunk, events, [pipe._arrival[e["last_line"] & (pipe.ring_lines - 1)]
+                                                for e in events]))
+            now = time.perf_counter()
+            if now - last_send >= flush_s:
+                queue.put((k, chunk, pending))
+                pending, last_send = [], now
+        events = pipe.finish()
+        if events:
+            pending.append((chunk + 1, events, [pipe._arrival[e["last_line"] & (pipe.ring_lines - 1)]
+                                                for e in events]))
+        queue.put((k, chunk + 1, pending))
+        queue.put((k, None, {"stage_s": pipe.stage_s, "counters": pipe.counters.summary(),
+                             "cpu_s": time.process_time()}))
+    except BaseException as exc:  # noqa: BLE001 - report any worker failure to the parent
+        queue.put((k, None, {"error": f"{type(exc).__name__}: {exc}"}))
+
+
+def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int = 2, chunk_lines: int = 32,
+              realtime: bool = False, overlap_mm: float = DEFAULT_OVERLAP_MM, log=None, valves=None) -> dict:
+    """Sort ``recording`` with ``workers`` lane processes; returns the summary and the merged events."""
+    from .formats import read_belt_recording
+    from .runner import timing_of
+
+    rec = read_belt_recording(recording)
+    timing = timing_of(rec.meta)
+    from .config import load_sorter
+
+    sorter = load_sorter(sorter_path)
+    overlap_px = int(np.ceil(overlap_mm / timing.pixel_pitch_mm))
+    lanes = lane_windows(timing.pixels, workers, overlap_px)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    t0 = t_start + 0.2  # common stream start for paced lanes (all workers up by then)
+    procs = [ctx.Process(target=_worker, args=(k, lane, str(recording), str(model_path), str(sorter_path),
+                                               chunk_lines, realtime, t0, queue, 0.002 if realtime else 0.05),
+                         daemon=True) for k, lane in enumerate(lanes)]
+    for p in procs:
+        p.start()
+    done = [-1] * workers
+    finished = [None] * workers
+    buffer: list = []  # (chunk, line0, col0, event, t_in)
+    merged: list[dict] = []
+    latencies = []
+    late = ejected = 0
+    resp_s = sorter.ejector.response_ms / 1000.0
+
+    def release(upto: int) -> None:
+        nonlocal buffer, late, ejected
+        ready = [b for b in buffer if b[0] <= upto]
+        if not ready:
+            return
+        buffer = [b for b in buffer if b[0] > upto]
+        ready.sort(key=lambda b: b[:3])
+        now = time.perf_counter()
+        out = []
+        for _, _, _, e, t_in in ready:
+            e["particle"] = len(merged) + len(out)
+            lat = (now - t_in) * 1000.0
+            plan_open = e["open_s"]
+            e["latency_ms"] = round(float(lat), 3)
+            if plan_open is not None:
+                e["slack_ms"] = round(float((plan_open - resp_s - e["last_line"] / timing.line_rate_hz) * 1000.0 - lat), 3)
+            else:
+                e["slack_ms"] = round(e["slack_ms"] + e.get("_lat0", 0.0) - lat, 3)
+            e.pop("_lat0", None)
+            e["late"] = bool(e["slack_ms"] < 0)
+            latencies.append(lat)
+            if e["decision"] == "eject":
+                ejected += 1
+                late += e["late"]
+            out.append(e)
+        if valves is not None:
+            valves.send(out)
+        if log is not None:
+            log.write(out)
+        merged.extend(out)
+
+    while any(f is None for f in finished):
+        k, chunk, payload = queue.get()
+        if chunk is None:
+            finished[k] = payload
+            if "error" in payload:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"lane {k} failed: {payload['error']}")
+            continue
+        for c, events, t_ins in payload:
+            for e, t_in in zip(events, t_ins):
+                e["_lat0"] = e["latency_ms"]
+                buffer.append((c, e["first_line"], e["x_min_px"], e, t_in))
+        done[k] = max(done[k], chunk)
+        release(min(done))
+    release(1 << 62)
+    for p in procs:
+        p.join()
+    if log is not None:
+        log.close()
+    wall = time.perf_counter() - t_start
+    lines = rec.n_lines
+    lat = np.asarray(latencies) if latencies else np.zeros(1)
+    stream_s = lines / timing.line_rate_hz
+    cpu = sum(f["cpu_s"] for f in finished) + (time.process_time() - cpu_start)
+    return {
+        "summary": {
+            "workers": workers, "lanes": [(l.lo, l.hi) for l in lanes], "lines": lines, "particles": len(merged),
+            "ejected": ejected, "late": late, "wall_s": wall, "stream_s": stream_s,
+            "throughput_lines_s": lines / wall, "realtime_factor": lines / wall / timing.line_rate_hz,
+            "cpu_fraction": cpu / stream_s,
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                           "p999": float(np.percentile(lat, 99.9)), "max": float(lat.max())},
+        },
+        "events": merged,
+    }
