@@ -72,6 +72,12 @@ def _check_classes(y: np.ndarray, where: Path, what: str) -> None:
                                 "training needs at least 2 of each class")
 
 
+def _cutoff(meta: dict) -> float | None:
+    """The dataset's own label cut-off grade when it states one (else inferred from labels)."""
+    v = meta.get("label_cutoff_ppm")
+    return float(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
 def cli_train(args: argparse.Namespace) -> int:
     from .features import FEATURE_NAMES, FEATURE_VERSION
     from .model import train, training_fingerprint
@@ -95,7 +101,8 @@ def cli_train(args: argparse.Namespace) -> int:
                               cal.fingerprint, X)
     model = train(X, y, feature_names=FEATURE_NAMES, feature_version=FEATURE_VERSION,
                   mass_g=_column(rows, "mass_g"), sc2o3_ppm=_column(rows, "sc2o3_ppm"), fingerprint=fp,
-                  target_recovery=args.target_recovery, seed=args.seed, progress=not args.quiet)
+                  target_recovery=args.target_recovery, seed=args.seed, label_cutoff=_cutoff(ds.meta),
+                  progress=not args.quiet)
     model.save(args.out)
     m = model.metrics
     up = m["cv_upgrade_ratio"]
@@ -105,7 +112,10 @@ def cli_train(args: argparse.Namespace) -> int:
           f"mass pull {100 * m['cv_mass_pull']:.1f} % ({m['mass_basis']}), "
           f"waste rejection {100 * m['cv_waste_rejection']:.1f} %"
           + (f", upgrade {up:.2f}" if up is not None else ""))
-    print(f"candidates (CV AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in m["cv_auc_candidates"].items()))
+    print("candidates (CV AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in m["cv_auc_candidates"].items()))
+    if m["targets"] == "soft":
+        print(f"soft targets around the {m['label_cutoff_ppm']:.0f} ppm Sc2O3 label cut-off "
+              f"(ln-width {m['soft_width']})")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - t0:.1f} s")
     return 0
 

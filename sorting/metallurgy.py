@@ -218,3 +218,50 @@ def roc_auc(scores: np.ndarray, is_sc: np.ndarray) -> float | None:
 
     r = rankdata(s)  # average ranks handle ties as half-wins
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def label_cutoff_ppm(sc2o3_ppm: np.ndarray, is_sc: np.ndarray) -> float:
+    """The grade cut that best reproduces the labels: fewest sc rocks below it plus waste
+    rocks at or above it; the geometric midpoint of the two assays around the best cut.
+
+    Parameters
+    ----------
+    sc2o3_ppm : (n,) array_like of float
+        Finite assays, n >= 1.
+    is_sc : (n,) array_like of bool
+    """
+    g = np.asarray(sc2o3_ppm, dtype=np.float64)
+    y = np.asarray(is_sc, dtype=bool)
+    order = np.argsort(g, kind="stable")
+    gs, ys = g[order], y[order]
+    # a cut before sorted position k: sc rocks at positions < k + waste rocks at >= k
+    sc_below = np.r_[0, np.cumsum(ys)]
+    waste_above = np.r_[np.cumsum((~ys)[::-1])[::-1], 0]
+    ok = np.r_[True, gs[1:] > gs[:-1], True]  # never cut between equal assays
+    err = np.where(ok, sc_below + waste_above, np.iinfo(np.int64).max)
+    k = int(np.argmin(err))
+    if k == 0:
+        return float(gs[0])
+    if k == len(gs):
+        return float(np.nextafter(gs[-1], np.inf))
+    lo, hi = gs[k - 1], gs[k]
+    return float(np.sqrt(lo * hi)) if lo > 0 else float((lo + hi) / 2)
+
+
+def soft_sc_targets(sc2o3_ppm: np.ndarray, is_sc: np.ndarray, cutoff_ppm: float, width: float) -> np.ndarray:
+    """P(sc) targets from assays: logistic in ln(grade / cutoff) with scale ``width``,
+    kept on the side of 0.5 that the rock's label says (the label stays the authority).
+
+    A hard label treats a 140 ppm rock like a 5 ppm one, while recovery counts the Sc in
+    both; soft targets make the classifier rank rocks by grade on both sides of the cut
+    (and a single-rock assay is itself uncertain by tens of per cent).
+
+    Returns
+    -------
+    (n,) ndarray of float64 in [0, 1]
+    """
+    g = np.maximum(np.asarray(sc2o3_ppm, dtype=np.float64), 1e-6)
+    y = np.asarray(is_sc, dtype=bool)
+    z = np.clip(np.log(g / cutoff_ppm) / width, -50.0, 50.0)
+    p = 1.0 / (1.0 + np.exp(-z))
+    return np.where(y, np.maximum(p, 0.5), np.minimum(p, 0.5))

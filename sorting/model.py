@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .metallurgy import make_feed, roc_auc, sort_balance, threshold_for_recovery
+from .metallurgy import (label_cutoff_ppm, make_feed, roc_auc, soft_sc_targets, sort_balance,
+                         threshold_for_recovery)
 
 META_KEY = "sorting"
 MODEL_FORMAT = "sorting-model/1"
 INPUT_NAME = "features"
 CV_FOLDS = 5
+SOFT_WIDTH = 0.3  # ln-grade scale of the soft targets: about +-35 % around the cut
 
 
 def _candidates(seed: int) -> dict[str, Any]:
@@ -107,9 +110,12 @@ class TrainedModel:
 
         clf = self.classifier
         final = clf.steps[-1][1] if hasattr(clf, "steps") else clf
-        onx = to_onnx(clf, initial_types=[(INPUT_NAME, FloatTensorType([None, len(self.feature_names)]))],
-                      options={id(final): {"zipmap": False}},
-                      target_opset={"": 17, "ai.onnx.ml": 3})
+        with warnings.catch_warnings():
+            # skl2onnx writes bools into int attributes; protobuf < 7 accepts them (pinned)
+            warnings.filterwarnings("ignore", message=".*Expected an int, got a boolean.*")
+            onx = to_onnx(clf, initial_types=[(INPUT_NAME, FloatTensorType([None, len(self.feature_names)]))],
+                          options={id(final): {"zipmap": False}},
+                          target_opset={"": 17, "ai.onnx.ml": 3})
         onx.producer_name = "sorting"
         onx.doc_string = "DE-XRT rock classifier: P(sc) from the sorting feature vector"
         onnx.helper.set_model_props(onx, {META_KEY: json.dumps(self.meta())})
@@ -138,19 +144,37 @@ def _check_xy(X: np.ndarray, y: np.ndarray, feature_names: tuple[str, ...]) -> t
     return X, y
 
 
-def _oof_scores(clf, X: np.ndarray, y: np.ndarray, w: np.ndarray, folds) -> np.ndarray:
+def _expand(X: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft targets as weighted copies: each rock enters as sc with weight p and as waste
+    with weight 1 - p (zero-weight copies dropped); the two classes are then balanced to
+    equal total weight, which for hard targets is sklearn's ``class_weight="balanced"``."""
+    pos, neg = p > 0, p < 1
+    X2 = np.concatenate([X[pos], X[neg]])
+    y2 = np.r_[np.ones(pos.sum(), int), np.zeros(neg.sum(), int)]
+    w_pos, w_neg = p[pos], 1.0 - p[neg]
+    n = len(p)
+    w2 = np.r_[w_pos * (n / (2 * w_pos.sum())), w_neg * (n / (2 * w_neg.sum()))]
+    return X2, y2, w2
+
+
+def _fit(clf, X: np.ndarray, p: np.ndarray):
+    X2, y2, w2 = _expand(X, p)
+    return clf.fit(X2, y2, clf__sample_weight=w2)
+
+
+def _oof_scores(clf, X: np.ndarray, p: np.ndarray, folds) -> np.ndarray:
     from sklearn.base import clone
 
-    oof = np.empty(len(y), np.float64)
+    oof = np.empty(len(p), np.float64)
     for tr, va in folds:
-        m = clone(clf).fit(X[tr], y[tr], clf__sample_weight=w[tr])
-        oof[va] = m.predict_proba(X[va])[:, 1]
+        oof[va] = _fit(clone(clf), X[tr], p[tr]).predict_proba(X[va])[:, 1]
     return oof
 
 
 def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], feature_version: str,
           mass_g: np.ndarray | None = None, sc2o3_ppm: np.ndarray | None = None,
           fingerprint: str = "", target_recovery: float = 0.95, seed: int = 0,
+          label_cutoff: float | None = None, soft_width: float = SOFT_WIDTH,
           progress: bool = False) -> TrainedModel:
     """Fit a classifier and pick its operating threshold by stratified cross-validation.
 
@@ -172,13 +196,19 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
         Out-of-fold Sc recovery the threshold must reach, in (0, 1].
     seed : int
         Seeds the folds and the estimators.
+    label_cutoff : float, optional
+        Sc2O3 ppm at which a rock becomes ``sc`` (inferred from labels and assays when
+        None). With ``soft_width > 0`` and every rock assayed, the classifier learns
+        soft targets (:func:`sorting.metallurgy.soft_sc_targets`) so that it ranks
+        rocks by grade also below the cut, where the recovery target reaches.
+    soft_width : float
+        0 trains on the hard labels.
 
     Returns
     -------
     TrainedModel
     """
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.utils.class_weight import compute_sample_weight
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
@@ -190,17 +220,23 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
     if n_folds < 2:
         raise ValueError("training needs at least 2 rocks of each class for cross-validation")
     folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(X, y))
-    w = compute_sample_weight("balanced", y)
+    g = None if sc2o3_ppm is None else np.asarray(sc2o3_ppm, dtype=np.float64)
+    soft = soft_width > 0 and g is not None and len(g) == len(y) and bool(np.isfinite(g).all())
+    if soft:
+        cut = float(label_cutoff) if label_cutoff is not None else label_cutoff_ppm(g, y)
+        p = soft_sc_targets(g, y, cut, soft_width)
+    else:
+        cut, p = None, y.astype(np.float64)
     cands = _candidates(seed)
     oof, cv_auc = {}, {}
     # One OpenMP thread: on a busy 2-core box the spin-waiting team of the boosting
     # fit made it 30x slower; one thread is also deterministic.
     with threadpool_limits(1):
         for name, clf in tqdm(cands.items(), desc="cross-validation", unit="model", disable=not progress):
-            oof[name] = _oof_scores(clf, X, y, w, folds)
+            oof[name] = _oof_scores(clf, X, p, folds)
             cv_auc[name] = roc_auc(oof[name], y)
         best = max(cv_auc, key=lambda k: cv_auc[k])
-        clf = cands[best].fit(X, y, clf__sample_weight=w)
+        clf = _fit(cands[best], X, p)
     feed = make_feed(y, mass_g, sc2o3_ppm)
     threshold = threshold_for_recovery(oof[best], feed.units, target_recovery)
     bal = sort_balance(oof[best] >= threshold, y, feed)
@@ -211,6 +247,8 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
         "cv_sc_rock_recall": bal["sc_rock_recall"], "cv_waste_rejection": bal["waste_rejection"],
         "cv_upgrade_ratio": bal["upgrade_ratio"],
         "recovery_basis": feed.recovery_basis, "mass_basis": feed.mass_basis,
+        "targets": "soft" if soft else "hard", "label_cutoff_ppm": cut,
+        "soft_width": soft_width if soft else None,
         "train_seconds": round(time.perf_counter() - t0, 2),
     }
     return TrainedModel(clf, tuple(feature_names), feature_version, float(threshold),

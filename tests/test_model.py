@@ -127,3 +127,144 @@ def test_without_assays_the_threshold_recalls_sc_rocks():
     tm = train(X, y, feature_names=NAMES, feature_version=VERSION, target_recovery=0.95, seed=1)
     assert tm.metrics["recovery_basis"] == "count"
     assert tm.metrics["cv_sc_rock_recall"] >= 0.95
+
+
+# --- both candidate estimators convert faithfully -------------------------------------
+
+@pytest.mark.parametrize("name", ["hist_gradient_boosting", "random_forest"])
+def test_every_candidate_converts_within_1e5(name, tmp_path):
+    from sorting.model import TrainedModel, _candidates, _fit
+
+    X, y, _, grade = _table(200, 5)
+    X[::11, 4] = np.nan
+    from sorting.metallurgy import soft_sc_targets
+
+    clf = _fit(_candidates(0)[name], X, soft_sc_targets(grade, y, 150.0, 0.3))
+    tm = TrainedModel(clf, NAMES, VERSION, 0.5, 0.95, "", {"estimator": name})
+    om = load_model(tm.save(tmp_path / "m.onnx"), expected_names=NAMES, expected_version=VERSION)
+    Xt, *_ = _table(400, 6)
+    Xt[::5, 0] = np.nan
+    np.testing.assert_allclose(om.predict_proba(Xt), tm.predict_proba(Xt), atol=1e-5, rtol=0)
+
+
+def test_soft_targets_are_used_when_every_rock_is_assayed(trained):
+    m = trained[0].metrics
+    assert m["targets"] == "soft"
+    # the table's labels switch between 40 and 150 ppm: the inferred cut lies there
+    assert 40.0 <= m["label_cutoff_ppm"] <= 150.0
+
+
+def test_expand_balances_classes_like_sklearn():
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from sorting.model import _expand
+
+    X = np.arange(10, dtype=np.float32).reshape(5, 2)
+    y = np.array([1, 0, 0, 0, 1])
+    X2, y2, w2 = _expand(X, y.astype(float))  # hard targets: one copy per rock
+    assert len(X2) == 5
+    order = np.r_[np.flatnonzero(y == 1), np.flatnonzero(y == 0)]
+    np.testing.assert_allclose(w2, compute_sample_weight("balanced", y)[order])
+    X2, y2, w2 = _expand(X, np.array([0.5, 0.0, 0.25, 1.0, 1.0]))
+    # sc copies of rocks 0, 2, 3, 4 with p = .5 .25 1 1; waste copies of 0, 1, 2 with .5 1 .75
+    assert y2.tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert w2[:4].sum() == pytest.approx(2.5) and w2[4:].sum() == pytest.approx(2.5)
+    np.testing.assert_allclose(w2[:4] / w2[0], [1, 0.5, 2, 2])
+
+
+# --- the CLI on a small simulated dataset (session fixtures in conftest.py) -------------
+
+def _run(argv, capsys):
+    from sorting.cli import main
+
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr()
+
+
+def test_predict_writes_the_contract_columns_for_every_row(small_rocks, small_model, tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "scores.csv"
+    rc, _ = _run(["predict", small_rocks, "--model", small_model, "--out", out, "--quiet"], capsys)
+    assert rc == 0
+    with open(out) as f:
+        got = list(csv.DictReader(f))
+    with open(small_rocks / "rocks.csv") as f:
+        want = [r["rock_id"] for r in csv.DictReader(f)]
+    assert [r["rock_id"] for r in got] == want
+    assert {"rock_id", "score", "decision"} <= set(got[0])
+    thr = load_model(small_model).threshold
+    for r in got:
+        s = float(r["score"])
+        assert 0.0 <= s <= 1.0
+        assert r["decision"] == ("sc" if s >= thr and not r["problem"] else "waste")
+    assert {r["decision"] for r in got} == {"sc", "waste"}
+
+
+def test_trained_model_carries_the_pipeline_features(small_model):
+    from sorting.features import FEATURE_NAMES, FEATURE_VERSION
+
+    m = load_model(small_model)
+    assert m.feature_names == tuple(FEATURE_NAMES) and m.feature_version == FEATURE_VERSION
+    assert m.meta["training_fingerprint"].startswith("sha256:")
+    assert m.meta["training_metrics"]["cv_sc_recovery"] >= 0.95
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_cli_refuses_a_model_with_other_features(small_rocks, tmp_path, capsys):
+    from sorting.model import TrainedModel, _candidates, _fit
+
+    X, y, *_ = _table(60, 7)
+    clf = _fit(_candidates(0)["hist_gradient_boosting"], X, y.astype(float))
+    other = TrainedModel(clf, NAMES, VERSION, 0.5, 0.95, "", {}).save(tmp_path / "other.onnx")
+    rc, cap = _run(["predict", small_rocks, "--model", other, "--out", tmp_path / "s.csv"], capsys)
+    assert rc == 2
+    _one_line_error(cap.err, "other.onnx", "model was built on other features")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_cli_refuses_a_non_onnx_model(small_rocks, tmp_path, capsys):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("rock_id,score\n1,0.5\n")
+    for verb, extra in (("predict", ["--out", tmp_path / "s.csv"]), ("evaluate", ["--report", tmp_path / "r"])):
+        rc, cap = _run([verb, small_rocks, "--model", bad, *extra], capsys)
+        assert rc == 2
+        _one_line_error(cap.err, "model.onnx", "not an ONNX model")
+
+
+def _relabel(src, dst, label):
+    """A copy of dataset ``src`` whose every label is ``label`` ('' = unlabeled)."""
+    import csv
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(dst / "rocks.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["label"] = label
+    with open(dst / "rocks.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return dst
+
+
+@pytest.mark.parametrize("label, message", [("waste", "0 sc and"), ("", "no labeled rows")])
+def test_train_refuses_one_class_or_no_labels(small_rocks, tmp_path, capsys, label, message):
+    ds = _relabel(small_rocks, tmp_path / "ds", label)
+    rc, cap = _run(["train", ds, "--out", tmp_path / "m.onnx", "--quiet"], capsys)
+    assert rc == 2
+    _one_line_error(cap.err, "rocks.csv", message)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_train_refuses_a_bad_target_recovery(small_rocks, tmp_path, capsys):
+    rc, cap = _run(["train", small_rocks, "--out", tmp_path / "m.onnx", "--target-recovery", "95"], capsys)
+    assert rc == 2
+    _one_line_error(cap.err, "--target-recovery")

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from sorting.metallurgy import (grade_recovery_curve, interp_curve, make_feed, roc_auc, sort_balance,
-                                threshold_for_recovery)
+from sorting.metallurgy import (grade_recovery_curve, interp_curve, label_cutoff_ppm, make_feed, roc_auc,
+                                soft_sc_targets, sort_balance, threshold_for_recovery)
 from sorting.report import evaluate, summary_lines, write_report
 
 # Four rocks. Sc2O3 units = mass x grade = 50000, 60000, 3000, 0 (sum 113000 g.ppm);
@@ -129,3 +129,84 @@ def test_evaluate_does_not_modify_inputs():
     evaluate(args[0], args[1], 0.5, mass_g=args[2], sc2o3_ppm=args[3], baseline=args[2])
     for a, b in zip(args, (SCORES, IS_SC, MASS, GRADE)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("grades, labels, expected", [
+    ([10, 100, 200, 300], [0, 0, 1, 1], np.sqrt(100 * 200)),  # clean cut between 100 and 200
+    ([300, 10, 200, 100], [1, 0, 1, 0], np.sqrt(100 * 200)),  # order does not matter
+    ([0, 50, 60], [0, 1, 1], 25.0),  # a zero assay: arithmetic midpoint
+    ([10, 20], [1, 1], 10.0),  # everything sc: cut at the lowest assay
+])
+def test_label_cutoff_by_hand(grades, labels, expected):
+    assert label_cutoff_ppm(np.array(grades, float), np.array(labels, bool)) == pytest.approx(expected)
+
+
+def test_label_cutoff_never_splits_equal_assays():
+    # 100 ppm twice with both labels: a cut between the twins is impossible
+    c = label_cutoff_ppm(np.array([50.0, 100.0, 100.0, 200.0]), np.array([0, 0, 1, 1], bool))
+    assert c < 100.0 or c > 100.0
+
+
+def test_soft_targets_by_hand():
+    # logistic(ln(g / 150) / 0.3): at the cut 0.5; at 150 e^0.3 -> 1/(1+e^-1); label side kept
+    p = soft_sc_targets(np.array([150.0, 150 * np.e ** 0.3, 150 / np.e ** 0.3, 10.0, 400.0]),
+                        np.array([1, 1, 0, 1, 0], bool), 150.0, 0.3)
+    s1 = 1 / (1 + np.exp(-1.0))
+    np.testing.assert_allclose(p, [0.5, s1, 1 - s1, 0.5, 0.5])
+
+
+def test_evaluate_cli_writes_the_report(small_rocks, small_model, tmp_path, capsys):
+    from sorting.cli import main
+
+    rep = tmp_path / "rep"
+    assert main(["evaluate", str(small_rocks), "--model", str(small_model), "--report", str(rep), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("AUC: model", "baseline (mean attenuation)", "Sc recovery", "mass pull", "oracle",
+                   "fayalite_cumulate (trap)"):
+        assert needle in out
+    doc = json.loads((rep / "metrics.json").read_text())
+    assert doc["split"] == "test" and doc["baseline_feature"] == "a_high_mean"
+    with open(small_rocks / "rocks.csv") as f:
+        n_test = sum(1 for ln in f if ln.split(",")[6] == "test")
+    assert doc["n"] == n_test
+    for f in ("grade_recovery.png", "scores.png", "confusion.png", "lithotypes.png"):
+        assert (rep / f).stat().st_size > 1000
+
+
+def test_evaluate_cli_train_split_and_bad_report_folder(small_rocks, small_model, tmp_path, capsys):
+    from sorting.cli import main
+
+    rc = main(["evaluate", str(small_rocks), "--model", str(small_model), "--report", str(tmp_path / "r"),
+               "--split", "train", "--quiet"])
+    assert rc == 0  # the train split exists
+    capsys.readouterr()
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc = main(["evaluate", str(small_rocks), "--model", str(small_model), "--report", str(f)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not a folder" in err[0]
+
+
+def _ds(*rows):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(rows=[SimpleNamespace(label=lab, split=spl) for lab, spl in rows])
+
+
+def test_row_selection_rules():
+    from sorting.batch import evaluation_rows, training_rows
+    from sorting.errors import InputError
+
+    ds = _ds(("sc", "train"), ("waste", "test"), (None, "train"), ("waste", None), ("sc", "test"))
+    assert training_rows(ds, "x") == [0]
+    assert evaluation_rows(ds, None, "x") == ([1, 4], "test")
+    assert evaluation_rows(ds, "all", "x") == ([0, 1, 3, 4], "all")
+    unsplit = _ds(("sc", None), ("waste", None), (None, None))
+    assert training_rows(unsplit, "x") == [0, 1]
+    assert evaluation_rows(unsplit, None, "x") == ([0, 1], "all")
+    with pytest.raises(InputError, match="no labeled rows in split 'test'"):
+        evaluation_rows(unsplit, "test", "x")
+    only_test = _ds(("sc", "test"), ("waste", None), ("sc", None))
+    assert training_rows(only_test, "x") == [1, 2]
+    with pytest.raises(InputError, match="nothing to train on"):
+        training_rows(_ds(("sc", "test")), "x")
