@@ -52,9 +52,9 @@ def _candidates(seed: int) -> dict[str, Any]:
         "hist_gradient_boosting": imputed(HistGradientBoostingClassifier(
             learning_rate=0.05, max_iter=250, max_leaf_nodes=15, min_samples_leaf=10,
             l2_regularization=1.0, early_stopping=False, random_state=seed)),
+        # leaves of 8 rocks: same CV AUC as deeper trees on 1000 simulated rocks, 1/3 of the file
         "random_forest": imputed(RandomForestClassifier(
-            n_estimators=150, min_samples_leaf=3, max_depth=12, max_features="sqrt",
-            n_jobs=1, random_state=seed)),
+            n_estimators=100, min_samples_leaf=8, max_features="sqrt", n_jobs=1, random_state=seed)),
     }
 
 

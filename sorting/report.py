@@ -239,12 +239,15 @@ def _jsonable(x):
 
 
 def write_report(out_dir: Path, metrics: dict, curves: dict, scores: np.ndarray, is_sc: np.ndarray) -> list[Path]:
-    """metrics.json (with the curves) and the PNGs into ``out_dir``; returns the paths written."""
+    """metrics.json, curves.json (grade-recovery curves, +inf as null) and the PNGs into
+    ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = dict(metrics, curves=curves)
     mpath = out_dir / "metrics.json"
-    mpath.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
-    paths = [mpath,
+    mpath.write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")
+    cpath = out_dir / "curves.json"
+    short = {k: {c: np.round(v, 6) for c, v in cur.items()} for k, cur in curves.items()}
+    cpath.write_text(json.dumps(_jsonable(short), separators=(",", ":")) + "\n")
+    paths = [mpath, cpath,
              plot_grade_recovery(curves, metrics, out_dir / "grade_recovery.png"),
              plot_scores(np.asarray(scores), np.asarray(is_sc, bool), metrics["threshold"], out_dir / "scores.png"),
              plot_confusion(metrics, out_dir / "confusion.png")]
