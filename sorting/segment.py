@@ -91,6 +91,32 @@ def _bad_column_sources(bad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return bad_idx, left, right
 
 
+class _Detector:
+    """What :func:`foreground` needs for one column window, computed once per calibration."""
+
+    def __init__(self, cal: Calibration, x0: int, width: int, config: SegmentConfig):
+        w, self.thr = detection_weights(cal, x0, width, config)
+        self.w_interleaved = np.ascontiguousarray(w.reshape(-1))  # matches a (L, W, 2) in memory
+        self.w = w
+        bad = np.asarray(cal.bad, dtype=bool)[x0:x0 + width]
+        self.bad = _bad_column_sources(bad) if bad.any() else None
+        # the cache key holds the calibration arrays themselves, so their ids cannot be reused
+        self.arrays = (cal.air_sigma_a, cal.bad)
+
+
+_DETECTORS: dict[tuple, _Detector] = {}
+
+
+def _detector(cal: Calibration, x0: int, width: int, config: SegmentConfig) -> _Detector:
+    key = (id(cal.air_sigma_a), id(cal.bad), x0, width, config)
+    det = _DETECTORS.get(key)
+    if det is None or det.arrays[0] is not cal.air_sigma_a or det.arrays[1] is not cal.bad:
+        if len(_DETECTORS) >= 16:
+            _DETECTORS.clear()
+        det = _DETECTORS[key] = _Detector(cal, x0, width, config)
+    return det
+
+
 def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConfig = SegmentConfig(),
                *, out: np.ndarray | None = None) -> np.ndarray:
     """Rock pixels of an attenuation frame.
@@ -100,7 +126,8 @@ def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConf
     a : (L, W, 2) ndarray of float32
         Attenuation, channel 0 low, 1 high; column j is detector column ``x0 + j``.
     cal : Calibration
-        Uses ``air_sigma_a`` (P, 2) and ``bad`` (P,).
+        Uses ``air_sigma_a`` (P, 2) and ``bad`` (P,), treated as immutable (the weights
+        derived from them are cached per calibration and column window).
     out : (L, W) ndarray of bool, optional
 
     Returns
@@ -113,17 +140,21 @@ def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConf
     if a.ndim != 3 or a.shape[2] != 2:
         raise ValueError(f"`a` must be (lines, width, 2), got shape {a.shape}")
     lines, width = a.shape[:2]
-    w, thr = detection_weights(cal, x0, width, config)
-    score = a[..., 0] * w[:, 0]
-    score += a[..., 1] * w[:, 1]
+    det = _detector(cal, x0, width, config)
     if out is None:
         out = np.empty((lines, width), bool)
     elif out.shape != (lines, width) or out.dtype != bool:
         raise ValueError(f"`out` must be bool of shape {(lines, width)}, got {out.dtype} {out.shape}")
-    np.greater(score, thr, out=out)
-    bad = np.asarray(cal.bad, dtype=bool)[x0:x0 + width]
-    if bad.any():
-        idx, left, right = _bad_column_sources(bad)
+    if a.flags.c_contiguous and a.dtype == np.float32:
+        prod = a.reshape(lines, 2 * width) * det.w_interleaved  # one pass over both channels
+        score = prod[:, 0::2]
+        score += prod[:, 1::2]
+    else:
+        score = a[..., 0] * det.w[:, 0]
+        score += a[..., 1] * det.w[:, 1]
+    np.greater(score, det.thr, out=out)
+    if det.bad is not None:
+        idx, left, right = det.bad
         lv = np.where(left >= 0, out[:, np.maximum(left, 0)], True)
         rv = np.where(right >= 0, out[:, np.maximum(right, 0)], True)
         out[:, idx] = lv & rv & ((left >= 0) | (right >= 0))
