@@ -27,9 +27,10 @@ def _warn(msg: str) -> None:
 def _open(path: Path):
     """Read a dataset and calibrate from its own scans."""
     from .calibrate import calibrate
-    from .formats import read_rocks_dataset
+    from .formats import check_crops, read_rocks_dataset
 
     ds = read_rocks_dataset(path)
+    check_crops(ds)  # crops are read lazily; a bad one must fail now, not after minutes of features
     return ds, calibrate(ds.calibration)
 
 
@@ -103,7 +104,10 @@ def cli_train(args: argparse.Namespace) -> int:
                   mass_g=_column(rows, "mass_g"), sc2o3_ppm=_column(rows, "sc2o3_ppm"), fingerprint=fp,
                   target_recovery=args.target_recovery, seed=args.seed, label_cutoff=_cutoff(ds.meta),
                   progress=not args.quiet)
-    model.save(args.out)
+    try:
+        model.save(args.out)
+    except OSError as exc:
+        raise InputError(args.out, f"cannot write the model ({exc.strerror})") from None
     m = model.metrics
     up = m["cv_upgrade_ratio"]
     print(f"trained {m['estimator']} on {m['n_train']} rocks ({m['n_sc']} sc), features v{FEATURE_VERSION}")
@@ -139,12 +143,15 @@ def cli_predict(args: argparse.Namespace) -> int:
     X, ok = _features(ds, cal, idx, progress=not args.quiet)
     s = _scores(model, X, ok)
     sc = model.decide(s) & ok
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rock_id", "score", "decision", "problem"])
-        for r, si, d, k in zip(ds.rows, s, sc, ok):
-            w.writerow([r.rock_id, f"{si:.6f}", "sc" if d else "waste", "" if k else "no usable rock in crop"])
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rock_id", "score", "decision", "problem"])
+            for r, si, d, k in zip(ds.rows, s, sc, ok):
+                w.writerow([r.rock_id, f"{si:.6f}", "sc" if d else "waste", "" if k else "no usable rock in crop"])
+    except OSError as exc:
+        raise InputError(args.out, f"cannot write the scores ({exc.strerror})") from None
     print(f"scored {len(idx)} rocks ({int(sc.sum())} sc, {int((~ok).sum())} failed crops) "
           f"at threshold {model.threshold:.4f}: wrote {args.out}")
     return 0
@@ -186,7 +193,10 @@ def cli_evaluate(args: argparse.Namespace) -> int:
                          "training_fingerprint": model.meta.get("training_fingerprint"),
                          "training_metrics": model.meta.get("training_metrics")},
                "baseline_feature": BASELINE_FEATURE if base is not None else None, **metrics}
-    paths = write_report(args.report, metrics, curves, s, y)
+    try:
+        paths = write_report(args.report, metrics, curves, s, y)
+    except OSError as exc:
+        raise InputError(args.report, f"cannot write the report ({exc.strerror})") from None
     print(f"evaluated {args.model} on {args.dataset} split {split}"
           + (f" ({metrics['n_failed_crops']} failed crops scored as waste)" if metrics["n_failed_crops"] else ""))
     print("\n".join(summary_lines(metrics)))
