@@ -14,6 +14,7 @@ padded with empty belt internally.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -107,32 +108,33 @@ def _weighted_mean_std(values: np.ndarray, weights: np.ndarray, total: float) ->
     mean = float(values @ weights) / total
     dev = values - np.float32(mean)
     dev *= dev
-    return mean, float(np.sqrt(max(float(dev @ weights) / total, 0.0)))
+    return mean, math.sqrt(max(float(dev @ weights) / total, 0.0))
 
 
 def _shape_features(m8: np.ndarray, area_px: int, pixel_pitch_mm: float, line_pitch_mm: float,
                     f: dict[str, float]) -> None:
     area = area_px * pixel_pitch_mm * line_pitch_mm
     f["area_mm2"] = area
-    f["equiv_diameter_mm"] = float(np.sqrt(4.0 * area / np.pi))
+    f["equiv_diameter_mm"] = math.sqrt(4.0 * area / math.pi)
     mo = cv2.moments(m8, binaryImage=True)
     # central second moments in mm2 per unit area; + pitch^2/12: each pixel is a square, not a point
     cxx = mo["mu20"] / mo["m00"] * pixel_pitch_mm ** 2 + pixel_pitch_mm ** 2 / 12.0
     cyy = mo["mu02"] / mo["m00"] * line_pitch_mm ** 2 + line_pitch_mm ** 2 / 12.0
     cxy = mo["mu11"] / mo["m00"] * pixel_pitch_mm * line_pitch_mm
     half_tr, det = 0.5 * (cxx + cyy), cxx * cyy - cxy * cxy
-    root = np.sqrt(max(half_tr * half_tr - det, 0.0))
+    root = math.sqrt(max(half_tr * half_tr - det, 0.0))
     lam1, lam2 = half_tr + root, max(half_tr - root, 0.0)
     # a uniform ellipse of semi-axis s has variance s^2/4 along it: full length = 4 sqrt(lambda)
-    f["length_mm"] = 4.0 * float(np.sqrt(lam1))
-    f["width_mm"] = 4.0 * float(np.sqrt(lam2))
+    f["length_mm"] = 4.0 * math.sqrt(lam1)
+    f["width_mm"] = 4.0 * math.sqrt(lam2)
     f["elongation"] = f["length_mm"] / max(f["width_mm"], 1e-6)
     contours, _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     c = max(contours, key=len)
     f["solidity"] = f["convexity"] = 1.0
     if len(c) >= 3:
-        # in mm: solidity is scale-free, but perimeters are not under an anisotropic pitch
-        cm = c.reshape(-1, 2).astype(np.float32) * np.float32([pixel_pitch_mm, line_pitch_mm])
+        # in mm: the ratios are scale-free, but not free of an anisotropic pitch
+        cm = c if pixel_pitch_mm == line_pitch_mm else \
+            c.reshape(-1, 2).astype(np.float32) * np.float32([pixel_pitch_mm, line_pitch_mm])
         hull = cv2.convexHull(cm)
         hull_area = cv2.contourArea(hull)
         if hull_area > 0:
@@ -203,6 +205,8 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
     m8[inner] = m_in[r0:r0 + bh, c0:c0 + bw]
     ab = np.zeros((h, w, 2), np.float32)
     ab[inner] = a[r0:r0 + bh, c0:c0 + bw]
+    if not math.isfinite(float(ab.sum())):  # a broken pixel must not poison the whole rock
+        np.nan_to_num(ab, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     rock = m8.view(bool)
     area_px = int(cv2.countNonZero(m8))
     px_area = pixel_pitch_mm * line_pitch_mm
@@ -249,7 +253,7 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
         bg /= den  # den > 0: every interior pixel is its own neighbour
         hp = vals - bg
         hp *= hp
-        f[name] = float(np.sqrt(max(float(hp @ wts), 0.0) / total))
+        f[name] = math.sqrt(max(float(hp @ wts), 0.0) / total)
     f["a_high_contrast"] /= max(f["a_high_mean"], 1e-3)
     f["starved_share"] = float(cv2.countNonZero(maps.starved.view(np.uint8))) / area_px
 

@@ -246,3 +246,14 @@ def test_dataset_features_on_simulated_rocks(tmp_path):
     assert np.isfinite(x).all()
     area = x[:, FEATURE_NAMES.index("area_mm2")]
     assert np.all((area > 15.0) & (area < 0.25 * np.pi * 110.0 ** 2))
+
+
+def test_one_broken_pixel_does_not_poison_the_rock(twin):
+    _, cal = twin
+    m = rect_mask()
+    a = plate(twin, ORE40, 20.0, m)
+    clean = feats(a, m, cal)
+    a[20, 30] = np.nan
+    broken = feats(a, m, cal)
+    assert broken["mafic_mean"] == pytest.approx(clean["mafic_mean"], abs=0.01)
+    assert broken["thickness_mean_mm"] == pytest.approx(clean["thickness_mean_mm"], rel=0.01)
