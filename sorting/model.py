@@ -8,7 +8,10 @@ computes is refused at load time (CONTRACT.md section 6: exit status 2).
 
 Operating point: product (``sc``) is ``score >= threshold``, with the threshold chosen on
 out-of-fold scores of stratified cross-validation so that the Sc recovery on the
-training split reaches the target (95 % by default).
+training split reaches the target (95 % by default). Where every training rock is
+assayed, the classifier learns soft targets from the assays
+(:func:`sorting.metallurgy.soft_sc_targets`), so it also ranks rocks below the label
+cut-off by grade: the recovery target reaches there, and so do the dense Sc-poor traps.
 """
 from __future__ import annotations
 
