@@ -76,6 +76,13 @@ def test_foreground_is_per_line_and_uses_x0_columns():
     assert foreground(a, cal, x0=100, out=out) is out and np.array_equal(out, whole)
 
 
+def test_foreground_follows_the_calibration_it_is_given():
+    a = np.full((2, 5, 2), (0.12, 0.06), np.float32)
+    quiet, noisy = fake_cal(5), fake_cal(5, sigma=(0.04, 0.08))  # thresholds 0.092 and 0.183
+    assert foreground(a, quiet).all() and not foreground(a, noisy).any()
+    assert foreground(a, quiet).all()
+
+
 def test_dead_column_neither_stripe_nor_cut():
     cal = fake_cal(60, bad=(30,))
     m = disc((60, 60), (30, 30), 12)
@@ -137,6 +144,11 @@ def test_particles_container():
     q = p[p.touches_border]
     assert len(q) == 1 and q.line0.tolist() == [5]
     assert len(Particles.empty()) == 0 and len(p[np.zeros(2, bool)]) == 0
+    mask = np.zeros((30, 30), bool)
+    mask[5:15, 0:8] = True
+    from_stream = Particles.from_completed(_run(mask, 4))
+    assert from_stream.line0.tolist() == [5] and from_stream.touches_border.tolist() == [True]
+    assert from_stream.area_px.tolist() == [80] and from_stream.centroid_px.tolist() == [3.5]
     with pytest.raises(ValueError, match="entries"):
         Particles(line0=[0], line1=[1, 2], col0=[0], col1=[0], area_px=[1], centroid_line=[0.0],
                   centroid_px=[0.0], touches_border=[False])
