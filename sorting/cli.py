@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("sorting: interrupted\n")
         return 130
+    except BrokenPipeError:
+        # the reader went away (`sorting ... | head`): not an error of ours; silence the final flush
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
