@@ -21,6 +21,7 @@ import pytest
 
 from sorting.cli import main
 from sorting.config import load_sorter
+from sorting.errors import InputError
 from sorting.formats import read_belt_recording
 from sorting.model import load_model
 from sorting.outcome import jets_outcome, match_particles
@@ -252,6 +253,65 @@ def test_udp_datagrams_match_the_sent_ejects(sorter, run32):
     assert got == want
     assert valves.sent == len(sent) and valves.errors == 0
     assert all(len(d) == 40 + (sorter.ejector.valves + 7) // 8 for d in datagrams)
+
+
+def _event(pid, decision, late=False, valves=(), open_s=None, close_s=None, **kw):
+    return dict({"particle": pid, "decision": decision, "late": late, "valves": list(valves),
+                 "open_s": open_s, "close_s": close_s}, **kw)
+
+
+def test_udp_sink_sends_only_timely_ejects_and_survives_no_listener():
+    rx = _UDPReceiver()
+    rx.start()
+    sink = UDPValveSink("127.0.0.1", rx.port, 80)
+    sink.send([_event(0, "eject", valves=[6, 7], open_s=0.365, close_s=0.388),
+               _event(1, "pass"),
+               _event(2, "eject", late=True, valves=[9], open_s=0.4, close_s=0.41),
+               _event(3, "eject", valves=[79], open_s=0.5, close_s=0.505)])
+    sink.close()
+    got = [decode_valve(d) for d in rx.finish()]
+    assert got == [{"seq": 0, "particle": 0, "open_s": 0.365, "close_s": 0.388, "valves": [6, 7]},
+                   {"seq": 1, "particle": 3, "open_s": 0.5, "close_s": 0.505, "valves": [79]}]
+    # nobody listening: datagrams go nowhere, the loop goes on
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    sink = UDPValveSink("127.0.0.1", dead_port, 80)
+    for _ in range(3):
+        sink.send([_event(0, "eject", valves=[1], open_s=0.1, close_s=0.2)])
+    assert sink.sent + sink.errors == 3
+    sink.close()
+
+
+def test_event_log_refuses_an_unwritable_path_with_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="event log"):
+        EventLog(tmp_path / "file" / "events.jsonl")
+
+
+def test_jets_outcome_by_hand(sorter):
+    from sorting.eject import Timing
+
+    t = Timing(3750.0, 3.0, 0.8, 1250)
+    # rock A: centroid line 1037, column 137 (110 mm, valve 8), arrives at 0.376533 s
+    # rock B: same line, column 400 (320.4 mm, valve 25); rock C: line 3000, column 137
+    truth = [
+        {"centroid_line": 1037.0, "centroid_px": 137.0, "label": "sc", "sc2o3_ppm": 400.0, "mass_g": 10.0},
+        {"centroid_line": 1037.0, "centroid_px": 400.0, "label": "waste", "sc2o3_ppm": 50.0, "mass_g": 30.0},
+        {"centroid_line": 3000.0, "centroid_px": 137.0, "label": "sc", "sc2o3_ppm": 200.0, "mass_g": 60.0},
+    ]
+    events = [
+        _event(0, "eject", valves=[6, 7, 8, 9], open_s=0.37, close_s=0.38),  # blows A
+        _event(1, "eject", late=True, valves=[25], open_s=0.37, close_s=0.38),  # late: never sent
+        _event(2, "eject", valves=[40], open_s=0.37, close_s=0.38),  # hits no rock: a misfire
+        _event(3, "pass"),
+    ]
+    out = jets_outcome(events, truth, sorter, t)
+    assert out["pulses_sent"] == 2 and out["blown_out"] == 1 and out["misfires"] == 1
+    # product = rock A: mass pull 10 / 100; Sc recovery 10 x 400 / (4000 + 1500 + 12000)
+    assert out["mass_pull"] == pytest.approx(0.10)
+    assert out["sc_recovery"] == pytest.approx(4000 / 17500)
+    assert out["product_grade_ppm"] == pytest.approx(400.0)
 
 
 # ------------------------------------------------------------------ TCP line stream
