@@ -27,7 +27,7 @@ from sorting.model import load_model
 from sorting.outcome import jets_outcome, match_particles
 from sorting.runner import build_pipeline, run_loop, timing_of
 from sorting.sinks import EventLog, UDPValveSink
-from sorting.sources import TCPLineSource, replay
+from sorting.sources import TCPLineSource, rechunk, replay
 from sorting.wire import LINE_HEADER, decode_valve, encode_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,6 +312,33 @@ def test_jets_outcome_by_hand(sorter):
     assert out["mass_pull"] == pytest.approx(0.10)
     assert out["sc_recovery"] == pytest.approx(4000 / 17500)
     assert out["product_grade_ppm"] == pytest.approx(400.0)
+
+
+def test_replay_and_rechunk_cover_every_line_once():
+    lines = _lines(0, 300)
+    got = list(replay(lines, 3750.0, 32, start=10, stop=250))
+    assert [f for f, _, _ in got] == list(range(10, 250, 32))
+    np.testing.assert_array_equal(np.concatenate([c for _, c, _ in got]), lines[10:250])
+    # blocks of any size (the live twin's), re-cut into chunks of at most 32 lines
+    blocks = [(0, lines[:100]), (100, lines[100:101]), (101, lines[101:300])]
+    got = list(rechunk(iter(blocks), 3750.0, 32))
+    assert all(c.shape[0] <= 32 for _, c, _ in got)
+    assert [f for f, _, _ in got] == [0, 32, 64, 96, 100, 101, 133, 165, 197, 229, 261, 293]
+    np.testing.assert_array_equal(np.concatenate([c for _, c, _ in got]), lines)
+
+
+def test_paced_replay_stamps_each_chunk_with_its_acquisition_time():
+    # paced, a chunk is stamped when its last line is acquired, t0 + end_line / rate, even when
+    # the consumer is late (the wait in the acquisition buffer is part of the latency)
+    rate = 3750.0
+    got = []
+    for first, chunk, t_in in replay(_lines(0, 256), rate, 32, realtime=True, start=64):
+        got.append((first + chunk.shape[0], t_in))
+        if first == 96:
+            threading.Event().wait(0.05)  # a slow step: the next chunks are already due
+    t0 = got[0][1] - got[0][0] / rate
+    for end, t_in in got:
+        assert t_in == pytest.approx(t0 + end / rate, abs=1e-9)
 
 
 # ------------------------------------------------------------------ TCP line stream
