@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .calibrate import Calibration
     from .formats import RockDataset
 
+#: bump when any definition changes: models carry it and are refused on a mismatch
 FEATURE_VERSION = "1"
 
 _QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
@@ -69,9 +70,9 @@ EDGE_PX = 2
 #: mafic_frac above this: denser / higher Z than any pyroxene-amphibole-feldspar mix (pure
 #: hedenbergite reads 1 by definition, hastingsite 1.1, fayalite and ilmenite 3.0-3.1)
 FAYALITE_LEVEL = 1.3
-#: ... and above this: a reading no silicate reaches (fayalite, the densest, reads 3.07;
-#: ilmenite 3.0 hides among them), so it takes magnetite (6.6) in the beam
-OXIDE_LEVEL = 3.5
+#: ... and above this: magnetite (reads 6.6); halfway from fayalite and ilmenite (3.0-3.1),
+#: so it takes pixels dominated by magnetite grains
+OXIDE_LEVEL = 4.5
 #: width (mm) of the box whose mean inside the rock is the local background of the texture
 TEXTURE_WINDOW_MM = 4.0
 _Q = np.array(_QUANTILES)
