@@ -118,6 +118,13 @@ def cli_bench(args) -> int:
     if not Path(model).is_file():
         raise InputError(model, "no model file; rebuild the shipped one with models/rebuild.sh")
     sorter = args.sorter or CONFIG_DIR / "sorter_reference.yaml"
+    # bad inputs fail before seconds of simulation, not after
+    from .model import load_model
+    from .runner import check_chunk_lines
+
+    load_model(model)
+    load_sorter(sorter)
+    check_chunk_lines(args.chunk_lines)
     with tempfile.TemporaryDirectory(prefix="sorting_bench_") as tmp:
         recording = args.recording
         if recording is None:

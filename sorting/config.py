@@ -259,19 +259,55 @@ def _resolve(path: str | Path | None, default_name: str) -> Path:
     return Path(path)
 
 
-def load_machine(path: str | Path | None = None) -> MachineConfig:
+#: largest raw reading of the 16-bit detector
+_FULL_SCALE_ADU = 65535.0
+
+
+def _check_materials(path: Path, used: list[tuple[str, str]], library: Any) -> None:
+    """Every ``(key, material)`` must be in ``library`` (a MaterialLibrary): the error names
+    the config that asks for it, not the library."""
+    for key, name in used:
+        if name.lower() not in library.materials:
+            raise InputError(path, f"{key}: unknown material {name!r} (not in {Path(library.source).name}; "
+                                   f"known: {', '.join(library.materials)})")
+
+
+def load_machine(path: str | Path | None = None, library: Any = None) -> MachineConfig:
+    """The machine config at ``path``; with ``library`` (a MaterialLibrary), its materials are checked too."""
+    from .physics.spectra import tube_spectrum
+
     path = _resolve(path, "machine_reference.yaml")
     cfg = load(MachineConfig, path)
     if cfg.tube.kvp <= 20:
         raise InputError(path, f"tube.kvp: {cfg.tube.kvp:g} kVp is too low for transmission sorting")
-    if cfg.detector.front is None or cfg.detector.back is None:
+    try:  # the shipped spectrum table bounds kVp and anode angle
+        tube_spectrum(cfg.tube.kvp, cfg.tube.anode_angle_deg)
+    except InputError as exc:
+        raise InputError(path, str(exc)) from None
+    det = cfg.detector
+    if det.front is None or det.back is None:
         raise InputError(path, "detector.front and detector.back layers are required")
+    for c, level in enumerate(det.air_level_adu):
+        # the air reading sits on the dark offset and must stay clear of 16-bit saturation
+        if not 0 < level or det.dark_offset_adu + level >= _FULL_SCALE_ADU:
+            raise InputError(path, f"detector.air_level_adu[{c}]: {level:g} must be > 0 and, on top of "
+                                   f"dark_offset_adu {det.dark_offset_adu:g}, below {_FULL_SCALE_ADU:g}")
+    if library is not None:
+        _check_materials(path, [(f"tube.filters[{i}].material", f.material) for i, f in enumerate(cfg.tube.filters)]
+                         + [("detector.front.material", det.front.material),
+                            ("detector.back.material", det.back.material)]
+                         + [(f"detector.interlayer[{i}].material", l.material) for i, l in enumerate(det.interlayer)]
+                         + [("belt.material", cfg.belt.material)], library)
     return cfg
 
 
-def load_ore(path: str | Path | None = None) -> OreConfig:
+def load_ore(path: str | Path | None = None, library: Any = None) -> OreConfig:
+    """The ore config at ``path``; with ``library`` (a MaterialLibrary), its minerals are checked too."""
     path = _resolve(path, "ore_crater_lake.yaml")
     cfg = load(OreConfig, path)
+    for name, ppm in cfg.mineral_sc2o3_ppm.items():
+        if ppm < 0:
+            raise InputError(path, f"mineral_sc2o3_ppm.{name}: must be >= 0, got {ppm:g}")
     if not cfg.lithotypes:
         raise InputError(path, "lithotypes: at least one lithotype is required")
     if sum(l.proportion for l in cfg.lithotypes) <= 0:
@@ -288,6 +324,9 @@ def load_ore(path: str | Path | None = None) -> OreConfig:
             raise InputError(path, f"lithotypes.{lith.name}: mineral maxima sum below 100%")
         if sum(r.min_pct for r in lith.minerals.values()) > 100 + 1e-9:
             raise InputError(path, f"lithotypes.{lith.name}: mineral minima sum above 100%")
+    if library is not None:
+        _check_materials(path, [(f"lithotypes.{lith.name}.minerals", m)
+                                for lith in cfg.lithotypes for m in lith.minerals], library)
     return cfg
 
 

@@ -66,6 +66,7 @@ def cli_demo(args) -> int:
     model_path = args.model or SHIPPED_MODEL
     if not Path(model_path).is_file():
         raise InputError(model_path, "no model file; rebuild the shipped one with models/rebuild.sh")
+    model = load_model(model_path)  # a wrong model fails before the simulation, not after
     out: Path = args.out
     rec_dir = out / "recording"
     if rec_dir.exists():
@@ -75,7 +76,6 @@ def cli_demo(args) -> int:
     simulate_belt(rec_dir, args.seconds, args.seed, load_machine(), load_ore(), load_materials(), occupancy=0.3,
                   touching=0.05)
     rec = read_belt_recording(rec_dir)
-    model = load_model(model_path)
     sorter_path = CONFIG_DIR / "sorter_reference.yaml"
     sorter = load_sorter(sorter_path)
     timing = timing_of(rec.meta)

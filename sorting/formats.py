@@ -66,17 +66,47 @@ def _read_tiff(path: Path) -> np.ndarray:
     return _check_counts(path, data, "TIFF")
 
 
-def _check_counts(path: Path, a: np.ndarray, what: str) -> np.ndarray:
-    if a.ndim != 3:
-        raise InputError(path, f"{what} has shape {a.shape} ({a.ndim}-D); expected (h, w, 2): "
+def _check_layout(path: Path, shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+    if len(shape) != 3:
+        raise InputError(path, f"{what} has shape {shape} ({len(shape)}-D); expected (h, w, 2): "
                                "rows, columns, 2 energy channels (low, high)")
-    if a.shape[2] != 2:
-        raise InputError(path, f"{what} has {a.shape[2]} channels (shape {a.shape}); expected 2 (low, high)")
-    if a.dtype.kind != "u" or a.dtype.itemsize != 2:
-        raise InputError(path, f"{what} has dtype {a.dtype.name}; expected uint16 raw counts")
-    if a.shape[0] < 1 or a.shape[1] < 1:
-        raise InputError(path, f"{what} is empty (shape {a.shape})")
+    if shape[2] != 2:
+        raise InputError(path, f"{what} has {shape[2]} channels (shape {shape}); expected 2 (low, high)")
+    if dtype.kind != "u" or dtype.itemsize != 2:
+        raise InputError(path, f"{what} has dtype {dtype.name}; expected uint16 raw counts")
+    if shape[0] < 1 or shape[1] < 1:
+        raise InputError(path, f"{what} is empty (shape {shape})")
+
+
+def _check_counts(path: Path, a: np.ndarray, what: str) -> np.ndarray:
+    _check_layout(path, a.shape, a.dtype, what)
     return a.astype(np.uint16, copy=False)
+
+
+def _tiff_shape(path: Path) -> tuple[int, ...]:
+    """The checks of :func:`_read_tiff` that need no decoding: pages, layout, dtype, and
+    that the pixel data lies inside the file (a truncated copy fails here). Returns the shape."""
+    _require(path)
+    try:
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            n_pages = len(tif.pages)
+            page = tif.pages[0]
+            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+            spp, planar = page.samplesperpixel, page.planarconfig
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+    except Exception as exc:  # as in _read_tiff: every failure to parse is bad input
+        raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {_oneline(exc)})") from None
+    if n_pages != 1:
+        raise InputError(path, f"has {n_pages} pages of shape {shape}; expected one page (h, w, 2) "
+                               "with the low and high channels as the 2 samples of each pixel")
+    if spp > 1 and planar == tifffile.PLANARCONFIG.SEPARATE:
+        raise InputError(path, f"channels are stored as separate planes (shape {shape}); expected "
+                               "(h, w, 2) with planarconfig contig (samples interleaved per pixel)")
+    _check_layout(path, shape, dtype, "TIFF")
+    if end > size:
+        raise InputError(path, f"is truncated: its pixel data ends at byte {end}, the file has {size} bytes")
+    return shape
 
 
 def _read_json(path: Path, fmt: str | None, keys: tuple[str, ...]) -> dict:
@@ -363,6 +393,23 @@ class RockDataset:
             raise InputError(path, f"x0={row.x0} + width {a.shape[1]} = {row.x0 + a.shape[1]} exceeds "
                                    f"detector_pixels={self.pixels} (rock_id {row.rock_id})")
         return a
+
+
+def check_crops(ds: RockDataset) -> None:
+    """Check every crop's TIFF header (pages, layout, dtype, truncation, ``x0 + w <= P``)
+    without decoding it, so a batch verb refuses a bad file before minutes of work.
+
+    Raises
+    ------
+    InputError
+        Naming the first bad crop file and its problem.
+    """
+    for row in ds.rows:
+        path = ds.root / row.file
+        shape = _tiff_shape(path)
+        if row.x0 + shape[1] > ds.pixels:
+            raise InputError(path, f"x0={row.x0} + width {shape[1]} = {row.x0 + shape[1]} exceeds "
+                                   f"detector_pixels={ds.pixels} (rock_id {row.rock_id})")
 
 
 def _row_problem(row: RockRow, pixels: int) -> str | None:

@@ -119,16 +119,29 @@ def timing_of(meta: dict) -> Timing:
                   int(meta["detector_pixels"]))
 
 
+#: chunks above this would only grow the ring buffer (~10 kB per line and ring line) without need
+MAX_CHUNK_LINES = 4096
+
+
+def check_chunk_lines(chunk_lines: int) -> None:
+    if not 1 <= chunk_lines <= MAX_CHUNK_LINES:
+        raise InputError("--chunk-lines", f"must be in 1..{MAX_CHUNK_LINES}, got {chunk_lines}")
+
+
 def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,
                    chunk_lines: int = 32, **window) -> Pipeline:
     """Calibrate from ``scans`` and set up the loop; ``window`` = Pipeline's x0, width, claim (lanes)."""
     check_geometry(sorter.ejector, timing, sorter_path)
-    if chunk_lines < 1:
-        raise InputError("--chunk-lines", f"must be at least 1, got {chunk_lines}")
+    check_chunk_lines(chunk_lines)
     cal = calibrate(scans)
     if cal.pixels != timing.pixels:
         raise InputError(scans.source, f"calibration has {cal.pixels} pixels, the stream {timing.pixels}")
     return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines, **window)
+
+
+def _num(x, spec: str) -> str:
+    """A summary number; n/a where it is undefined (an empty stream has no rate)."""
+    return "n/a" if x is None else format(x, spec)
 
 
 def format_summary(summary: dict, outcome: dict | None = None, detection: dict | None = None) -> str:
@@ -136,11 +149,12 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
     lat = s["latency_ms"]
     lines = [
         f"lines {s['lines']} ({s['stream_s']:.2f} s of belt) in {s['wall_s']:.2f} s: "
-        f"{s['throughput_lines_s']:.0f} lines/s = {s['realtime_factor']:.2f}x the {s['line_rate_hz']:g} Hz line rate",
+        f"{_num(s['throughput_lines_s'], '.0f')} lines/s = {_num(s['realtime_factor'], '.2f')}x the "
+        f"{s['line_rate_hz']:g} Hz line rate",
         f"particles {s['particles']}: eject {s['ejected']}, pass {s['passed']}, late {s['late']}, "
         f"cut {s['cut']}, gaps {s['gaps']} ({s['dropped_lines']} lines dropped)",
         f"latency ms (last line in -> decision out): p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
-        f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {s['cpu_fraction']:.2f} of stream time",
+        f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {_num(s['cpu_fraction'], '.2f')} of stream time",
     ]
     if detection:
         lines.append(f"detection: {detection['found_once']}/{detection['truth_rocks']} truth rocks found once, "
@@ -177,6 +191,7 @@ def cli_run(args) -> int:
     from .sinks import parse_hostport
     from .sources import TCPLineSource, replay
 
+    check_chunk_lines(args.chunk_lines)
     rec, model, sorter = _load_run_inputs(args)
     timing = timing_of(rec.meta)
     if args.workers != 1:
@@ -188,7 +203,10 @@ def cli_run(args) -> int:
         valves = UDPValveSink(host, port, sorter.ejector.valves)
     if args.listen:
         host, port = parse_hostport(args.listen, "--listen")
-        source = TCPLineSource(timing.pixels, host, port)
+        try:
+            source = TCPLineSource(timing.pixels, host, port)
+        except OSError as exc:  # unknown host, address in use, not ours to bind
+            raise InputError("--listen", f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
         print(f"listening for the line stream on {source.address[0]}:{source.address[1]}", file=sys.stderr)
         chunks, total = iter(source), None
     else:

@@ -16,7 +16,8 @@ def _configs(args: argparse.Namespace):
     from ..config import load_machine, load_ore
     from ..physics import load_materials
 
-    return load_machine(args.machine), load_ore(args.ore), load_materials(args.materials)
+    lib = load_materials(args.materials)
+    return load_machine(args.machine, lib), load_ore(args.ore, lib), lib
 
 
 def cli_rocks(args: argparse.Namespace) -> int:
