@@ -8,7 +8,6 @@ component -> drop specks below ``min_area_mm2`` -> :func:`split_touching` -> par
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
