@@ -5,7 +5,7 @@ more columns to its right, so every owned component is seen whole (a component t
 the lane's window edge is not owned: the lane to its left sees it whole). Ownership is
 decided on the whole component before touching rocks are split, so no blob is split two
 ways. The parent merges the lanes' decisions in the single worker's order: by the chunk
-that completed them, then first line, then first column; the events are the same as one
+that completed them, then last line, first line and first column; the events are the same as one
 worker's, apart from wall-clock latencies.
 
 Workers read their columns straight from the memory-mapped recording, so only decisions
@@ -140,7 +140,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         p.start()
     done = [-1] * workers
     finished = [None] * workers
-    buffer: list = []  # (chunk, line0, col0, event, t_in)
+    buffer: list = []  # (chunk, line1, line0, col0, event, t_in)
     merged: list[dict] = []
     latencies = []
     late = ejected = 0
@@ -152,10 +152,10 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         if not ready:
             return
         buffer = [b for b in buffer if b[0] > upto]
-        ready.sort(key=lambda b: b[:3])
+        ready.sort(key=lambda b: b[:4])
         now = time.perf_counter()
         out = []
-        for _, _, _, e, t_in in ready:
+        for *_, e, t_in in ready:
             e["particle"] = len(merged) + len(out)
             lat = (now - t_in) * 1000.0
             plan_open = e["open_s"]
@@ -189,7 +189,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         for c, events, t_ins in payload:
             for e, t_in in zip(events, t_ins):
                 e["_lat0"] = e["latency_ms"]
-                buffer.append((c, e["first_line"], e["x_min_px"], e, t_in))
+                buffer.append((c, e["last_line"], e["first_line"], e["x_min_px"], e, t_in))
         done[k] = max(done[k], chunk)
         release(min(done))
     release(1 << 62)

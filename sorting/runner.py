@@ -10,7 +10,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -34,8 +34,9 @@ class RunResult:
 class _Stop:
     """SIGINT/SIGTERM -> stop after the current chunk."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[], None] | None = None) -> None:
         self.requested = False
+        self.on_signal = on_signal  # e.g. a blocking source's stop(), so a silent peer cannot hold us
         self._old = {}
 
     def __enter__(self) -> "_Stop":
@@ -48,6 +49,8 @@ class _Stop:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        if self.on_signal is not None:
+            self.on_signal()
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -56,7 +59,7 @@ class _Stop:
 
 def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None = None,
              valves: UDPValveSink | None = None, keep_events: bool = True, total_lines: int | None = None,
-             progress: bool = False) -> RunResult:
+             progress: bool = False, on_signal: Callable[[], None] | None = None) -> RunResult:
     """Drive ``pipeline`` over ``chunks``; returns the summary and (optionally) the events."""
     kept: list[dict] = []
     t_start = time.perf_counter()
@@ -67,7 +70,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
                mininterval=0.5)
     stopped = False
     try:
-        with _Stop() as stop:
+        with _Stop(on_signal) as stop:
             for first, raw, t_in in chunks:
                 events = pipeline.step(first, raw, t_in)
                 if events:
@@ -204,17 +207,20 @@ def cli_run(args) -> int:
     if args.listen:
         host, port = parse_hostport(args.listen, "--listen")
         try:
-            source = TCPLineSource(timing.pixels, host, port)
+            source = TCPLineSource(timing.pixels, host, port, max_lines=args.chunk_lines)
         except OSError as exc:  # unknown host, address in use, not ours to bind
             raise InputError("--listen", f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
         print(f"listening for the line stream on {source.address[0]}:{source.address[1]}", file=sys.stderr)
-        chunks, total = iter(source), None
+        chunks, total, stop = iter(source), None, source.stop
     else:
         chunks = replay(rec.lines, timing.line_rate_hz, args.chunk_lines, args.realtime)
-        total = rec.n_lines
+        total, stop, source = rec.n_lines, None, None
     log = EventLog(args.events)
     result = run_loop(chunks, pipeline, log, valves, keep_events=rec.truth is not None, total_lines=total,
-                      progress=not args.quiet)
+                      progress=not args.quiet, on_signal=stop)
+    if source is not None:
+        result.summary["tcp"] = {k: getattr(source, k) for k in
+                                 ("connections", "frames", "lines", "rejected", "broken", "stale", "seq_gaps")}
     if valves is not None:
         result.summary["valve_datagrams"] = valves.sent
         valves.close()

@@ -77,6 +77,7 @@ class Pipeline:
         self._arrival = np.zeros(self.ring_lines, np.float64)
         self._a = np.empty((chunk_lines, self.pixels, 2), np.float32)
         self._mask = np.empty((chunk_lines, self.pixels), bool)
+        self._line_lag = np.arange(max(chunk_lines, 1) - 1, -1, -1) / timing.line_rate_hz
         self._x = np.empty((64, len(FEATURE_NAMES)), np.float32)
         self.counters = Counters()
         self._next_id = 0
@@ -99,6 +100,7 @@ class Pipeline:
         if n > self._a.shape[0]:
             self._a = np.empty((n, self.pixels, 2), np.float32)
             self._mask = np.empty((n, self.pixels), bool)
+            self._line_lag = np.arange(n - 1, -1, -1) / self.timing.line_rate_hz
         return self._a[:n], self._mask[:n]
 
     def step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
@@ -109,7 +111,9 @@ class Pipeline:
         attenuation(raw, self.cal, self.x0, out=a)
         idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
         self._ring[idx] = a
-        self._arrival[idx] = t_in
+        # each line's own acquisition time (t_in is the chunk's last line): the wait for the
+        # chunk to fill is part of a particle's latency, as the valves see it
+        self._arrival[idx] = t_in - self._line_lag[-n:]
         t1 = time.perf_counter()
         foreground(a, self.cal, self.x0, self.seg, out=mask)
         c = self.counters
@@ -141,8 +145,8 @@ class Pipeline:
         return a, mask
 
     def _decide(self, done: list[Completed]) -> list[dict]:
-        # one canonical order within a chunk, whatever order the segmenter found them in
-        done.sort(key=lambda p: (p.line0, p.col0))
+        # by last line: the order in which the stream completes them, whatever the chunk size
+        done.sort(key=lambda p: (p.line1, p.line0, p.col0))
         n = len(done)
         if n > self._x.shape[0]:
             self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
