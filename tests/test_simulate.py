@@ -116,3 +116,18 @@ def test_belt_truth_matches_the_lines(tmp_path, cfg):
     assert abs(float(outside.mean()) - 1.0) < 0.01
     occ = float(rec.meta["occupancy"])
     assert 0.15 < occ < 0.45
+
+
+def test_belt_worker_processes_make_the_same_rocks(cfg):
+    from sorting.simulate import BeltTwin
+
+    m, o, lib = cfg
+
+    def lines(workers):
+        twin = BeltTwin(0.4, 9, m, o, lib, occupancy=0.3, workers=workers)
+        return b"".join(block.tobytes() for _, block in twin.chunks()), twin.truth
+
+    one, truth_one = lines(1)
+    two, truth_two = lines(2)
+    assert truth_one == truth_two and len(truth_one) > 5
+    assert one == two
