@@ -1,0 +1,410 @@
+"""Faults on the belt (issue 6 items 3-4): line health, a fault injector, air tracking.
+
+:class:`LineHealth` classifies each incoming chunk of raw lines, before normalization:
+
+``saturated``
+    a large share of a line's pixels read full scale (65535) in either channel.
+``dark``
+    tube trip: both channels near the dark level (transmission below ~2 %) over nearly
+    every pixel of the line, belt edges included. Rocks never do that: even a belt fully
+    covered by rocks keeps gaps, and the high channel of a thick rock stays well above dark
+    (on the simulated belt, at most ~7 % of a line's pixels are that dark).
+``stuck_module``
+    a contiguous block of >= 16 detector columns whose readings (both channels) equal the
+    previous line's exactly: a frozen detector module. Photon noise makes even one such
+    pixel rare (2e-6 per pixel and line on the simulated belt); 16 side by side never happen.
+``dropped``
+    lines missing between chunks (the pipeline counts these gaps too).
+
+It looks at a strided subsample of columns first (1 in 8, bad pixels avoided) and
+examines full lines only where the sample suggests a fault, so a healthy chunk costs a
+few tens of microseconds.
+
+:func:`inject` wraps a chunk iterator and applies faults at given lines, recording exactly
+what it injected. :class:`AirTracker` follows slow tube and gain drift from empty belt.
+
+Integration in ``Pipeline.step`` (per chunk; the lead owns sorting/stream.py)::
+
+    health = self.health.check(raw, first_line)            # LineHealth(cal, x0, width)
+    attenuation_into(raw, dark_w, self.air.log_flat, bad_w, a)   # AirTracker: tracked air
+    foreground(a, self.cal, self.x0, self.seg, out=mask)
+    mask[:, health.bad_cols] = False                        # no particle on a frozen module
+    self.air.update(a, mask, health.bad_lines, health.bad_cols)
+    for start, stop in good_runs(health.bad_lines):         # bad lines act as a gap: particles
+        done += self.segmenter.push(first_line + start, mask[start:stop])  # open there come out cut
+    # per emitted particle: no eject if p.cut or self.health.suspect(p.line0, p.line1, p.col0, p.col1)
+    # counters: self.health.episodes (alarms: one per fault episode) and self.health.lines
+
+A chunk that is all bad pushes nothing; the next good line then starts after a gap, so
+the segmenter cuts what was open and flags what starts there. Keep the pipeline's own
+``gaps``/``dropped_lines`` for missing lines only (check ``first_line`` before pushing).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from .calibrate import Calibration
+
+FAULT_KINDS = ("dropped", "saturated", "dark", "stuck_module")
+FULL_SCALE = 65535
+
+
+class ChunkHealth(NamedTuple):
+    """What :meth:`LineHealth.check` found in one chunk.
+
+    bad_lines : (L,) bool, lines not to segment (saturated, dark, or just after either).
+    bad_cols : (W,) bool, columns of a stuck module in this chunk (window columns).
+    counts : lines of this chunk per fault kind (``dropped``: lines missing before it).
+    """
+
+    bad_lines: np.ndarray
+    bad_cols: np.ndarray
+    counts: dict[str, int]
+
+
+def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and stops (exclusive) of the runs of True in a 1-D bool array."""
+    d = np.diff(np.concatenate(([0], flags.view(np.int8), [0])))
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+
+
+def good_runs(bad_lines: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the runs of good lines of a chunk, in order."""
+    starts, stops = _runs(~np.asarray(bad_lines, dtype=bool))
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+class LineHealth:
+    """Per-chunk fault detector for one detector window (default: the whole belt).
+
+    Parameters
+    ----------
+    cal : Calibration; ``dark``, ``air`` and ``bad`` are read once here.
+    x0, width : the detector columns the chunks hold.
+    stride : columns between screened samples; must not exceed ``stuck_cols // 2``
+        so that a stuck block always holds two adjacent samples.
+    saturated_share : share of a line's good pixels at full scale (either channel) that
+        makes it a saturated line.
+    dark_transmission, dark_share : a line is dark when this share of its good pixels
+        reads below ``dark + dark_transmission * (air - dark)`` in both channels.
+    stuck_cols : columns of the smallest frozen block reported as a stuck module.
+    guard_lines : lines after a saturated or dark episode also reported bad (the tube or
+        the amplifiers settle), without counting them to a fault kind.
+
+    Attributes
+    ----------
+    episodes : dict kind -> fault episodes so far (alarms; one per contiguous run of lines).
+    lines : dict kind -> lines so far.
+    """
+
+    def __init__(self, cal: Calibration, x0: int = 0, width: int | None = None, *, stride: int = 8,
+                 saturated_share: float = 0.25, dark_transmission: float = 0.02, dark_share: float = 0.98,
+                 stuck_cols: int = 16, guard_lines: int = 2):
+        width = cal.pixels - x0 if width is None else int(width)
+        if not (0 <= x0 and width >= 1 and x0 + width <= cal.pixels):
+            raise ValueError(f"window x0={x0}, width={width} does not fit the calibration's {cal.pixels} pixels")
+        if not (1 <= stride <= max(stuck_cols // 2, 1)):
+            raise ValueError(f"stride {stride} must be in 1..stuck_cols // 2 = {stuck_cols // 2}")
+        if not (0 < saturated_share <= 1 and 0 < dark_share <= 1 and 0 < dark_transmission < 1):
+            raise ValueError("shares must be in (0, 1] and dark_transmission in (0, 1)")
+        self.x0, self.width = int(x0), width
+        cols = slice(x0, x0 + width)
+        self._bad = np.asarray(cal.bad[cols], dtype=bool).copy()
+        self._good = ~self._bad
+        self._n_good = max(int(self._good.sum()), 1)
+        dark, air = cal.dark[cols], cal.air[cols]
+        # readings at or below this are "dark" (integers: the raw counts compare exactly)
+        self._dark_thr = np.floor(dark + dark_transmission * (air - dark)).clip(0, FULL_SCALE).astype(np.uint16)
+        self.saturated_share, self.dark_share = float(saturated_share), float(dark_share)
+        self.stuck_cols, self.guard_lines = int(stuck_cols), int(guard_lines)
+        # the screened samples: every stride-th column, moved off bad pixels (a stuck pixel
+        # would look frozen in every chunk)
+        good_idx = np.flatnonzero(self._good)
+        want = np.arange(0, width, stride)
+        pos = np.clip(np.searchsorted(good_idx, want), 0, max(good_idx.size - 1, 0))
+        self._sample = np.unique(good_idx[pos]) if good_idx.size else want
+        self._sample_thr = self._dark_thr[self._sample]
+        self._prev: np.ndarray | None = None  # (W, 2), the last line seen
+        self._prev32: np.ndarray | None = None  # the same line, one uint32 per pixel
+        self._buf32 = np.empty((32, self._sample.size), np.uint32)
+        self._col_last_bad = np.full(width, -(1 << 62), np.int64)  # last stream line a column was stuck
+        self._next_line: int | None = None
+        self._active = dict.fromkeys(FAULT_KINDS, False)
+        self._guard_left = 0
+        self.episodes = dict.fromkeys(FAULT_KINDS, 0)
+        self.lines = dict.fromkeys(FAULT_KINDS, 0)
+
+    # ------------------------------------------------------------ per chunk
+    def check(self, raw: np.ndarray, first_line: int | None = None) -> ChunkHealth:
+        """Classify the lines of one chunk.
+
+        Parameters
+        ----------
+        raw : (L, W, 2) ndarray of uint16, the window's raw counts.
+        first_line : stream index of ``raw[0]``; None = right after the previous chunk.
+
+        Returns
+        -------
+        ChunkHealth; also updates ``episodes`` and ``lines``.
+        """
+        n = raw.shape[0]
+        if raw.ndim != 3 or raw.shape[1:] != (self.width, 2):
+            raise ValueError(f"`raw` (shape {raw.shape}) must be (L, {self.width}, 2)")
+        if first_line is None:
+            first_line = 0 if self._next_line is None else self._next_line
+        counts = dict.fromkeys(FAULT_KINDS, 0)
+        if self._next_line is not None and first_line > self._next_line:
+            counts["dropped"] = first_line - self._next_line
+            self.episodes["dropped"] += 1
+            self.lines["dropped"] += counts["dropped"]
+        self._next_line = first_line + n
+        bad_cols = np.zeros(self.width, bool)
+        if n == 0:
+            return ChunkHealth(np.zeros(0, bool), bad_cols, counts)
+        raw = np.ascontiguousarray(raw, dtype=np.uint16)
+        # a pixel's two channels as one uint32: "both channels equal" is one comparison
+        raw32 = raw.reshape(n, -1).view(np.uint32)
+        if self._buf32.shape[0] < n:
+            self._buf32 = np.empty((n, self._sample.size), np.uint32)
+        sub32 = np.take(raw32, self._sample, axis=1, out=self._buf32[:n])
+        sub16 = sub32.view(np.uint16)  # (L, 2S): low, high, low, high, ...
+        s = self._sample.size
+        sat_suspect = dark_suspect = None
+        if (sub16 == FULL_SCALE).any():
+            sat_suspect = np.count_nonzero(sub16 == FULL_SCALE, axis=1) >= 0.5 * self.saturated_share * s
+        dark_high = np.count_nonzero(sub16[:, 1::2] <= self._sample_thr[:, 1], axis=1)
+        if dark_high.max() >= (self.dark_share - 0.1) * s:
+            dark_suspect = dark_high >= (self.dark_share - 0.1) * s
+        # a frozen block of >= stuck_cols columns holds two adjacent samples equal to the line before
+        eq = np.empty((n, s), bool)
+        np.equal(sub32[1:], sub32[:-1], out=eq[1:])
+        if self._prev is None:
+            eq[0] = False
+        else:
+            np.equal(sub32[0], self._prev32[self._sample], out=eq[0])
+        adjacent = eq[:, 1:] & eq[:, :-1]
+        stuck_suspect = adjacent.any()
+        if sat_suspect is None and dark_suspect is None and not stuck_suspect \
+                and self._guard_left == 0 and not any(self._active.values()):
+            self._remember(raw[-1])
+            return ChunkHealth(np.zeros(n, bool), bad_cols, counts)  # the healthy path
+        sat = self._line_flags(raw, sat_suspect, self._saturated_lines)
+        dark = self._line_flags(raw, dark_suspect, self._dark_lines)
+        stuck = np.zeros(n, bool)
+        adjacent[sat] = False  # saturated lines are all alike; they are not judged as frozen
+        if adjacent.any():
+            stuck, bad_cols = self._stuck(raw32, sat)
+        self._remember(raw[-1])
+        bad_lines = sat | dark
+        bad_lines |= self._guard(bad_lines)
+        for kind, flags in (("saturated", sat), ("dark", dark), ("stuck_module", stuck)):
+            self._tally(kind, flags, counts)
+        if bad_cols.any():
+            last = np.flatnonzero(stuck)[-1]
+            self._col_last_bad[bad_cols] = first_line + last
+        return ChunkHealth(bad_lines, bad_cols, counts)
+
+    def _remember(self, line: np.ndarray) -> None:
+        """Keep the chunk's last line: the next chunk's first line is compared with it."""
+        if self._prev is None:
+            self._prev = line.copy()
+            self._prev32 = self._prev.reshape(-1).view(np.uint32)
+        else:
+            self._prev[...] = line
+
+    def _line_flags(self, raw: np.ndarray, suspect: np.ndarray | None, full) -> np.ndarray:
+        """Lines the sample marks as suspect, confirmed on all their good pixels."""
+        flags = np.zeros(raw.shape[0], bool)
+        if suspect is not None and suspect.any():
+            idx = np.flatnonzero(suspect)
+            flags[idx] = full(raw[idx])
+        return flags
+
+    # the per-channel tests give (k, W, 2) bools; viewed as one uint16 per pixel, 0 means
+    # neither channel and 0x0101 both (no slow reduction over an axis of length 2)
+    def _saturated_lines(self, lines: np.ndarray) -> np.ndarray:
+        pair = (lines == FULL_SCALE).view(np.uint16)[..., 0]
+        hit = (pair != 0) & self._good
+        return np.count_nonzero(hit, axis=1) >= self.saturated_share * self._n_good
+
+    def _dark_lines(self, lines: np.ndarray) -> np.ndarray:
+        pair = (lines <= self._dark_thr).view(np.uint16)[..., 0]
+        hit = (pair == 0x0101) & self._good
+        return np.count_nonzero(hit, axis=1) >= self.dark_share * self._n_good
+
+    def _stuck(self, raw32: np.ndarray, saturated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Full check: per line, blocks of >= stuck_cols columns equal to the line before
+        (bad pixels bridge a block; saturated lines are not judged here)."""
+        n = raw32.shape[0]
+        eq = np.empty(raw32.shape, bool)
+        np.equal(raw32[1:], raw32[:-1], out=eq[1:])
+        if self._prev is None:
+            eq[0] = False
+        else:
+            np.equal(raw32[0], self._prev32, out=eq[0])
+        eq[saturated] = False
+        w = self.width
+        padded = np.zeros((n, w + 1), bool)  # a False column ends every line's runs
+        padded[:, :w] = eq | self._bad  # isolated bad pixels bridge a block
+        starts, stops = _runs(padded.ravel())
+        long = stops - starts >= self.stuck_cols
+        lines = np.zeros(n, bool)
+        cols = np.zeros(w, bool)
+        for a, b in zip(starts[long].tolist(), stops[long].tolist()):
+            i, c0 = divmod(a, w + 1)
+            lines[i] = True
+            cols[c0:c0 + b - a] = True
+        cols &= self._good
+        return lines, cols
+
+    def _guard(self, bad: np.ndarray) -> np.ndarray:
+        """Lines within guard_lines after the end of a saturated or dark run (also across chunks)."""
+        out = np.zeros(bad.size, bool)
+        left = self._guard_left
+        for i, b in enumerate(bad.tolist()):
+            if b:
+                left = self.guard_lines
+            elif left > 0:
+                out[i] = True
+                left -= 1
+        self._guard_left = left
+        return out
+
+    def _tally(self, kind: str, flags: np.ndarray, counts: dict[str, int]) -> None:
+        k = int(flags.sum())
+        counts[kind] = k
+        self.lines[kind] += k
+        if k:
+            starts, _ = _runs(flags)
+            self.episodes[kind] += starts.size - int(self._active[kind] and flags[0])
+        self._active[kind] = bool(flags[-1])
+
+    # ------------------------------------------------------------ per particle
+    def suspect(self, line0: int, line1: int, col0: int, col1: int) -> bool:
+        """Whether a particle (window columns) borders a column that was stuck while it passed:
+        it may be a fragment of a rock cut by the frozen module (pass it, do not eject)."""
+        lo, hi = max(col0 - 1, 0), min(col1 + 2, self.width)
+        return bool(self._col_last_bad[lo:hi].max(initial=-(1 << 62)) >= line0)
+
+
+# ---------------------------------------------------------------- fault injection
+@dataclass(frozen=True)
+class FaultSpec:
+    """One fault over stream lines ``first_line .. first_line + n_lines - 1``.
+
+    ``stuck_module`` freezes detector columns ``col0 .. col0 + n_cols - 1`` at their
+    reading on the last line before the fault.
+    """
+
+    kind: str
+    first_line: int
+    n_lines: int
+    col0: int = 0
+    n_cols: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind {self.kind!r} is not one of {FAULT_KINDS}")
+        if self.first_line < 0 or self.n_lines < 1 or self.col0 < 0 or self.n_cols < 1:
+            raise ValueError(f"bad fault extent {self}")
+
+    def lines(self) -> range:
+        return range(self.first_line, self.first_line + self.n_lines)
+
+
+class FaultInjector:
+    """Iterates ``(first_line, lines, t_in)`` chunks with the faults applied (see :func:`inject`).
+
+    ``injected[kind]`` lists the stream lines that carried each kind, filled during
+    iteration; :meth:`episodes` counts their contiguous runs.
+    """
+
+    def __init__(self, chunks: Iterable[tuple[int, np.ndarray, float]], faults: list[FaultSpec],
+                 cal: Calibration, seed: int = 0, read_noise_adu: float = 3.0):
+        self._chunks = chunks
+        self.faults = list(faults)
+        self._dark = np.asarray(cal.dark, np.float32)
+        self._read = float(read_noise_adu)
+        self._rng = np.random.default_rng(seed)
+        self.injected: dict[str, list[int]] = {k: [] for k in FAULT_KINDS}
+        self._held: dict[int, np.ndarray] = {}  # stuck fault index -> frozen values (n_cols, 2)
+        self._last: np.ndarray | None = None  # the last line passed on
+
+    def episodes(self) -> dict[str, int]:
+        return {k: int(_runs(_line_mask(v))[0].size) for k, v in self.injected.items()}
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, float]]:
+        drops = [f for f in self.faults if f.kind == "dropped"]
+        for first, lines, t_in in self._chunks:
+            n = lines.shape[0]
+            stream = np.arange(first, first + n)
+            keep = np.ones(n, bool)
+            for f in drops:
+                keep &= ~((stream >= f.first_line) & (stream < f.first_line + f.n_lines))
+            self.injected["dropped"].extend(stream[~keep].tolist())
+            starts, stops = _runs(keep)
+            for a, b in zip(starts.tolist(), stops.tolist()):
+                yield first + a, self._apply(first + a, lines[a:b]), t_in
+
+    def _apply(self, first: int, lines: np.ndarray) -> np.ndarray:
+        n = lines.shape[0]
+        out = None
+        for k, f in enumerate(self.faults):
+            lo, hi = max(f.first_line, first), min(f.first_line + f.n_lines, first + n)
+            if f.kind == "dropped" or lo >= hi:
+                continue
+            if out is None:
+                out = np.array(lines)  # never write into the source (a read-only memmap)
+            rows = slice(lo - first, hi - first)
+            if f.kind == "saturated":
+                out[rows] = FULL_SCALE
+                self.injected["saturated"].extend(range(lo, hi))
+            elif f.kind == "dark":
+                noise = self._rng.standard_normal((hi - lo,) + self._dark.shape, dtype=np.float32)
+                out[rows] = np.clip(np.rint(self._dark + self._read * noise), 0, FULL_SCALE)
+                self.injected["dark"].extend(range(lo, hi))
+            else:
+                cols = slice(f.col0, f.col0 + f.n_cols)
+                held = self._held.get(k)
+                frozen_from = lo
+                if held is None:  # the reading of the last line before the fault
+                    if lo > first:
+                        src = out[lo - first - 1]
+                    elif self._last is not None:
+                        src = self._last
+                    else:  # the fault starts the stream: its first line is itself real
+                        src = out[lo - first]
+                        frozen_from = lo + 1
+                    held = self._held[k] = np.array(src[cols])
+                out[rows, cols] = held
+                self.injected["stuck_module"].extend(range(frozen_from, hi))
+        result = lines if out is None else out
+        self._last = np.array(result[-1])
+        return result
+
+
+def _line_mask(lines: list[int]) -> np.ndarray:
+    if not lines:
+        return np.zeros(0, bool)
+    v = np.unique(np.asarray(lines))
+    m = np.zeros(v[-1] - v[0] + 1, bool)
+    m[v - v[0]] = True
+    return m
+
+
+def inject(chunks: Iterable[tuple[int, np.ndarray, float]], faults: list[FaultSpec], cal: Calibration,
+           seed: int = 0, read_noise_adu: float = 3.0) -> FaultInjector:
+    """Wrap a chunk iterator (as :mod:`sorting.sources` yields them) with faults.
+
+    ``dropped`` lines are skipped (a chunk may come out in pieces); ``saturated`` lines
+    read 65535; ``dark`` lines read the calibration's dark level plus read noise
+    (``read_noise_adu`` sigma, seeded by ``seed``); ``stuck_module`` holds a column block.
+    Later faults in ``faults`` overwrite earlier ones where they overlap.
+    """
+    return FaultInjector(chunks, faults, cal, seed, read_noise_adu)
