@@ -29,6 +29,9 @@ from .render import Renderer
 from .rocks import SimulatedRock, make_rock
 
 LEAD_IN_LINES = 128  # empty belt at the start: lets a streaming loop see air first
+#: drift of the high channel's signal per unit drift of the low channel's: tube output and
+#: detector gain drift move the two layers differently (harder beam, the back layer's own gain)
+DRIFT_HIGH_SHARE = 0.7
 GAP_PX = 2  # free pixels kept around a rock that is not meant to touch
 EXTRA_TRUTH = ("lithotype", "size_mm", "area_mm2", "touching")
 
@@ -111,7 +114,9 @@ class BeltTwin:
 
     def __init__(self, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
                  library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
-                 block_lines: int = 2048, workers: int | None = None):
+                 block_lines: int = 2048, workers: int | None = None, drift: float = 0.0):
+        if not -0.5 < drift < 0.5:
+            raise InputError("--drift", f"must be in (-0.5, 0.5), got {drift}")
         if not 0.0 < occupancy < 0.8:
             raise InputError("--occupancy", f"must be in (0, 0.8), got {occupancy}")
         if not 0.0 <= touching <= 1.0:
@@ -120,6 +125,7 @@ class BeltTwin:
             raise InputError("--seconds", f"must be positive, got {seconds}")
         self.machine, self.ore = machine, ore
         self.occupancy, self.touching = occupancy, touching
+        self.drift = float(drift)
         self.block_lines = block_lines
         # worker processes pay off only for longer belts
         self.workers = workers if workers is not None else (min(os.cpu_count() or 1, 4) if seconds >= 4 else 1)
@@ -145,6 +151,8 @@ class BeltTwin:
             "label_cutoff_ppm": ore.label_cutoff_ppm,
             "tube_kvp": machine.tube.kvp,
         }
+        if self.drift:
+            self.meta["drift"] = self.drift
 
     def _rocks(self):
         """Rocks in seed order; made by worker processes when there are spare cores (same rocks either way)."""
@@ -185,7 +193,10 @@ class BeltTwin:
             k = upto - written
             if k <= 0:
                 return None
-            block = renderer.counts(mean[:k], var[:k], 0, noise_rng)
+            m, v = mean[:k], var[:k]
+            if self.drift:
+                m, v = _drifted(m, v, written, n_lines, self.drift)
+            block = renderer.counts(m, v, 0, noise_rng)
             mean[:-k] = mean[k:].copy()
             var[:-k] = var[k:].copy()
             mean[-k:] = air_mean
@@ -238,11 +249,29 @@ class BeltTwin:
         self.meta.update(rocks=len(truth), occupancy=round(self.covered_px / (n_lines * p), 4))
 
 
+def drift_factors(first_line: int, n: int, n_lines: int, drift: float) -> np.ndarray:
+    """(n, 1, 2) float32 factors on the mean signal above dark of lines ``first_line ..``:
+    linear in stream time from 1 at line 0 to ``(1 + drift, 1 + DRIFT_HIGH_SHARE * drift)``
+    (low, high) at the last line ``n_lines - 1``."""
+    f = (first_line + np.arange(n, dtype=np.float64)) / max(n_lines - 1, 1)
+    per_channel = np.array([1.0, DRIFT_HIGH_SHARE])
+    return (1.0 + drift * f[:, None, None] * per_channel).astype(np.float32)
+
+
+def _drifted(mean: np.ndarray, var: np.ndarray, first_line: int, n_lines: int,
+             drift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tube output and gain drift on a block (new arrays): the mean scales by the factor, and
+    so does the variance, as when the photon flux changes (equivalent quanta scale with it)."""
+    g = drift_factors(first_line, mean.shape[0], n_lines, drift)
+    return mean * g, var * g
+
+
 def simulate_belt(out: Path, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
                   library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
-                  progress: bool = True) -> Path:
-    """Write an ``xrt-belt/1`` recording with ``truth.csv`` (chunk by chunk, bounded memory)."""
-    twin = BeltTwin(seconds, seed, machine, ore, library, occupancy, touching)
+                  progress: bool = True, drift: float = 0.0) -> Path:
+    """Write an ``xrt-belt/1`` recording with ``truth.csv`` (chunk by chunk, bounded memory).
+    ``drift``: relative change of the air level over the run (see :func:`drift_factors`)."""
+    twin = BeltTwin(seconds, seed, machine, ore, library, occupancy, touching, drift=drift)
     with tqdm(total=twin.n_lines, desc="belt", unit="line", unit_scale=True, disable=not progress) as bar, \
             BeltRecordingWriter(out, twin.meta, twin.calibration_scans(), truth_columns=EXTRA_TRUTH) as writer:
         for _, block in twin.chunks():
