@@ -408,3 +408,85 @@ def inject(chunks: Iterable[tuple[int, np.ndarray, float]], faults: list[FaultSp
     Later faults in ``faults`` overwrite earlier ones where they overlap.
     """
     return FaultInjector(chunks, faults, cal, seed, read_noise_adu)
+
+
+# ---------------------------------------------------------------- drift of the air level
+class AirTracker:
+    """Running estimate of the air level per pixel, from empty belt (slow tube and gain drift).
+
+    Normalization computes ``A = log_flat - ln(raw - dark)``; on empty belt A should be 0.
+    After each chunk, :meth:`update` moves ``log_flat`` toward the belt pixels' own level:
+    per column, ``log_flat -= w * mean(A)`` over the chunk's empty-belt pixels, with
+    ``w = alpha * (empty lines / lines)``. Empty belt is what the foreground leaves, grown
+    by ``margin_px`` (rock edges below the detection threshold stay out), on good lines and
+    columns. A column with fewer than ``min_lines`` empty lines keeps its value. The step
+    is clipped at ``max_step`` per chunk, so a missed fault cannot throw the level off.
+
+    The Calibration is never modified: ``log_flat`` is the tracker's own (W, 2) float32 array,
+    updated in place; pass it to :func:`sorting.normalize.attenuation_into` instead of
+    ``cal.log_flat[x0:x0 + W]``, with ``cal.dark`` and ``cal.bad`` of the same columns.
+
+    Parameters
+    ----------
+    cal : Calibration (``log_flat``, ``pixels``).
+    alpha : weight of one chunk of all-empty belt; the time constant is about
+        ``chunk_lines / (alpha * line_rate)``: 32 lines, 0.05, 3750 Hz -> ~0.17 s
+        (divided by the share of empty belt); it lags a drift by about rate x time constant.
+    x0, width : the detector window, as :class:`LineHealth`.
+    """
+
+    def __init__(self, cal: Calibration, alpha: float = 0.05, x0: int = 0, width: int | None = None, *,
+                 margin_px: int = 2, min_lines: int = 4, max_step: float = 0.01):
+        width = cal.pixels - x0 if width is None else int(width)
+        if not (0 <= x0 and width >= 1 and x0 + width <= cal.pixels):
+            raise ValueError(f"window x0={x0}, width={width} does not fit the calibration's {cal.pixels} pixels")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.alpha, self.min_lines, self.max_step = float(alpha), int(min_lines), float(max_step)
+        self._start = np.ascontiguousarray(cal.log_flat[x0:x0 + width], dtype=np.float32)
+        self.log_flat = self._start.copy()
+        self._kernel = np.ones((2 * margin_px + 1, 2 * margin_px + 1), np.uint8)
+        self._buf = np.empty((32,) + self.log_flat.shape, np.float32)
+        self.updates = 0
+
+    @property
+    def gain(self) -> np.ndarray:
+        """(W, 2) float32: tracked air level over the calibration's, ``(air - dark) / (air0 - dark)``."""
+        return np.exp(self.log_flat - self._start)
+
+    def update(self, a: np.ndarray, mask: np.ndarray, bad_lines: np.ndarray | None = None,
+               bad_cols: np.ndarray | None = None) -> None:
+        """Learn from one chunk.
+
+        Parameters
+        ----------
+        a : (L, W, 2) ndarray of float32, attenuation computed with ``self.log_flat``.
+        mask : (L, W) ndarray of bool, its foreground (rock pixels).
+        bad_lines, bad_cols : (L,), (W,) bool from :meth:`LineHealth.check`, optional.
+        """
+        n = a.shape[0]
+        if a.shape[1:] != self.log_flat.shape or mask.shape != a.shape[:2]:
+            raise ValueError(f"`a` (shape {a.shape}) and `mask` (shape {mask.shape}) must be "
+                             f"(L, {self.log_flat.shape[0]}, 2) and (L, {self.log_flat.shape[0]})")
+        if n == 0:
+            return
+        near = cv2.dilate(np.ascontiguousarray(mask).view(np.uint8), self._kernel)
+        empty = np.equal(near, 0, out=near.view(bool)).view(np.uint8)
+        if bad_lines is not None and bad_lines.any():
+            empty[bad_lines] = 0
+        if bad_cols is not None and bad_cols.any():
+            empty[:, bad_cols] = 0
+        count = empty.sum(axis=0, dtype=np.int32)
+        if self._buf.shape[0] < n:
+            self._buf = np.empty((n,) + self.log_flat.shape, np.float32)
+        kept = self._buf[:n]
+        kept.fill(0.0)
+        cv2.copyTo(np.ascontiguousarray(a, dtype=np.float32), empty, kept)  # A where empty, else 0
+        total = kept.sum(axis=0)
+        # whole-array arithmetic on (W, 2): cheaper than selecting the columns in use
+        weight = np.where(count >= self.min_lines, np.float32(self.alpha / n) * count, np.float32(0.0))
+        mean = total / np.maximum(count, 1)[:, None].astype(np.float32)
+        np.clip(mean, -self.max_step / self.alpha, self.max_step / self.alpha, out=mean)
+        mean *= weight.astype(np.float32)[:, None]
+        self.log_flat -= mean
+        self.updates += 1
