@@ -23,21 +23,35 @@ few tens of microseconds.
 :func:`inject` wraps a chunk iterator and applies faults at given lines, recording exactly
 what it injected. :class:`AirTracker` follows slow tube and gain drift from empty belt.
 
-Integration in ``Pipeline.step`` (per chunk; the lead owns sorting/stream.py)::
+Integration in ``Pipeline`` (the lead owns sorting/stream.py). At construction, on the
+pipeline's window (``x0``, ``width`` = ``self.pixels``)::
 
-    health = self.health.check(raw, first_line)            # LineHealth(cal, x0, width)
-    attenuation_into(raw, dark_w, self.air.log_flat, bad_w, a)   # AirTracker: tracked air
+    self.health = LineHealth(cal, x0, width)
+    self.air = AirTracker(cal, x0=x0, width=width)
+    self._dark_w, self._bad_w = cal.dark[x0:x0 + width], cal.bad[x0:x0 + width]
+
+Per chunk, in ``step(first_line, raw, t_in)``::
+
+    health = self.health.check(raw, first_line)        # before anything else
+    attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)  # tracked air
+    # ... ring buffer as now (bad lines too: no particle will ever read them) ...
     foreground(a, self.cal, self.x0, self.seg, out=mask)
-    mask[:, health.bad_cols] = False                        # no particle on a frozen module
+    mask[:, health.bad_cols] = False                    # no particle on a frozen module
     self.air.update(a, mask, health.bad_lines, health.bad_cols)
-    for start, stop in good_runs(health.bad_lines):         # bad lines act as a gap: particles
-        done += self.segmenter.push(first_line + start, mask[start:stop])  # open there come out cut
-    # per emitted particle: no eject if p.cut or self.health.suspect(p.line0, p.line1, p.col0, p.col1)
-    # counters: self.health.episodes (alarms: one per fault episode) and self.health.lines
+    done = []
+    for start, stop in good_runs(health.bad_lines):     # bad lines act as a gap: what was
+        done += self.segmenter.push(first_line + start, mask[start:stop])   # open comes out cut,
+    # what starts right after comes out cut too; an all-bad chunk pushes nothing.
+    # per particle, in _decide: pass (never eject) if p.cut or
+    #     self.health.suspect(p.line0, p.line1, p.col0, p.col1)   (borders a stuck module)
+    # counters: alarms = self.health.episodes (one per fault episode, per kind),
+    #     fault lines = self.health.lines; dropped lines = health.counts["dropped"]
 
-A chunk that is all bad pushes nothing; the next good line then starts after a gap, so
-the segmenter cuts what was open and flags what starts there. Keep the pipeline's own
-``gaps``/``dropped_lines`` for missing lines only (check ``first_line`` before pushing).
+Count dropped lines from ``health.counts["dropped"]`` (or the pipeline's own expected
+next line), not from ``segmenter.next_line``: after a chunk that ends in bad lines the
+segmenter is behind by those lines, which are not dropped. Recovery needs nothing: the
+first good lines after a fault are segmented again (the guard lines just after a
+saturated or dark episode excepted).
 """
 from __future__ import annotations
 

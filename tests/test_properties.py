@@ -15,14 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import ndimage
+from test_calibrate import make_scans
 
 from sorting.calibrate import calibrate
 from sorting.config import load_machine
 from sorting.features import FEATURE_NAMES, particle_features
 from sorting.normalize import attenuation, material_maps, ratio, starved
 from sorting.segment import SegmentConfig, StreamSegmenter, foreground, segment_crop
-
-from test_calibrate import make_scans
 
 settings.register_profile("sorting-properties", derandomize=True, max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
@@ -196,5 +195,5 @@ def test_stream_partitions_foreground(data):
     expected = kept[labels].astype(np.int32)
     np.testing.assert_array_equal(hits, expected)
     whole = _stream(mask, [mask.shape[0]], config, first)
-    key = lambda ps: sorted((p.line0, p.col0, p.line1, p.col1, p.area_px, p.mask.tobytes()) for p in ps)  # noqa: E731
+    key = lambda ps: sorted((p.line0, p.col0, p.line1, p.col1, p.area_px, p.mask.tobytes()) for p in ps)
     assert key(parts) == key(whole)
