@@ -429,12 +429,15 @@ class AirTracker:
     """Running estimate of the air level per pixel, from empty belt (slow tube and gain drift).
 
     Normalization computes ``A = log_flat - ln(raw - dark)``; on empty belt A should be 0.
-    After each chunk, :meth:`update` moves ``log_flat`` toward the belt pixels' own level:
-    per column, ``log_flat -= w * mean(A)`` over the chunk's empty-belt pixels, with
-    ``w = alpha * (empty lines / lines)``. Empty belt is what the foreground leaves, grown
-    by ``margin_px`` (rock edges below the detection threshold stay out), on good lines and
-    columns. A column with fewer than ``min_lines`` empty lines keeps its value. The step
-    is clipped at ``max_step`` per chunk, so a missed fault cannot throw the level off.
+    :meth:`update` accumulates, per column, the A of each line's empty-belt pixels; at the
+    end of each epoch of ``epoch_lines`` stream lines (:meth:`end_epoch`, called by the
+    pipeline at line indices that are multiples of ``epoch_lines``) ``log_flat`` moves
+    toward that mean: ``log_flat -= alpha * mean(A)`` in columns with at least
+    ``min_lines`` empty lines. Empty belt is what the foreground leaves, grown by
+    ``margin_px`` along the line (rock edges below the detection threshold stay out), on
+    good lines and columns. Everything is per line and per epoch, so the tracked level,
+    and hence every particle, is the same however the stream is chunked. The step is
+    clipped at ``max_step`` per epoch, so a missed fault cannot throw the level off.
 
     The Calibration is never modified: ``log_flat`` is the tracker's own (W, 2) float32 array,
     updated in place; pass it to :func:`sorting.normalize.attenuation_into` instead of
@@ -443,24 +446,29 @@ class AirTracker:
     Parameters
     ----------
     cal : Calibration (``log_flat``, ``pixels``).
-    alpha : weight of one chunk of all-empty belt; the time constant is about
-        ``chunk_lines / (alpha * line_rate)``: 32 lines, 0.05, 3750 Hz -> ~0.17 s
-        (divided by the share of empty belt); it lags a drift by about rate x time constant.
+    alpha : weight of one epoch of empty belt; the time constant is about
+        ``epoch_lines / (alpha * line_rate)``: 256 lines, 0.2, 3750 Hz -> ~0.34 s; it lags
+        a drift by about rate x time constant.
     x0, width : the detector window, as :class:`LineHealth`.
     """
 
-    def __init__(self, cal: Calibration, alpha: float = 0.05, x0: int = 0, width: int | None = None, *,
-                 margin_px: int = 2, min_lines: int = 4, max_step: float = 0.01):
+    def __init__(self, cal: Calibration, alpha: float = 0.2, x0: int = 0, width: int | None = None, *,
+                 epoch_lines: int = 256, margin_px: int = 3, min_lines: int = 16, max_step: float = 0.01):
         width = cal.pixels - x0 if width is None else int(width)
         if not (0 <= x0 and width >= 1 and x0 + width <= cal.pixels):
             raise ValueError(f"window x0={x0}, width={width} does not fit the calibration's {cal.pixels} pixels")
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        if epoch_lines < 1:
+            raise ValueError(f"epoch_lines must be >= 1, got {epoch_lines!r}")
         self.alpha, self.min_lines, self.max_step = float(alpha), int(min_lines), float(max_step)
+        self.epoch_lines = int(epoch_lines)
         self._start = np.ascontiguousarray(cal.log_flat[x0:x0 + width], dtype=np.float32)
         self.log_flat = self._start.copy()
-        self._kernel = np.ones((2 * margin_px + 1, 2 * margin_px + 1), np.uint8)
+        self._kernel = np.ones((1, 2 * margin_px + 1), np.uint8)  # along the line only: per-line
         self._buf = np.empty((32,) + self.log_flat.shape, np.float32)
+        self._sum = np.zeros(self.log_flat.shape, np.float64)
+        self._count = np.zeros(width, np.int64)
         self.updates = 0
 
     @property
@@ -470,7 +478,7 @@ class AirTracker:
 
     def update(self, a: np.ndarray, mask: np.ndarray, bad_lines: np.ndarray | None = None,
                bad_cols: np.ndarray | None = None) -> None:
-        """Learn from one chunk.
+        """Accumulate one chunk's empty belt (the level changes only at :meth:`end_epoch`).
 
         Parameters
         ----------
@@ -490,17 +498,21 @@ class AirTracker:
             empty[bad_lines] = 0
         if bad_cols is not None and bad_cols.any():
             empty[:, bad_cols] = 0
-        count = empty.sum(axis=0, dtype=np.int32)
+        self._count += empty.sum(axis=0, dtype=np.int64)
         if self._buf.shape[0] < n:
             self._buf = np.empty((n,) + self.log_flat.shape, np.float32)
         kept = self._buf[:n]
         kept.fill(0.0)
         cv2.copyTo(np.ascontiguousarray(a, dtype=np.float32), empty, kept)  # A where empty, else 0
-        total = kept.sum(axis=0)
-        # whole-array arithmetic on (W, 2): cheaper than selecting the columns in use
-        weight = np.where(count >= self.min_lines, np.float32(self.alpha / n) * count, np.float32(0.0))
-        mean = total / np.maximum(count, 1)[:, None].astype(np.float32)
+        self._sum += kept.sum(axis=0, dtype=np.float64)  # exact: the level must not depend on chunking
+
+    def end_epoch(self) -> None:
+        """Move the level by ``alpha`` of the epoch's mean empty-belt A, and start a new epoch."""
+        count = self._count
+        mean = (self._sum / np.maximum(count, 1)[:, None]).astype(np.float32)
         np.clip(mean, -self.max_step / self.alpha, self.max_step / self.alpha, out=mean)
-        mean *= weight.astype(np.float32)[:, None]
+        mean *= np.where(count >= self.min_lines, np.float32(self.alpha), np.float32(0.0))[:, None]
         self.log_flat -= mean
+        self._sum.fill(0.0)
+        count.fill(0)
         self.updates += 1

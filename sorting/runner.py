@@ -102,6 +102,8 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     if valves is not None:
         c.valve_errors = valves.errors
     summary = c.summary()
+    summary["alarms"] = dict(pipeline.health.episodes)  # fault episodes per kind
+    summary["fault_lines"] = dict(pipeline.health.lines)
     stream_s = c.lines / pipeline.timing.line_rate_hz
     summary.update({
         "stopped_by_signal": stopped,
@@ -159,6 +161,9 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
         f"latency ms (last line in -> decision out): p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
         f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {_num(s['cpu_fraction'], '.2f')} of stream time",
     ]
+    if any(s.get("alarms", {}).values()):
+        lines.append("alarms (fault episodes): " + ", ".join(f"{k} {v}" for k, v in s["alarms"].items() if v)
+                     + "; lines affected: " + ", ".join(f"{k} {v}" for k, v in s["fault_lines"].items() if v))
     if detection:
         lines.append(f"detection: {detection['found_once']}/{detection['truth_rocks']} truth rocks found once, "
                      f"{detection['missed']} missed, {detection['duplicated']} duplicated, "

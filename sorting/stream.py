@@ -18,7 +18,8 @@ from .config import SorterConfig
 from .eject import Timing, plan
 from .features import FEATURE_NAMES, particle_features
 from .model import OnnxModel
-from .normalize import attenuation
+from .faults import AirTracker, LineHealth, good_runs
+from .normalize import attenuation_into
 from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
 
 #: lines of belt kept around a particle's box when its features are computed, as the rock crops have
@@ -108,6 +109,11 @@ class Pipeline:
         self._x = np.empty((64, len(FEATURE_NAMES)), np.float32)
         self.counters = Counters()
         self._next_id = 0
+        self._expected: int | None = None
+        self.health = LineHealth(cal, self.x0, self.pixels)
+        self.air = AirTracker(cal, x0=self.x0, width=self.pixels)
+        self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
+        self._bad_w = np.ascontiguousarray(cal.bad[self.x0:self.x0 + self.pixels])
         # wall seconds per stage, for the benchmark's "where the time goes"
         self.stage_s = dict.fromkeys(("normalize", "segment", "features", "classify", "decide"), 0.0)
         self._warm_up()
@@ -131,11 +137,38 @@ class Pipeline:
         return self._a[:n], self._mask[:n]
 
     def step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
-        """Process lines ``first_line ..`` (raw (L, P, 2) uint16) that entered at wall time ``t_in``."""
+        """Process lines ``first_line ..`` (raw (L, P, 2) uint16) that entered at wall time ``t_in``.
+
+        A chunk is cut at the air tracker's epoch boundaries (multiples of its epoch lines),
+        so the tracked air level a line is normalized with does not depend on chunking.
+        """
+        epoch = self.air.epoch_lines
+        n = raw.shape[0]
+        boundary = (first_line // epoch + 1) * epoch
+        if first_line + n > boundary:
+            k = boundary - first_line
+            events = self._step(first_line, raw[:k], t_in - (n - k) / self.timing.line_rate_hz)
+            self.air.end_epoch()
+            return events + self.step(boundary, raw[k:], t_in)
+        events = self._step(first_line, raw, t_in)
+        if first_line + n == boundary:
+            self.air.end_epoch()
+        return events
+
+    def _step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
         n = raw.shape[0]
         a, mask = self._buffers(n)
         t0 = time.perf_counter()
-        attenuation(raw, self.cal, self.x0, out=a)
+        c = self.counters
+        expected = self._expected
+        if expected is not None and first_line > expected:
+            c.gaps += 1
+            c.dropped_lines += first_line - expected
+        self._expected = first_line + n
+        # garbage lines (saturated, tube trip) never reach segmentation; a frozen module's
+        # columns never hold a particle; the air level follows drift from empty belt
+        health = self.health.check(raw, first_line)
+        attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
         idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
         self._ring[idx] = a
         # each line's own acquisition time (t_in is the chunk's last line): the wait for the
@@ -143,14 +176,19 @@ class Pipeline:
         self._arrival[idx] = t_in - self._line_lag[-n:]
         t1 = time.perf_counter()
         foreground(a, self.cal, self.x0, self.seg, out=mask)
-        c = self.counters
         c.chunks += 1
         c.lines += n
-        expected = self.segmenter.next_line
-        if expected is not None and first_line > expected:
-            c.gaps += 1
-            c.dropped_lines += first_line - expected
-        done = self.segmenter.push(first_line, mask)
+        if health.bad_cols.any():
+            mask[:, health.bad_cols] = False
+        self.air.update(a, mask, health.bad_lines, health.bad_cols)
+        if health.bad_lines.any():
+            done = []
+            # bad lines act as a gap: what was open comes out cut, and so does what starts
+            # after (the segmenter sees lines missing before the next good run)
+            for start, stop in good_runs(health.bad_lines):
+                done += self.segmenter.push(first_line + start, mask[start:stop])
+        else:
+            done = self.segmenter.push(first_line, mask)
         st = self.stage_s
         st["normalize"] += t1 - t0
         st["segment"] += time.perf_counter() - t1
@@ -200,7 +238,10 @@ class Pipeline:
         resp_s = self.sorter.ejector.response_ms / 1000.0
         for i, p in enumerate(done):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
-            fire = bool(eject[i]) and not p.cut and not p.too_long and ej.valve_hi[i] >= ej.valve_lo[i]
+            # next to a frozen detector module a particle may be mis-read: it passes too
+            suspect = self.health.suspect(p.line0, p.line1, p.col0, p.col1)
+            fire = (bool(eject[i]) and not p.cut and not p.too_long and not suspect
+                    and ej.valve_hi[i] >= ej.valve_lo[i])
             latency_ms = (t_out - self._arrival[p.line1 & (self.ring_lines - 1)]) * 1000.0
             slack_ms = (ej.open_s[i] - resp_s - p.line1 / self.timing.line_rate_hz) * 1000.0 - latency_ms
             late = bool(slack_ms < 0)
@@ -221,6 +262,7 @@ class Pipeline:
                 "late": late,
                 "class": "sc" if is_sc[i] else "waste",
                 "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
+                "fault": suspect,
             }
             self._next_id += 1
             c.particles += 1

@@ -79,6 +79,8 @@ def _normalize(cal, raw, tracker: AirTracker | None):
         foreground(block, cal, 0, out=mask[first:first + 32])
         if tracker is not None:
             tracker.update(block, mask[first:first + 32])
+            if (first + 32) % tracker.epoch_lines == 0:
+                tracker.end_epoch()
     return a, mask
 
 
@@ -92,8 +94,8 @@ def test_tracker_follows_the_drift_and_keeps_the_calibration(drifted):
 
     a_fixed, mask_fixed = _normalize(cal, raw, None)
     # 5 % in 1.5 s is a drift squeezed 400x; a tracker lags it by about rate x time constant,
-    # so it runs faster here (time constant ~0.05 s: lag ~0.2 %) than by default
-    tracker = AirTracker(cal, alpha=0.25)
+    # so it runs faster here (32-line epochs, time constant ~0.03 s: lag ~0.1 %) than by default
+    tracker = AirTracker(cal, alpha=0.25, epoch_lines=32)
     a_tracked, mask_tracked = _normalize(cal, raw, tracker)
     np.testing.assert_array_equal(cal.log_flat, before)  # the Calibration is never touched
 
@@ -149,6 +151,7 @@ def test_tracker_recursion_exact():
     for _ in range(6):
         a = np.broadcast_to(t.log_flat - (10.0 + ln_g), (32, 40, 2)).astype(np.float32)
         t.update(a, mask)
+        t.end_epoch()
     np.testing.assert_allclose(t.log_flat - (10.0 + ln_g), -ln_g * 0.75**6, rtol=1e-4)
 
 
@@ -168,14 +171,16 @@ def test_tracker_learns_only_from_empty_belt():
     bad_cols[36:] = True  # a frozen module
     a[:, 36:] = -5.0
     t.update(a, mask, bad_lines, bad_cols)
+    assert (t.log_flat == 10.0).all()  # nothing moves before the epoch ends
+    t.end_epoch()
     step = t.log_flat - 10.0
-    per_line = 0.5 * 0.01 / 32  # alpha * |A| / lines, per empty line
-    expect = np.full(40, 24 * per_line)  # lines 8-31
-    expect[8:17] = 0.0  # the rock and its 2-column margin
-    expect[28:33] = 10 * per_line  # column 30's rock grown by 2 lines: lines 22-31 left
-    expect[36:] = 0.0
+    expect = np.full(40, 0.5 * 0.01)  # alpha x the empty belt's mean |A|, wherever belt was seen
+    expect[8:17] = 0.0  # the rock and its 2-column margin along the line: never empty
+    expect[36:] = 0.0  # the frozen module
     np.testing.assert_allclose(step[:, 0], expect, atol=1e-6)
     np.testing.assert_allclose(step[:, 1], expect, atol=1e-6)
-    t2 = AirTracker(cal, alpha=0.5, min_lines=11)  # 10 empty lines are too few for column 30
+    # columns 28-32 saw empty belt on lines 20-31 only (12 lines): too few for min_lines=13
+    t2 = AirTracker(cal, alpha=0.5, margin_px=2, min_lines=13)
     t2.update(a, mask, bad_lines, bad_cols)
+    t2.end_epoch()
     assert (t2.log_flat[28:33] == 10.0).all() and (t2.log_flat[17:28] > 10.0).all()

@@ -432,10 +432,26 @@ def test_dropped_lines_are_counted_and_never_stitched(rec, model, sorter, run32)
     # the rock the gap cuts is reported in pieces flagged cut, on both sides
     cut = [e for e in events if e["cut"]]
     assert any(e["last_line"] == gap0 - 1 for e in cut) and any(e["first_line"] == gap1 for e in cut)
-    # away from the gap, the same particles and decisions as the uninterrupted replay
-    def away(evs):
-        return [e for e in _by_place(evs) if e["last_line"] < gap0 - 1 or e["first_line"] > gap1]
-    assert away(events) == away(run32[0].events)
+    # before the gap, the same particles and decisions as the uninterrupted replay
+    def before_gap(evs):
+        return [e for e in _by_place(evs) if e["last_line"] < gap0 - 1]
+    assert before_gap(events) == before_gap(run32[0].events)
+    # after it, the same particles; the air tracker learnt from 200 fewer lines of belt, so
+    # scores may move a little (the tracked level is a running mean of what was seen)
+    def after_gap(evs):
+        return [e for e in _by_place(evs) if e["first_line"] > gap1]
+    # (an edge pixel may flip: the foreground threshold sits on the tracked level too)
+    got, want = after_gap(events), after_gap(run32[0].events)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        for k in ("first_line", "last_line", "x_min_px", "x_max_px"):
+            assert abs(a[k] - b[k]) <= 1, (a, b)
+        assert abs(a["centroid_line"] - b["centroid_line"]) < 0.2 and abs(a["centroid_px"] - b["centroid_px"]) < 0.2
+        assert a["area_mm2"] == pytest.approx(b["area_mm2"], rel=0.03)
+    # a rim pixel more or less moves a small rock's score a little; decisions barely change
+    diffs = np.array([abs(a["score"] - b["score"]) for a, b in zip(got, want)])
+    assert diffs.mean() < 0.01 and diffs.max() < 0.15
+    assert np.mean([a["decision"] == b["decision"] for a, b in zip(got, want)]) >= 0.97
 
 
 # ------------------------------------------------------------------ TCP hardening (no pipeline)
