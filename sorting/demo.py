@@ -85,7 +85,7 @@ def cli_demo(args) -> int:
                     build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path)),
                     keep_events=False, total_lines=rec.n_lines, progress=True)
     print("3/3 sorting paced at the line rate (latency), as on the sorter")
-    pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path))
+    pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), shed_late=True)
     events_path = out / "events.jsonl"
     paced = run_loop(replay(rec.lines, timing.line_rate_hz, 32, True), pipeline, EventLog(events_path),
                      total_lines=rec.n_lines, progress=True)

@@ -89,7 +89,8 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
         timing = timing_of(rec.meta)
         sorter = load_sorter(sorter_path)
         pipe = build_pipeline(rec.calibration, load_model(model_path), sorter, timing, sorter_path, chunk_lines,
-                              x0=lane.lo, width=lane.hi - lane.lo, claim=_claim_rule(lane, timing.pixels))
+                              x0=lane.lo, width=lane.hi - lane.lo, claim=_claim_rule(lane, timing.pixels),
+                              shed_late=realtime)
         window = rec.lines[:, lane.lo:lane.hi]
         pending: list = []
         last_send = time.perf_counter()

@@ -156,7 +156,8 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
         f"lines {s['lines']} ({s['stream_s']:.2f} s of belt) in {s['wall_s']:.2f} s: "
         f"{_num(s['throughput_lines_s'], '.0f')} lines/s = {_num(s['realtime_factor'], '.2f')}x the "
         f"{s['line_rate_hz']:g} Hz line rate",
-        f"particles {s['particles']}: eject {s['ejected']}, pass {s['passed']}, late {s['late']}, "
+        f"particles {s['particles']}: eject {s['ejected']}, pass {s['passed']}, late ejects {s['late']}, "
+        f"undecided (overload) {s.get('undecided', 0)}, "
         f"cut {s['cut']}, gaps {s['gaps']} ({s['dropped_lines']} lines dropped)",
         f"latency ms (last line in -> decision out): p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
         f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {_num(s['cpu_fraction'], '.2f')} of stream time",
@@ -204,7 +205,8 @@ def cli_run(args) -> int:
     timing = timing_of(rec.meta)
     if args.workers != 1:
         return _cli_run_lanes(args, rec, sorter, timing)
-    pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(args.sorter), args.chunk_lines)
+    pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(args.sorter), args.chunk_lines,
+                              shed_late=bool(args.realtime or args.listen))
     valves = None
     if args.udp:
         host, port = parse_hostport(args.udp, "--udp")

@@ -22,6 +22,8 @@ from .faults import AirTracker, LineHealth, good_runs
 from .normalize import attenuation_into
 from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
 
+#: a particle is left undecided when less than this remains before its command is due
+SHED_MARGIN_MS = 1.0
 #: lines of belt kept around a particle's box when its features are computed, as the rock crops have
 CROP_MARGIN_PX = 4
 
@@ -68,6 +70,7 @@ class Counters:
     gaps: int = 0
     dropped_lines: int = 0
     valve_errors: int = 0
+    undecided: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def summary(self) -> dict:
@@ -76,6 +79,7 @@ class Counters:
             "ejected": self.ejected, "passed": self.passed, "late": self.late, "cut": self.cut,
             "too_long": self.too_long, "gaps": self.gaps, "dropped_lines": self.dropped_lines,
             "valve_errors": self.valve_errors,
+            "undecided": self.undecided,
             "latency_ms": self.latency.summary(),
         }
 
@@ -86,10 +90,14 @@ class Pipeline:
     def __init__(self, cal: Calibration, model: OnnxModel, sorter: SorterConfig, timing: Timing,
                  seg: SegmentConfig = SegmentConfig(), chunk_lines: int = 32, max_particle_lines: int = 512,
                  line_pitch_mm: float | None = None, x0: int = 0, width: int | None = None,
-                 claim: Callable[[int, int], bool] | None = None):
+                 claim: Callable[[int, int], bool] | None = None, shed_late: bool = False):
         """``x0``/``width``: the detector columns this pipeline sees (a lane; default the whole
         belt). ``claim(col0, col1)``, in window columns, decides on each whole connected
-        component (before touching rocks are split) whether this pipeline owns it."""
+        component (before touching rocks are split) whether this pipeline owns it.
+        ``shed_late``: on a live stream, leave particles whose command is already due
+        undecided instead of classifying them (overload protection; off for replays run as
+        fast as possible, where wall-clock age means nothing)."""
+        self.shed_late = shed_late
         self.cal, self.model, self.sorter, self.timing = cal, model, sorter, timing
         self.seg = seg
         self.x0 = int(x0)
@@ -217,18 +225,27 @@ class Pipeline:
             self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
         x = self._x[:n]
         t0 = time.perf_counter()
-        for i, p in enumerate(done):
-            a, mask = self._crop(p)
-            particle_features(a, mask, self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=x[i])
-        t1 = time.perf_counter()
-        x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
-        scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)
-        t2 = time.perf_counter()
         first = np.fromiter((p.line0 for p in done), np.int64, n)
         last = np.fromiter((p.line1 for p in done), np.int64, n)
         xmin = np.fromiter((p.col0 for p in done), np.int64, n) + self.x0
         xmax = np.fromiter((p.col1 for p in done), np.int64, n) + self.x0
         ej = plan(first, last, xmin, xmax, self.sorter.ejector, self.timing)
+        # overload: a particle whose command is already due cannot be ejected any more;
+        # it is not classified (that time goes to the particles still in time), passes and is
+        # logged late and undecided
+        age_ms = (t0 - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
+        undecided = (age_ms + SHED_MARGIN_MS > ej.deadline_ms) if self.shed_late else np.zeros(n, bool)
+        for i, p in enumerate(done):
+            if undecided[i]:
+                x[i] = 0.0
+                continue
+            a, mask = self._crop(p)
+            particle_features(a, mask, self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=x[i])
+        t1 = time.perf_counter()
+        x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
+        scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)
+        scores[undecided] = 0.0
+        t2 = time.perf_counter()
         is_sc = scores >= self.threshold
         eject = is_sc if self.eject_sc else ~is_sc
         t_out = time.perf_counter()
@@ -240,11 +257,11 @@ class Pipeline:
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
             # next to a frozen detector module a particle may be mis-read: it passes too
             suspect = self.health.suspect(p.line0, p.line1, p.col0, p.col1)
-            fire = (bool(eject[i]) and not p.cut and not p.too_long and not suspect
+            fire = (bool(eject[i]) and not p.cut and not p.too_long and not suspect and not undecided[i]
                     and ej.valve_hi[i] >= ej.valve_lo[i])
             latency_ms = (t_out - self._arrival[p.line1 & (self.ring_lines - 1)]) * 1000.0
             slack_ms = (ej.open_s[i] - resp_s - p.line1 / self.timing.line_rate_hz) * 1000.0 - latency_ms
-            late = bool(slack_ms < 0)
+            late = bool(slack_ms < 0) or bool(undecided[i])
             ev = {
                 "particle": self._next_id,
                 "first_line": int(p.line0), "last_line": int(p.line1),
@@ -263,6 +280,7 @@ class Pipeline:
                 "class": "sc" if is_sc[i] else "waste",
                 "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
                 "fault": suspect,
+                "undecided": bool(undecided[i]),
             }
             self._next_id += 1
             c.particles += 1
@@ -274,6 +292,7 @@ class Pipeline:
                 c.late += late
             else:
                 c.passed += 1
+                c.undecided += bool(undecided[i])
             events.append(ev)
         st = self.stage_s
         st["features"] += t1 - t0
