@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     belt.add_argument("--seed", type=int, default=0)
     belt.add_argument("--occupancy", type=float, default=0.3, help="share of belt area covered by rocks")
     belt.add_argument("--touching", type=float, default=0.0, help="share of rocks placed touching a neighbour")
+    belt.add_argument("--drift", type=float, default=0.0,
+                      help="relative tube/gain drift over the run, e.g. -0.05 (air level 5 %% lower at the end)")
     _add_configs(belt)
     for p in (rocks, belt):
         p.add_argument("--quiet", action="store_true", help="no progress bar")

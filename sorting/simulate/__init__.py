@@ -37,6 +37,6 @@ def cli_rocks(args: argparse.Namespace) -> int:
 def cli_belt(args: argparse.Namespace) -> int:
     machine, ore, lib = _configs(args)
     out = simulate_belt(args.out, args.seconds, args.seed, machine, ore, lib, args.occupancy, args.touching,
-                        progress=not args.quiet)
+                        progress=not args.quiet, drift=args.drift)
     print(f"wrote {args.seconds:g} s of belt to {out}")
     return 0
