@@ -6,23 +6,26 @@ statistics come from the rock's interior (mask eroded by ``EDGE_PX``) without st
 pixels: the thin rim reads noise-dominated material values, a starved pixel none at all. Distributions are thickness-weighted where that is the
 physical quantity (the share of the rock's volume, not of its projected pixels).
 
-The batch path (:func:`dataset_features`) and the belt (the streaming loop cutting a
-``Completed`` box out of its ring buffer) both call :func:`particle_features` on the
-particle's box, so a model trained on rock crops sees the numbers the belt produces.
-Results do not depend on a margin around the box: the crop is trimmed to the mask and
-padded with empty belt internally.
+The batch path (:func:`dataset_features`) and the belt (the streaming loop cutting each
+``Completed`` box out of its ring buffer) both call :func:`features_batch` on the
+particles' boxes, so a model trained on rock crops sees the numbers the belt produces.
+It lays the boxes out on one canvas with empty belt between them and computes every
+map and filter once for all of them; a particle's numbers do not depend on its
+neighbours on the canvas, nor on a margin around its box (the crop is trimmed to the
+mask), so :func:`particle_features` (a batch of one) gives the same numbers.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .normalize import attenuation, material_maps
+from .normalize import attenuation, basis_thickness, blurred_transmission, mafic_line, smoothed_attenuation
 from .segment import SegmentConfig, segment_crop
 
 if TYPE_CHECKING:
@@ -77,13 +80,24 @@ OXIDE_LEVEL = 4.5
 TEXTURE_WINDOW_MM = 4.0
 _Q = np.array(_QUANTILES)
 _Q_FE = np.array((0.10, 0.50, 0.90))
+#: empty belt around each particle's box: at least the smoothing Gaussian's radius (sigma 1 px,
+#: a 9-tap kernel), so a rock sees only empty belt around it, as on the belt
 _PAD = 4
 _DISK = {r: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) for r in (1, 2)}
+#: particles per canvas, and canvas pixels: one pass per chunk of the stream, bounded memory in batch
+_BATCH_PARTICLES = 64
+_BATCH_PIXELS = 1 << 20
+#: canvas width before a new shelf of boxes starts (px)
+_SHELF_PX = 1024
+
+_C = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_C_MAFIC_Q = [_C[name] for name in _MAFIC_Q_NAMES]
+_C_FE_Q = [_C["fe_frac_p10"], _C["fe_frac_p50"], _C["fe_frac_p90"]]
 
 
 class _Histogram:
     """Fixed bins for weighted quantiles in O(n) (no sort): the cumulative weight at the bin
-    edges, interpolated linearly inside the bin where it crosses q."""
+    edges, interpolated linearly inside the bin where it crosses q (as ``np.interp``)."""
 
     def __init__(self, lo: float, hi: float, step: float):
         self.n_bins = int(round((hi - lo) / step))
@@ -92,13 +106,29 @@ class _Histogram:
         self.top = np.float32(self.n_bins - 0.5)
         self.edges = lo + step * np.arange(self.n_bins + 1)
 
-    def quantiles(self, values: np.ndarray, weights: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def quantiles(self, values: np.ndarray, weights: np.ndarray, label: np.ndarray, n: int,
+                  q: np.ndarray) -> np.ndarray:
+        """Weighted quantiles ``q`` of each of ``n`` groups (``label`` 0..n-1 per value): (n, len(q))."""
         v = values * self.scale
         v += self.shift
         np.clip(v, 0.0, self.top, out=v)
-        cum = np.zeros(self.n_bins + 1)
-        np.cumsum(np.bincount(v.astype(np.intp), weights=weights, minlength=self.n_bins), out=cum[1:])
-        return np.interp(q * cum[-1], cum, self.edges)
+        nb = self.n_bins
+        key = label * nb
+        key += v.astype(np.intp)
+        cum = np.zeros((n, nb + 1))
+        np.cumsum(np.bincount(key, weights=weights, minlength=n * nb).reshape(n, nb), axis=1, out=cum[:, 1:])
+        x = q * cum[:, -1:]  # (n, nq)
+        # np.interp(x, cum, edges) row by row: j = the last edge with cum <= x (cum never decreases)
+        j = (cum[:, None, :] <= x[:, :, None]).sum(axis=2) - 1
+        rows = np.arange(n)[:, None]
+        c0 = cum[rows, j]
+        j1 = np.minimum(j + 1, nb)
+        c1 = cum[rows, j1]
+        e0, e1 = self.edges[j], self.edges[j1]
+        inner = (j < nb) & (c0 != x)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inside = (e1 - e0) / (c1 - c0) * (x - c0) + e0
+        return np.where(inner, inside, e0)
 
 
 #: weighted quantiles: value range and bin width of each distribution
@@ -106,69 +136,318 @@ _MAFIC_HIST = _Histogram(-1.0, 8.0, 0.02)
 _FE_HIST = _Histogram(-0.5, 1.5, 0.01)
 
 
-def _weighted_mean_std(values: np.ndarray, weights: np.ndarray, total: float) -> tuple[float, float]:
-    mean = float(values @ weights) / total
-    dev = values - np.float32(mean)
+def _texture_window(pixel_pitch_mm: float, line_pitch_mm: float) -> tuple[int, int]:
+    """Box (columns, rows) whose mean inside the rock is the texture's local background."""
+    return (2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / pixel_pitch_mm)), 1) + 1,
+            2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / line_pitch_mm)), 1) + 1)
+
+
+class _Layout:
+    """Particle boxes side by side on one canvas, shelf by shelf (tallest first), ``gap`` px
+    of empty belt between them and around the canvas: no filter reaches from one rock to
+    the next, so each reads as if it were alone on the belt."""
+
+    def __init__(self, heights: list[int], widths: list[int], gap: int):
+        order = sorted(range(len(heights)), key=lambda i: -heights[i])
+        self.y = [0] * len(heights)
+        self.x = [0] * len(heights)
+        limit = max(_SHELF_PX, max(widths) + 2 * gap)
+        y = x = gap
+        shelf = width = 0
+        for i in order:
+            if x > gap and x + widths[i] + gap > limit:
+                y += shelf + gap
+                x, shelf = gap, 0
+            shelf = max(shelf, heights[i])
+            self.y[i], self.x[i] = y, x
+            x += widths[i] + gap
+            width = max(width, x)
+        self.shape = (y + shelf + gap, width)
+
+
+class _Workspace:
+    """Scratch canvases, grown on demand and reused from chunk to chunk (one per thread)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def canvases(self, h: int, w: int) -> tuple[np.ndarray, ...]:
+        """(h, w, 2) float32, (h, w, 4) float32 x 2, (h, w) uint8 mask and label; contents undefined."""
+        if h * w > self.size:
+            self.size = max(h * w, 2 * self.size, 1 << 15)
+            self._a = np.empty(2 * self.size, np.float32)
+            self._f1 = np.empty(4 * self.size, np.float32)
+            self._f2 = np.empty(4 * self.size, np.float32)
+            self._m8 = np.empty(self.size, np.uint8)
+            self._lab = np.empty(self.size, np.uint8)
+        n = h * w
+        return (self._a[:2 * n].reshape(h, w, 2), self._f1[:4 * n].reshape(h, w, 4),
+                self._f2[:4 * n].reshape(h, w, 4), self._m8[:n].reshape(h, w), self._lab[:n].reshape(h, w))
+
+
+_LOCAL = threading.local()
+
+
+def _workspace() -> _Workspace:
+    ws = getattr(_LOCAL, "ws", None)
+    if ws is None:
+        ws = _LOCAL.ws = _Workspace()
+    return ws
+
+
+def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibration, pixel_pitch_mm: float,
+                   line_pitch_mm: float, *, out: np.ndarray | None = None) -> np.ndarray:
+    """The feature vectors of several particles, computed together.
+
+    The particles' boxes are laid out on one canvas with empty belt between them, so the
+    material maps, smoothing and filters run once for all of them and the statistics come
+    out per particle from sums over its pixels; each particle's numbers are those it gets
+    alone (:func:`particle_features` is this function on one crop).
+
+    Parameters
+    ----------
+    crops : sequence of (a, mask)
+        ``a`` (h, w, 2) float32, attenuation of the particle's box (a margin of belt around
+        it is allowed; it may be a strided view), ``mask`` (h, w) bool, its pixels.
+    cal : Calibration (its basis table and starved level).
+    pixel_pitch_mm, line_pitch_mm : pixel size across and along the belt.
+    out : (n, F) ndarray of float32, optional
+
+    Returns
+    -------
+    (n, F) ndarray of float32 in :data:`FEATURE_NAMES` order; always finite (an empty mask
+    gives zeros). Inputs are not modified.
+    """
+    if not (pixel_pitch_mm > 0 and line_pitch_mm > 0):
+        raise ValueError(f"pitches must be > 0, got pixel {pixel_pitch_mm!r}, line {line_pitch_mm!r} mm")
+    n = len(crops)
+    if out is None:
+        out = np.empty((n, N_FEATURES), np.float32)
+    elif out.shape != (n, N_FEATURES) or out.dtype != np.float32:
+        raise ValueError(f"`out` (shape {out.shape}, {out.dtype}) must be float32 of shape ({n}, {N_FEATURES})")
+    win = _texture_window(pixel_pitch_mm, line_pitch_mm)
+    gap = max(_PAD, win[0] // 2, win[1] // 2)
+    group: list[tuple] = []
+    pixels = 0
+    for i, (a, mask) in enumerate(crops):
+        a = np.asarray(a)
+        mask = np.asarray(mask, dtype=bool)
+        if a.ndim != 3 or a.shape[2] != 2 or mask.shape != a.shape[:2]:
+            raise ValueError(f"crop {i}: `a` (shape {a.shape}) must be (h, w, 2) and `mask` (shape {mask.shape}) (h, w)")
+        m8 = mask.view(np.uint8)
+        c0, r0, bw, bh = cv2.boundingRect(m8)
+        if bw == 0 or bh == 0:
+            out[i] = 0.0
+            continue
+        # trim to the mask: the result cannot depend on the caller's margin
+        group.append((i, a[r0:r0 + bh, c0:c0 + bw], m8[r0:r0 + bh, c0:c0 + bw]))
+        pixels += (bh + gap) * (bw + gap)
+        if len(group) >= _BATCH_PARTICLES or pixels >= _BATCH_PIXELS:
+            _batch(group, cal, pixel_pitch_mm, line_pitch_mm, win, gap, out)
+            group, pixels = [], 0
+    if group:
+        _batch(group, cal, pixel_pitch_mm, line_pitch_mm, win, gap, out)
+    return out
+
+
+def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, win: tuple[int, int], gap: int,
+           out: np.ndarray) -> None:
+    n = len(group)
+    lay = _Layout([m.shape[0] for _, _, m in group], [m.shape[1] for _, _, m in group], gap)
+    h, w = lay.shape
+    canvas_a, t4, t4b, m8, label = _workspace().canvases(h, w)
+    m8.fill(0)
+    label.fill(0)
+    for k, (_, a, m) in enumerate(group):
+        box = (slice(lay.y[k], lay.y[k] + m.shape[0]), slice(lay.x[k], lay.x[k] + m.shape[1]))
+        canvas_a[box] = a  # only the rock's pixels are read back
+        m8[box] = m
+        if k:
+            np.multiply(m, np.uint8(k), out=label[box])
+    # rock pixels grouped by particle, each in raster order: per-particle sums are segment sums
+    rock = np.flatnonzero(m8.view(bool))
+    if n > 1:
+        rock = rock[np.argsort(label.ravel()[rock], kind="stable")]
+    area_px = np.array([cv2.countNonZero(m) for _, _, m in group])
+    start = np.cumsum(area_px) - area_px
+    lab = np.repeat(np.arange(n), area_px)
+    # pixels of 2 or 4 float32 channels move as one complex64 / complex128 number
+    a_rock = np.take(canvas_a.reshape(-1).view(np.complex64), rock).view(np.float32).reshape(-1, 2)
+    if not np.isfinite(a_rock.sum()):  # a broken pixel must not poison the whole rock
+        np.nan_to_num(a_rock, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    f = np.zeros((n, N_FEATURES))
+    _shape(group, lay, m8, label, rock, start, area_px, pp, lp, f)
+
+    # material maps inside each rock (normalize._smooth_inside, on the whole canvas at once):
+    # channels T_low, T_high, 1 on the rock, 0 elsewhere
+    trans = np.negative(a_rock)
+    cv2.exp(trans, dst=trans)
+    rows = np.empty((rock.size, 4), np.float32)
+    rows.view(np.complex64)[:, 0] = trans.view(np.complex64)[:, 0]
+    rows.view(np.complex64)[:, 1] = 1.0  # channels 2, 3: (1, 0)
+    t4.fill(0.0)
+    canvas4 = t4.reshape(-1).view(np.complex128)
+    canvas4[rock] = rows.reshape(-1).view(np.complex128)
+    blurred_transmission(t4, 1.0, dst=t4b)
+    blurred = np.take(t4b.reshape(-1).view(np.complex128), rock).view(np.float32).reshape(-1, 4)
+    a_low, a_high = smoothed_attenuation(blurred)
+    t_pom, t_fe = basis_thickness(a_low, a_high, cal)
+    fe, mafic, thick = mafic_line(t_pom, t_fe)
+    starved = a_rock[:, 0] > np.float32(cal.starved_a_low)
+
+    seg = np.add.reduceat
+    f[:, _C["thickness_mean_mm"]] = seg(thick, start, dtype=np.float64) / area_px
+    # np.partition's k of each rock (the 90th-percentile pixel)
+    k90 = (0.9 * (area_px - 1)).astype(np.intp)
+    f[:, _C["thickness_p90_mm"]] = [np.partition(thick[s:s + a], k)[k] for s, a, k in zip(start, area_px, k90)]
+    f[:, _C["volume_cm3"]] = seg(np.maximum(thick, 0.0), start, dtype=np.float64) * (pp * lp * 1e-3)
+    f[:, _C["starved_share"]] = seg(starved, start, dtype=np.intp) / area_px
+
+    core = _reliable(m8, rock, lab, start, area_px, starved)
+    c_lab = lab[core]
+    n_core = seg(core, start, dtype=np.intp)
+    c_start = np.cumsum(n_core) - n_core
+    f[:, _C["interior_share"]] = n_core / area_px
+    a_low_c, a_high_c = a_low[core], a_high[core]
+    sum_low = seg(a_low_c, c_start, dtype=np.float64)
+    sum_high = seg(a_high_c, c_start, dtype=np.float64)
+    f[:, _C["a_low_mean"]] = sum_low / n_core
+    f[:, _C["a_high_mean"]] = sum_high / n_core
+    f[:, _C["r_mean"]] = sum_low / np.maximum(sum_high, 1e-3 * n_core)
+
+    wts = np.maximum(thick[core], np.float32(0.0))
+    total = seg(wts, c_start, dtype=np.float64)
+    flat = ~(total > 0)  # a noise-level rock: weight its pixels equally
+    if flat.any():
+        wts[flat[c_lab]] = 1.0
+        total[flat] = n_core[flat]
+    mafic_c, fe_c = mafic[core], fe[core]
+    f[:, _C["mafic_mean"]], f[:, _C["mafic_std"]] = _weighted_mean_std(mafic_c, wts, c_lab, c_start, total)
+    f[:, _C["fe_frac_mean"]], f[:, _C["fe_frac_std"]] = _weighted_mean_std(fe_c, wts, c_lab, c_start, total)
+    f[:, _C_MAFIC_Q] = _MAFIC_HIST.quantiles(mafic_c, wts, c_lab, n, _Q)
+    f[:, _C_FE_Q] = _FE_HIST.quantiles(fe_c, wts, c_lab, n, _Q_FE)
+    f[:, _C["fayalite_share"]] = seg(wts * (mafic_c > FAYALITE_LEVEL), c_start, dtype=np.float64) / total
+    f[:, _C["oxide_share"]] = seg(wts * (mafic_c > OXIDE_LEVEL), c_start, dtype=np.float64) / total
+
+    # texture: what is left after removing the local background (box mean inside the rock,
+    # so the belt does not leak in), thickness-weighted so the noisy rim does not dominate
+    rows[:, 1] = mafic  # (rock mask, mafic_frac, smoothed A_high, 0), 0 outside
+    rows[:, 2] = a_high
+    rows[:, 0] = 1.0
+    rows[:, 3] = 0.0
+    t4.fill(0.0)
+    canvas4[rock] = rows.reshape(-1).view(np.complex128)
+    cv2.boxFilter(t4, -1, win, dst=t4b, borderType=cv2.BORDER_CONSTANT)
+    bg = np.take(t4b.reshape(-1).view(np.complex128), rock[core]).view(np.float32).reshape(-1, 4)
+    den = bg[:, 0]  # > 0: every interior pixel is its own neighbour
+    for col, vals, name in ((1, mafic_c, "mafic_texture"), (2, a_high_c, "a_high_contrast")):
+        hp = bg[:, col] / den
+        np.subtract(vals, hp, out=hp)
+        hp *= hp
+        hp *= wts
+        f[:, _C[name]] = np.sqrt(np.maximum(seg(hp, c_start, dtype=np.float64), 0.0) / total)
+    f[:, _C["a_high_contrast"]] /= np.maximum(f[:, _C["a_high_mean"]], 1e-3)
+
+    f[~np.isfinite(f)] = 0.0
+    out[[i for i, _, _ in group]] = f
+
+
+def _weighted_mean_std(values: np.ndarray, weights: np.ndarray, label: np.ndarray, start: np.ndarray,
+                       total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    seg = np.add.reduceat
+    mean = seg(values * weights, start, dtype=np.float64) / total
+    dev = values - mean.astype(np.float32)[label]
     dev *= dev
-    return mean, math.sqrt(max(float(dev @ weights) / total, 0.0))
+    dev *= weights
+    return mean, np.sqrt(np.maximum(seg(dev, start, dtype=np.float64) / total, 0.0))
 
 
-def _shape_features(m8: np.ndarray, area_px: int, pixel_pitch_mm: float, line_pitch_mm: float,
-                    f: dict[str, float]) -> None:
-    area = area_px * pixel_pitch_mm * line_pitch_mm
-    f["area_mm2"] = area
-    f["equiv_diameter_mm"] = math.sqrt(4.0 * area / math.pi)
-    mo = cv2.moments(m8, binaryImage=True)
-    # central second moments in mm2 per unit area; + pitch^2/12: each pixel is a square, not a point
-    cxx = mo["mu20"] / mo["m00"] * pixel_pitch_mm ** 2 + pixel_pitch_mm ** 2 / 12.0
-    cyy = mo["mu02"] / mo["m00"] * line_pitch_mm ** 2 + line_pitch_mm ** 2 / 12.0
-    cxy = mo["mu11"] / mo["m00"] * pixel_pitch_mm * line_pitch_mm
+def _shape(group: list[tuple], lay: _Layout, m8: np.ndarray, label: np.ndarray, rock: np.ndarray,
+           start: np.ndarray, area_px: np.ndarray, pp: float, lp: float, f: np.ndarray) -> None:
+    n = len(group)
+    area = area_px * (pp * lp)
+    f[:, _C["area_mm2"]] = area
+    f[:, _C["equiv_diameter_mm"]] = np.sqrt(4.0 * area / math.pi)
+    # central moments from integer coordinate sums (exact), relative to each box's corner
+    row, col = np.divmod(rock, m8.shape[1])
+    row -= np.repeat(lay.y, area_px)
+    col -= np.repeat(lay.x, area_px)
+    seg = np.add.reduceat
+    s_r, s_c = seg(row, start), seg(col, start)
+    m00 = area_px.astype(np.float64)
+    mu = np.stack([seg(col * col, start) - s_c * s_c / m00, seg(row * row, start) - s_r * s_r / m00,
+                   seg(row * col, start) - s_r * s_c / m00], axis=1) / m00[:, None]
+    # central second moments in mm2; + pitch^2/12: each pixel is a square, not a point
+    cxx = mu[:, 0] * pp ** 2 + pp ** 2 / 12.0
+    cyy = mu[:, 1] * lp ** 2 + lp ** 2 / 12.0
+    cxy = mu[:, 2] * pp * lp
     half_tr, det = 0.5 * (cxx + cyy), cxx * cyy - cxy * cxy
-    root = math.sqrt(max(half_tr * half_tr - det, 0.0))
-    lam1, lam2 = half_tr + root, max(half_tr - root, 0.0)
+    root = np.sqrt(np.maximum(half_tr * half_tr - det, 0.0))
+    lam1, lam2 = half_tr + root, np.maximum(half_tr - root, 0.0)
     # a uniform ellipse of semi-axis s has variance s^2/4 along it: full length = 4 sqrt(lambda)
-    f["length_mm"] = 4.0 * math.sqrt(lam1)
-    f["width_mm"] = 4.0 * math.sqrt(lam2)
-    f["elongation"] = f["length_mm"] / max(f["width_mm"], 1e-6)
+    length, width = 4.0 * np.sqrt(lam1), 4.0 * np.sqrt(lam2)
+    f[:, _C["length_mm"]] = length
+    f[:, _C["width_mm"]] = width
+    f[:, _C["elongation"]] = length / np.maximum(width, 1e-6)
+    # solidity and convexity of each rock's longest outer contour
     contours, _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    c = max(contours, key=len)
-    f["solidity"] = f["convexity"] = 1.0
-    if len(c) >= 3:
-        # in mm: the ratios are scale-free, but not free of an anisotropic pitch
-        cm = c if pixel_pitch_mm == line_pitch_mm else \
-            c.reshape(-1, 2).astype(np.float32) * np.float32([pixel_pitch_mm, line_pitch_mm])
-        hull = cv2.convexHull(cm)
+    best: list = [None] * n
+    for c in contours:
+        x, y = c[0, 0]
+        k = label[y, x]
+        if best[k] is None or len(c) > len(best[k]):
+            best[k] = c
+    scale = None if pp == lp else np.float32([pp, lp])
+    sol, cvx = f[:, _C["solidity"]], f[:, _C["convexity"]]
+    sol[:] = 1.0
+    cvx[:] = 1.0
+    for k, c in enumerate(best):
+        if c is None or len(c) < 3:
+            continue
+        if scale is not None:
+            # in mm: the ratios are scale-free, but not free of an anisotropic pitch
+            # (coordinates from the corner of the box padded by _PAD, as the box alone gives them)
+            c = (c - np.int32([lay.x[k] - _PAD, lay.y[k] - _PAD])).reshape(-1, 2).astype(np.float32) * scale
+        hull = cv2.convexHull(c)
         hull_area = cv2.contourArea(hull)
         if hull_area > 0:
-            f["solidity"] = min(cv2.contourArea(cm) / hull_area, 1.0)
-        per = cv2.arcLength(cm, True)
+            sol[k] = min(cv2.contourArea(c) / hull_area, 1.0)
+        per = cv2.arcLength(c, True)
         if per > 0:
-            f["convexity"] = min(cv2.arcLength(hull, True) / per, 1.0)
+            cvx[k] = min(cv2.arcLength(hull, True) / per, 1.0)
 
 
-def _reliable(m8: np.ndarray, starved: np.ndarray) -> np.ndarray:
-    """Pixels for the material statistics, (h, w) uint8: the mask eroded by EDGE_PX (less
-    when nothing would be left), without starved pixels; if that leaves nothing, the
-    unstarved rim; if the whole rock is starved, the interior all the same."""
-    interior = m8
-    for r in (EDGE_PX, 1):
-        eroded = cv2.erode(m8, _DISK[r], borderType=cv2.BORDER_CONSTANT, borderValue=0)
-        if cv2.countNonZero(eroded):
-            interior = eroded
-            break
-    if not starved.any():
+def _reliable(m8: np.ndarray, rock: np.ndarray, lab: np.ndarray, start: np.ndarray, area_px: np.ndarray,
+              starved: np.ndarray) -> np.ndarray:
+    """Which rock pixels enter the material statistics, (N,) bool over ``rock``: per rock, the
+    mask eroded by EDGE_PX (less when nothing would be left), without starved pixels; if
+    that leaves nothing, the unstarved rim; if the whole rock is starved, the interior all
+    the same."""
+    seg = np.add.reduceat
+    flat = m8.ravel()
+    e2 = np.take(cv2.erode(m8, _DISK[EDGE_PX], borderType=cv2.BORDER_CONSTANT, borderValue=0).ravel(), rock)
+    no2 = seg(e2, start, dtype=np.intp) == 0
+    interior = e2.view(bool)
+    if no2.any():
+        e1 = np.take(cv2.erode(m8, _DISK[1], borderType=cv2.BORDER_CONSTANT, borderValue=0).ravel(), rock)
+        no1 = seg(e1, start, dtype=np.intp) == 0
+        interior = interior | (e1.view(bool) & no2[lab]) | no1[lab]
+    del flat
+    n_starved = seg(starved, start, dtype=np.intp)
+    if not n_starved.any():
         return interior
-    fed = (~starved).view(np.uint8)
-    for region in (interior, m8):
-        ok = cv2.bitwise_and(region, fed)
-        if cv2.countNonZero(ok):
-            return ok
-    return interior
+    fed = ~starved
+    ok = interior & fed
+    has_ok = seg(ok, start, dtype=np.intp) > 0
+    has_fed = n_starved < area_px
+    # 0: the interior as it is, 1: its unstarved pixels, 2: the unstarved rim
+    mode = np.where(n_starved == 0, 0, np.where(has_ok, 1, np.where(has_fed, 2, 0)))[lab]
+    return np.where(mode == 0, interior, np.where(mode == 1, ok, fed))
 
 
 def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_pitch_mm: float,
                       line_pitch_mm: float, *, out: np.ndarray | None = None) -> np.ndarray:
-    """The feature vector of one particle.
+    """The feature vector of one particle: :func:`features_batch` of one crop.
 
     Parameters
     ----------
@@ -176,7 +455,7 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
         Attenuation of the particle's box (a margin of belt around it is allowed).
     mask : (h, w) ndarray of bool
         The particle's pixels.
-    cal : Calibration (its basis table, through :func:`sorting.normalize.material_maps`).
+    cal : Calibration (its basis table and starved level).
     pixel_pitch_mm, line_pitch_mm : pixel size across and along the belt.
     out : (F,) ndarray of float32, optional
 
@@ -189,85 +468,17 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
     mask = np.asarray(mask, dtype=bool)
     if a.ndim != 3 or a.shape[2] != 2 or mask.shape != a.shape[:2]:
         raise ValueError(f"`a` (shape {a.shape}) must be (h, w, 2) and `mask` (shape {mask.shape}) (h, w)")
-    if not (pixel_pitch_mm > 0 and line_pitch_mm > 0):
-        raise ValueError(f"pitches must be > 0, got pixel {pixel_pitch_mm!r}, line {line_pitch_mm!r} mm")
     if out is None:
         out = np.zeros(N_FEATURES, np.float32)
     elif out.shape != (N_FEATURES,) or out.dtype != np.float32:
         raise ValueError(f"`out` (shape {out.shape}, {out.dtype}) must be float32 of shape ({N_FEATURES},)")
-    m_in = np.ascontiguousarray(mask).view(np.uint8)
-    c0, r0, bw, bh = cv2.boundingRect(m_in)
-    if bw == 0 or bh == 0:
-        out[:] = 0.0
-        return out
-    # trim to the mask and pad with empty belt: the result cannot depend on the caller's margin
-    h, w = bh + 2 * _PAD, bw + 2 * _PAD
-    inner = (slice(_PAD, _PAD + bh), slice(_PAD, _PAD + bw))
-    m8 = np.zeros((h, w), np.uint8)
-    m8[inner] = m_in[r0:r0 + bh, c0:c0 + bw]
-    ab = np.zeros((h, w, 2), np.float32)
-    ab[inner] = a[r0:r0 + bh, c0:c0 + bw]
-    if not math.isfinite(float(ab.sum())):  # a broken pixel must not poison the whole rock
-        np.nan_to_num(ab, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    rock = m8.view(bool)
-    area_px = int(cv2.countNonZero(m8))
-    px_area = pixel_pitch_mm * line_pitch_mm
-    f: dict[str, float] = {}
-    _shape_features(m8, area_px, pixel_pitch_mm, line_pitch_mm, f)
-
-    maps = material_maps(ab, rock, cal)  # its maps are 0 outside the mask
-    thick = maps.thickness_mm[rock]
-    k90 = int(0.9 * (thick.size - 1))
-    f["thickness_mean_mm"] = float(thick.sum()) / thick.size
-    f["thickness_p90_mm"] = float(np.partition(thick, k90)[k90])
-    f["volume_cm3"] = float(np.maximum(thick, 0.0).sum()) * px_area * 1e-3
-
-    idx = np.flatnonzero(_reliable(m8, maps.starved))
-    n_core = idx.size
-    f["interior_share"] = n_core / area_px
-    a_low, a_high = maps.a_low.ravel()[idx], maps.a_high.ravel()[idx]
-    sum_low, sum_high = float(a_low.sum()), float(a_high.sum())
-    f["a_low_mean"] = sum_low / n_core
-    f["a_high_mean"] = sum_high / n_core
-    f["r_mean"] = sum_low / max(sum_high, 1e-3 * n_core)
-
-    wts = np.maximum(maps.thickness_mm.ravel()[idx], np.float32(0.0))
-    total = float(wts.sum())
-    if not total > 0:  # a noise-level rock: weight its pixels equally
-        wts = np.ones_like(wts)
-        total = float(n_core)
-    mafic = maps.mafic_frac.ravel()[idx]
-    fe = maps.fe_frac.ravel()[idx]
-    f["mafic_mean"], f["mafic_std"] = _weighted_mean_std(mafic, wts, total)
-    f["fe_frac_mean"], f["fe_frac_std"] = _weighted_mean_std(fe, wts, total)
-    f.update(zip(_MAFIC_Q_NAMES, _MAFIC_HIST.quantiles(mafic, wts, _Q).tolist()))
-    f["fe_frac_p10"], f["fe_frac_p50"], f["fe_frac_p90"] = _FE_HIST.quantiles(fe, wts, _Q_FE).tolist()
-    f["fayalite_share"] = float(wts[mafic > FAYALITE_LEVEL].sum()) / total
-    f["oxide_share"] = float(wts[mafic > OXIDE_LEVEL].sum()) / total
-
-    # texture: what is left after removing the local background (box mean inside the rock,
-    # so the belt does not leak in), thickness-weighted so the noisy rim does not dominate
-    win = (2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / pixel_pitch_mm)), 1) + 1,
-           2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / line_pitch_mm)), 1) + 1)
-    den = cv2.boxFilter(rock.astype(np.float32), -1, win, borderType=cv2.BORDER_CONSTANT).ravel()[idx]
-    for src, vals, name in ((maps.mafic_frac, mafic, "mafic_texture"), (maps.a_high, a_high, "a_high_contrast")):
-        bg = cv2.boxFilter(src, -1, win, borderType=cv2.BORDER_CONSTANT).ravel()[idx]
-        bg /= den  # den > 0: every interior pixel is its own neighbour
-        hp = vals - bg
-        hp *= hp
-        f[name] = math.sqrt(max(float(hp @ wts), 0.0) / total)
-    f["a_high_contrast"] /= max(f["a_high_mean"], 1e-3)
-    f["starved_share"] = float(cv2.countNonZero(maps.starved.view(np.uint8))) / area_px
-
-    out[:] = [f[name] for name in FEATURE_NAMES]
-    if not np.isfinite(out).all():
-        out[~np.isfinite(out)] = 0.0
+    features_batch([(a, mask)], cal, pixel_pitch_mm, line_pitch_mm, out=out.reshape(1, N_FEATURES))
     return out
 
 
 def feature_table(crops: Iterable[tuple[np.ndarray, np.ndarray]], cal: Calibration, pixel_pitch_mm: float,
                   line_pitch_mm: float) -> np.ndarray:
-    """Features of many particles.
+    """Features of many particles (:func:`features_batch` on any iterable).
 
     Parameters
     ----------
@@ -277,17 +488,18 @@ def feature_table(crops: Iterable[tuple[np.ndarray, np.ndarray]], cal: Calibrati
     -------
     (n, F) ndarray of float32; no input gives shape (0, F).
     """
-    rows = [particle_features(a, m, cal, pixel_pitch_mm, line_pitch_mm) for a, m in crops]
-    if not rows:
-        return np.zeros((0, N_FEATURES), np.float32)
-    return np.stack(rows)
+    return features_batch(list(crops), cal, pixel_pitch_mm, line_pitch_mm)
+
+
+#: rocks whose features are computed together in the batch path
+_DATASET_BATCH = 32
 
 
 def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] | None = None,
                      progress: bool = True, config: SegmentConfig = SegmentConfig()
                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The batch path over an ``xrt-rocks/1`` dataset: crop -> attenuation -> segment_crop
-    -> particle_features on the rock's box.
+    -> features of the rock's box (:func:`features_batch`, a few dozen rocks at a time).
 
     Returns
     -------
@@ -300,6 +512,8 @@ def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] |
     ok = np.zeros(len(idx), bool)
     problems: list[str] = []
     pp, lp = float(ds.pixel_pitch_mm), float(ds.line_pitch_mm)
+    pending: list[int] = []
+    crops: list[tuple[np.ndarray, np.ndarray]] = []
     for k, i in enumerate(tqdm(idx, desc="features", unit="rock", disable=not progress)):
         row = ds.rows[i]
         a = attenuation(ds.crop(i), cal, row.x0)
@@ -307,9 +521,13 @@ def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] |
         if problem is not None:
             problems.append(f"{row.rock_id}: {problem}")
             continue
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        particle_features(a[box], mask[box], cal, pp, lp, out=x[k])
-        ok[k] = True
+        pending.append(k)
+        crops.append((a, mask))
+        if len(pending) >= _DATASET_BATCH:
+            x[pending] = features_batch(crops, cal, pp, lp)
+            ok[pending] = True
+            pending, crops = [], []
+    if pending:
+        x[pending] = features_batch(crops, cal, pp, lp)
+        ok[pending] = True
     return x, ok, problems

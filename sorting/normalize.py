@@ -6,6 +6,7 @@ plus ``x0``, the detector column of its column 0 (CONTRACT.md section 1).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -33,6 +34,8 @@ _BASIS_ENERGIES_KEV = np.arange(40.0, 150.5, 1.0)
 MIXTURES: dict[str, dict[str, float]] = {"syenite": {"albite": 0.5, "orthoclase": 0.5}}
 #: the mafic line runs from this (0) to that (1)
 MAFIC_ENDS = ("syenite", "hedenbergite")
+#: remap's coordinates are 16-bit: rows and columns per block below SHRT_MAX
+_REMAP_BLOCK = 32000
 
 
 # ---------------------------------------------------------------- attenuation
@@ -216,6 +219,109 @@ class MaterialMaps:
     starved: np.ndarray  # (L, W) bool
 
 
+class _BasisTable:
+    """The calibration's basis inverse with both thicknesses interleaved, (nR, nA, 2): one
+    ``cv2.remap`` per lookup, and both values of a table cell in the same cache line.
+    Bilinear weights are per channel, so it reads exactly what ``BasisLUT.invert`` reads."""
+
+    def __init__(self, lut) -> None:
+        self.table = np.ascontiguousarray(np.stack([lut.t_pom_mm, lut.t_fe_mm], axis=-1), dtype=np.float32)
+        self.n_r, self.n_a = lut.t_pom_mm.shape
+        self.x_scale = np.float32(1.0 / lut.a_high_step)
+        self.r_min = np.float32(lut.r_min)
+        self.y_scale = np.float32(1.0 / lut.r_step)
+
+
+#: per basis table (treated as immutable, like the calibration that holds it)
+_BASIS_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _basis_table(cal: Calibration) -> _BasisTable:
+    tab = _BASIS_TABLES.get(cal.lut)
+    if tab is None:
+        tab = _BASIS_TABLES[cal.lut] = _BasisTable(cal.lut)
+    return tab
+
+
+def basis_thickness(a_low: np.ndarray, a_high: np.ndarray, cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
+    """POM and iron thicknesses (mm) that attenuate like ``(a_low, a_high)``: the same numbers
+    as ``cal.lut.invert``, in one table lookup.
+
+    Parameters
+    ----------
+    a_low, a_high : (N,) or (L, W) ndarray of float32, same shape, C-contiguous
+
+    Returns
+    -------
+    t_pom_mm, t_fe_mm : C-contiguous float32 arrays of the input's shape.
+    """
+    tab = _basis_table(cal)
+    shape = a_low.shape
+    map_x = a_high * tab.x_scale
+    map_y = np.maximum(a_high, np.float32(1e-3))
+    np.divide(a_low, map_y, out=map_y)
+    map_y -= tab.r_min
+    map_y *= tab.y_scale
+    # keep far-off (noise, inf) coordinates inside remap's fixed-point range
+    np.clip(map_x, -1.0, tab.n_a, out=map_x)
+    np.clip(map_y, -1.0, tab.n_r, out=map_y)
+    out = np.empty(shape + (2,), np.float32)
+    if len(shape) == 2 and max(shape) < _REMAP_BLOCK:
+        blocks = [(map_x, map_y, out)]
+    else:  # remap's rows and columns must stay below SHRT_MAX
+        fx, fy, fo = map_x.reshape(-1), map_y.reshape(-1), out.reshape(-1, 2)
+        blocks = [(fx[i:i + _REMAP_BLOCK].reshape(1, -1), fy[i:i + _REMAP_BLOCK].reshape(1, -1),
+                   fo[i:i + _REMAP_BLOCK].reshape(1, -1, 2)) for i in range(0, fx.size, _REMAP_BLOCK)]
+    for mx, my, o in blocks:
+        if mx.size:
+            m1, m2 = cv2.convertMaps(mx, my, cv2.CV_16SC2)
+            cv2.remap(tab.table, m1, m2, cv2.INTER_LINEAR, dst=o, borderMode=cv2.BORDER_REPLICATE)
+    t_pom, t_fe = cv2.split(out.reshape(out.shape[0], -1, 2) if out.ndim > 1 else out.reshape(1, -1, 2))
+    return t_pom.reshape(shape), t_fe.reshape(shape)
+
+
+def mafic_line(t_pom: np.ndarray, t_fe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Basis thicknesses -> (fe_frac, mafic_frac, thickness_mm) on the syenite -> hedenbergite
+    line, float32 arrays of the input's shape (elementwise: any layout gives the same numbers)."""
+    total = np.maximum(t_pom + t_fe, np.float32(_FRACTION_FLOOR_MM))
+    fe_frac = t_fe / total
+    inv = _mafic_inverse()
+    syenite = inv[0, 0] * t_pom + inv[0, 1] * t_fe
+    mafic = inv[1, 0] * t_pom + inv[1, 1] * t_fe
+    thickness = syenite + mafic
+    mafic /= np.maximum(thickness, np.float32(_FRACTION_FLOOR_MM))
+    return fe_frac, mafic, thickness
+
+
+def blurred_transmission(t_masked: np.ndarray, sigma_px: float, *, dst: np.ndarray | None = None) -> np.ndarray:
+    """The numerator and denominator of the normalized convolution of :func:`_smooth_inside`
+    in one pass: ``t_masked`` (L, W, 4) float32 holds T_low * mask, T_high * mask, the mask
+    and 0, all 0 outside the mask. Returns its Gaussian blur, (L, W, 4) float32 (into
+    ``dst`` if given).
+
+    One 4-channel image, not a 2-channel one and a mask: OpenCV's single-channel blur
+    rounds differently depending on where a pixel sits in the image, the 4-channel one
+    does not, so a rock gives the same numbers alone or beside others on a canvas (and a
+    16-byte pixel moves as one complex128)."""
+    return cv2.GaussianBlur(t_masked, (0, 0), sigma_px, dst=dst, borderType=cv2.BORDER_REPLICATE)
+
+
+def smoothed_attenuation(blurred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-ln(blur(T mask) / blur(mask)) from the (..., 4) output of :func:`blurred_transmission`
+    (channels T_low, T_high, mask, -): (A_low, A_high), float32 arrays of its shape without
+    the channels (elementwise: any layout gives the same numbers)."""
+    den = np.maximum(blurred[..., 2], np.float32(1e-6))
+    out = np.empty((2,) + den.shape, np.float32)
+    np.divide(blurred[..., 0], den, out=out[0])
+    np.divide(blurred[..., 1], den, out=out[1])
+    # outside the mask num is 0; a tiny floor keeps the log finite there (zeroed later)
+    flat = out.reshape(2, -1)
+    np.maximum(flat, np.float32(1e-30), out=flat)
+    cv2.log(flat, dst=flat)
+    np.negative(out, out=out)
+    return out[0], out[1]
+
+
 def _smooth_inside(a: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.ndarray:
     """Normalized convolution inside the mask, blur(T * mask) / blur(mask), on the
     transmission T = exp(-A), so the belt does not leak in.
@@ -226,20 +332,13 @@ def _smooth_inside(a: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.ndarr
     (~10 quanta left in the low channel) this is the difference between a mafic
     fraction of ~1.15 and ~1.0.
     """
-    m = mask.astype(np.float32)
-    t = np.negative(a)
+    t = np.zeros(a.shape[:2] + (4,), np.float32)
+    np.negative(a, out=t[..., :2])
     flat = t.reshape(t.shape[0], -1)
-    cv2.exp(flat, dst=flat)
-    t *= m[..., None]
-    num = cv2.GaussianBlur(t, (0, 0), sigma_px, borderType=cv2.BORDER_REPLICATE)
-    den = cv2.GaussianBlur(m, (0, 0), sigma_px, borderType=cv2.BORDER_REPLICATE)
-    num /= np.maximum(den, np.float32(1e-6))[..., None]
-    # outside the mask num is 0; a tiny floor keeps the log finite there (zeroed later)
-    flat = num.reshape(num.shape[0], -1)
-    np.maximum(flat, np.float32(1e-30), out=flat)
-    cv2.log(flat, dst=flat)
-    np.negative(num, out=num)
-    return num
+    cv2.exp(flat, dst=flat)  # channel 2 becomes exp(0) = 1: the mask after the multiply
+    t[..., 3] = 0.0
+    t *= mask[..., None]
+    return np.stack(smoothed_attenuation(blurred_transmission(t, sigma_px)), axis=-1)
 
 
 def material_maps(a: np.ndarray, mask: np.ndarray, cal: Calibration, *, smooth_px: float = 1.0,
@@ -274,16 +373,10 @@ def material_maps(a: np.ndarray, mask: np.ndarray, cal: Calibration, *, smooth_p
     sa[outside] = 0.0
     a_low, a_high = np.ascontiguousarray(sa[..., 0]), np.ascontiguousarray(sa[..., 1])
     r = ratio(sa)
-    t_pom, t_fe = cal.lut.invert(a_low, a_high)
+    t_pom, t_fe = basis_thickness(a_low, a_high, cal)
     t_pom[outside] = 0.0
     t_fe[outside] = 0.0
-    total = np.maximum(t_pom + t_fe, np.float32(_FRACTION_FLOOR_MM))
-    fe_frac = t_fe / total
-    inv = _mafic_inverse()
-    syenite = inv[0, 0] * t_pom + inv[0, 1] * t_fe
-    mafic = inv[1, 0] * t_pom + inv[1, 1] * t_fe
-    thickness = syenite + mafic
-    mafic /= np.maximum(thickness, np.float32(_FRACTION_FLOOR_MM))
+    fe_frac, mafic, thickness = mafic_line(t_pom, t_fe)
     if starved_mask is None:
         low_starved = a[..., 0] > np.float32(cal.starved_a_low)
     else:

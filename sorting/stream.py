@@ -16,7 +16,7 @@ import numpy as np
 from .calibrate import Calibration
 from .config import SorterConfig
 from .eject import Timing, plan
-from .features import FEATURE_NAMES, particle_features
+from .features import FEATURE_NAMES, features_batch, particle_features
 from .model import OnnxModel
 from .faults import AirTracker, LineHealth, good_runs
 from .normalize import attenuation_into
@@ -24,7 +24,7 @@ from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
 
 #: a particle is left undecided when less than this remains before its command is due
 SHED_MARGIN_MS = 1.0
-#: lines of belt kept around a particle's box when its features are computed, as the rock crops have
+#: spare ring lines beyond a particle's own (its box is read from the ring when it completes)
 CROP_MARGIN_PX = 4
 
 
@@ -208,14 +208,12 @@ class Pipeline:
 
     # ------------------------------------------------------------ decisions
     def _crop(self, p: Completed) -> tuple[np.ndarray, np.ndarray]:
-        m = CROP_MARGIN_PX
-        l0, l1 = p.line0 - m, p.line1 + m
-        c0, c1 = max(p.col0 - m, 0), min(p.col1 + m, self.pixels - 1)
-        lines = np.arange(l0, l1 + 1) & (self.ring_lines - 1)
-        a = self._ring[lines, c0:c1 + 1]
-        mask = np.zeros(a.shape[:2], bool)
-        mask[p.line0 - l0:p.line1 - l0 + 1, p.col0 - c0:p.col1 - c0 + 1] = p.mask
-        return a, mask
+        """The particle's box of attenuation (a view of the ring unless it wraps) and its mask."""
+        i0, i1 = p.line0 & (self.ring_lines - 1), p.line1 & (self.ring_lines - 1)
+        cols = slice(p.col0, p.col1 + 1)
+        if i0 <= i1:
+            return self._ring[i0:i1 + 1, cols], p.mask
+        return np.concatenate((self._ring[i0:, cols], self._ring[:i1 + 1, cols])), p.mask
 
     def _decide(self, done: list[Completed]) -> list[dict]:
         # by last line: the order in which the stream completes them, whatever the chunk size
@@ -235,12 +233,15 @@ class Pipeline:
         # logged late and undecided
         age_ms = (t0 - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
         undecided = (age_ms + SHED_MARGIN_MS > ej.deadline_ms) if self.shed_late else np.zeros(n, bool)
-        for i, p in enumerate(done):
-            if undecided[i]:
-                x[i] = 0.0
-                continue
-            a, mask = self._crop(p)
-            particle_features(a, mask, self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=x[i])
+        # every particle of the chunk in one pass (the same code as training)
+        if undecided.any():
+            x[undecided] = 0.0
+            keep = np.flatnonzero(~undecided)
+            x[keep] = features_batch([self._crop(done[i]) for i in keep], self.cal, self.timing.pixel_pitch_mm,
+                                     self.line_pitch_mm)
+        elif n:
+            features_batch([self._crop(p) for p in done], self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm,
+                           out=x)
         t1 = time.perf_counter()
         x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
         scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)

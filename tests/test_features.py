@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sorting.features import (FAYALITE_LEVEL, FEATURE_NAMES, FEATURE_VERSION, N_FEATURES, OXIDE_LEVEL,
-                              dataset_features, feature_table, particle_features)
+                              dataset_features, feature_table, features_batch, particle_features)
 
 MINERALS = ("albite", "orthoclase", "hedenbergite", "hastingsite", "fayalite", "magnetite")
 SYENITE = {"albite": 0.5, "orthoclase": 0.5}
@@ -257,3 +257,132 @@ def test_one_broken_pixel_does_not_poison_the_rock(twin):
     broken = feats(a, m, cal)
     assert broken["mafic_mean"] == pytest.approx(clean["mafic_mean"], abs=0.01)
     assert broken["thickness_mean_mm"] == pytest.approx(clean["thickness_mean_mm"], rel=0.01)
+
+
+# ---------------------------------------------------------------- the batch path
+def _rocks(twin, n, seed=0):
+    """``n`` noisy plates of varied size, shape and material, each with a belt margin."""
+    rng = np.random.default_rng(seed)
+    mixes = (SYENITE, ORE40, {"fayalite": 1.0}, {"hedenbergite": 1.0}, {"magnetite": 1.0})
+    crops = []
+    for i in range(n):
+        h, w = int(rng.integers(4, 60)), int(rng.integers(4, 90))
+        m = np.zeros((h + 8, w + 8), np.uint8)
+        cv2.ellipse(m, (w // 2 + 4, h // 2 + 4), (max(w // 2, 1), max(h // 2, 1)), float(rng.uniform(0, 180)),
+                    0, 360, 1, -1)
+        if i % 3 == 0:  # a notch: a concave rock
+            m[h // 2 + 4:, w // 2 + 2:w // 2 + 6] = 0
+        m = m.astype(bool)
+        t = float(rng.uniform(3.0, 45.0))
+        a = plate(twin, mixes[i % len(mixes)], t, m, x0=int(rng.integers(0, 1000)), noise_seed=i + seed)
+        crops.append((a, m))
+    return crops
+
+
+def _reference(a, mask, cal, pp, lp):
+    """The features of one rock computed the plain way, one rock at a time, from the public
+    material maps: moments, contour and hull from OpenCV, quantiles by np.interp on the
+    cumulative weighted histogram, percentiles by partition, texture by box filters."""
+    from sorting.normalize import material_maps
+
+    r, c = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    m = np.pad(mask[r[0]:r[-1] + 1, c[0]:c[-1] + 1], 4)
+    ab = np.pad(np.nan_to_num(a[r[0]:r[-1] + 1, c[0]:c[-1] + 1], nan=0.0, posinf=0.0, neginf=0.0),
+                ((4, 4), (4, 4), (0, 0)))
+    m8 = m.astype(np.uint8)
+    f = {}
+    area = m.sum() * pp * lp
+    f["area_mm2"], f["equiv_diameter_mm"] = area, np.sqrt(4 * area / np.pi)
+    mo = cv2.moments(m8, binaryImage=True)
+    cov = np.array([[mo["mu20"] / mo["m00"] * pp * pp + pp * pp / 12, mo["mu11"] / mo["m00"] * pp * lp],
+                    [mo["mu11"] / mo["m00"] * pp * lp, mo["mu02"] / mo["m00"] * lp * lp + lp * lp / 12]])
+    lam = np.sort(np.clip(np.linalg.eigvalsh(cov), 0, None))[::-1]
+    f["length_mm"], f["width_mm"] = 4 * np.sqrt(lam[0]), 4 * np.sqrt(lam[1])
+    f["elongation"] = f["length_mm"] / max(f["width_mm"], 1e-6)
+    cont = max(cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0], key=len)
+    f["solidity"] = f["convexity"] = 1.0
+    if len(cont) >= 3:
+        pts = cont.reshape(-1, 2).astype(np.float32) * np.float32([pp, lp])
+        hull = cv2.convexHull(pts)
+        f["solidity"] = min(cv2.contourArea(pts) / cv2.contourArea(hull), 1.0) if cv2.contourArea(hull) > 0 else 1.0
+        f["convexity"] = min(cv2.arcLength(hull, True) / cv2.arcLength(pts, True), 1.0)
+    maps = material_maps(ab, m, cal)
+    thick = maps.thickness_mm[m]
+    f["thickness_mean_mm"] = thick.mean()
+    f["thickness_p90_mm"] = np.partition(thick, int(0.9 * (thick.size - 1)))[int(0.9 * (thick.size - 1))]
+    f["volume_cm3"] = np.maximum(thick, 0).sum() * pp * lp * 1e-3
+    core = m8
+    for r_ in (2, 1):
+        e = cv2.erode(m8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_ + 1,) * 2))
+        if e.any():
+            core = e
+            break
+    core = core.astype(bool)
+    if maps.starved.any():
+        core = next((c for c in (core & ~maps.starved, m & ~maps.starved) if c.any()), core)
+    f["interior_share"] = core.sum() / m.sum()
+    f["starved_share"] = maps.starved.sum() / m.sum()
+    lo, hi = maps.a_low[core].astype(float), maps.a_high[core].astype(float)
+    f["a_low_mean"], f["a_high_mean"] = lo.mean(), hi.mean()
+    f["r_mean"] = lo.sum() / max(hi.sum(), 1e-3 * lo.size)
+    w = np.maximum(maps.thickness_mm[core], 0).astype(float)
+    if not w.sum() > 0:
+        w = np.ones_like(w)
+    for name, vals, lo_, hi_, step, qs in (("mafic", maps.mafic_frac[core], -1, 8, 0.02, (10, 25, 50, 75, 90)),
+                                          ("fe_frac", maps.fe_frac[core], -0.5, 1.5, 0.01, (10, 50, 90))):
+        v = vals.astype(float)
+        f[f"{name}_mean"] = np.average(v, weights=w)
+        f[f"{name}_std"] = np.sqrt(np.average((v - f[f"{name}_mean"]) ** 2, weights=w))
+        edges = lo_ + step * np.arange(int(round((hi_ - lo_) / step)) + 1)
+        hist, _ = np.histogram(np.clip(v, lo_, edges[-1] - step / 2), bins=edges, weights=w)
+        cum = np.r_[0, np.cumsum(hist)]
+        for q in qs:
+            f[f"{name}_p{q:02d}"] = np.interp(q / 100 * cum[-1], cum, edges)
+    f["fayalite_share"] = w[maps.mafic_frac[core] > FAYALITE_LEVEL].sum() / w.sum()
+    f["oxide_share"] = w[maps.mafic_frac[core] > OXIDE_LEVEL].sum() / w.sum()
+    win = tuple(2 * max(int(round(2.0 / p)), 1) + 1 for p in (pp, lp))
+    den = cv2.boxFilter(m.astype(np.float32), -1, win, borderType=cv2.BORDER_CONSTANT)[core]
+    for name, src in (("mafic_texture", maps.mafic_frac), ("a_high_contrast", maps.a_high)):
+        bg = cv2.boxFilter(src, -1, win, borderType=cv2.BORDER_CONSTANT)[core] / den
+        f[name] = np.sqrt(np.average((src[core] - bg) ** 2, weights=w))
+    f["a_high_contrast"] /= max(f["a_high_mean"], 1e-3)
+    return np.array([f[name] for name in FEATURE_NAMES])
+
+
+@pytest.mark.parametrize("pp, lp", [(PITCH, PITCH), (0.8, 1.6)])
+def test_batch_matches_the_plain_computation(twin, pp, lp):
+    _, cal = twin
+    crops = _rocks(twin, 12, seed=3)
+    got = features_batch(crops, cal, pp, lp)
+    for (a, m), row in zip(crops, got):
+        want = _reference(a, m, cal, pp, lp)
+        # float32 round-off (sums in another order); a pixel moved across a bin edge would show
+        np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6, err_msg=str(m.shape))
+
+
+def test_batch_equals_singles_whatever_the_neighbours(twin):
+    """More rocks than one canvas shelf and one batch hold, strided views, empty masks among them."""
+    _, cal = twin
+    crops = _rocks(twin, 90, seed=5)
+    big = np.zeros((200, 40), bool)
+    big[5:195, 5:35] = True  # taller than the others: its own shelf height
+    crops.insert(7, (plate(twin, ORE40, 12.0, big, noise_seed=1), big))
+    crops.insert(3, (np.zeros((6, 6, 2), np.float32), np.zeros((6, 6), bool)))
+    wide = np.zeros((20, 1200, 2), np.float32)  # a strided view, as the stream's ring gives
+    wide[:, 400:460] = crops[0][0][:20, :60] if crops[0][0].shape[1] >= 60 else 0.3
+    view = wide[:, 400:460]
+    vm = np.zeros((20, 60), bool)
+    vm[3:17, 5:50] = True
+    crops.append((view, vm))
+    singles = np.stack([particle_features(a, m, cal, PITCH, PITCH) for a, m in crops])
+    out = np.full((len(crops), N_FEATURES), np.nan, np.float32)
+    got = features_batch(crops, cal, PITCH, PITCH, out=out)
+    assert got is out
+    assert not got[3].any()
+    np.testing.assert_allclose(got, singles, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(features_batch(crops[::-1], cal, PITCH, PITCH), got[::-1])
+    assert features_batch([], cal, PITCH, PITCH).shape == (0, N_FEATURES)
+    with pytest.raises(ValueError, match="out"):
+        features_batch(crops, cal, PITCH, PITCH, out=np.zeros((2, N_FEATURES), np.float32))
+    with pytest.raises(ValueError, match="crop 1"):
+        features_batch([crops[0], (crops[0][0], crops[0][1][1:])], cal, PITCH, PITCH)
