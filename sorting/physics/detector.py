@@ -137,17 +137,26 @@ def sample_counts(mean: np.ndarray, var: np.ndarray, pattern: PixelPattern,
     limit, with the read noise folded into the same draw (one normal deviate per pixel).
     """
     mean = np.asarray(mean, dtype=np.float32)
-    var = np.maximum(np.asarray(var, dtype=np.float32), np.float32(1e-12))
+    var = np.asarray(var, dtype=np.float32)
     gain = pattern.gain[columns]
     dark = pattern.dark[columns]
     read = pattern.read_noise[columns]
-    small = np.flatnonzero(mean * mean < _GAUSS_NEQ * var)
+    # in place where it pays: this runs over every pixel of every simulated line
+    tmp = np.multiply(mean, mean)
+    tmp2 = np.maximum(var, np.float32(1e-12))
+    tmp2 *= np.float32(_GAUSS_NEQ)
+    small = np.flatnonzero(tmp < tmp2)
     signal = rng.standard_normal(mean.shape, dtype=np.float32)
-    signal *= np.sqrt(var * (gain * gain) + read * read)
-    signal += mean * gain
+    np.multiply(var, gain * gain, out=tmp)
+    tmp += read * read
+    np.sqrt(tmp, out=tmp)
+    signal *= tmp
+    np.multiply(mean, gain, out=tmp)
+    signal += tmp
     signal += dark
     if small.size:
-        m, v = mean.ravel()[small], var.ravel()[small]
+        m = mean.ravel()[small]
+        v = np.maximum(var.ravel()[small], np.float32(1e-12))
         g = np.broadcast_to(gain, mean.shape).ravel()[small]
         rd = np.broadcast_to(read, mean.shape).ravel()[small]
         dk = np.broadcast_to(dark, mean.shape).ravel()[small]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..config import MachineConfig, OreConfig
@@ -50,6 +51,16 @@ class _Occupancy:
     def __init__(self, lines: int, pixels: int):
         self.base = 0
         self.grid = np.zeros((lines, pixels), np.uint8)
+        self._grown: tuple[np.ndarray, int, np.ndarray] | None = None  # (mask, gap, grown mask)
+
+    def _grow(self, mask: np.ndarray, gap: int) -> np.ndarray:
+        # a rock tries many places: grow its mask once, not at every try
+        if self._grown is None or self._grown[0] is not mask or self._grown[1] != gap:
+            m = mask.view(np.uint8)
+            if gap:
+                m = cv2.dilate(np.pad(m, gap), np.ones((2 * gap + 1, 2 * gap + 1), np.uint8))
+            self._grown = (mask, gap, m)
+        return self._grown[2]
 
     def free(self, mask: np.ndarray, line0: int, col0: int, gap: int) -> bool:
         h, w = mask.shape
@@ -57,10 +68,7 @@ class _Occupancy:
         if r0 < 0 or c0 < 0 or c0 + w + 2 * gap > self.grid.shape[1] or r0 + h + 2 * gap > self.grid.shape[0]:
             return False
         window = self.grid[r0:r0 + h + 2 * gap, c0:c0 + w + 2 * gap]
-        m = mask.view(np.uint8)
-        if gap:
-            m = cv2.dilate(np.pad(m, gap), np.ones((2 * gap + 1, 2 * gap + 1), np.uint8))
-        return not np.any(window & m)
+        return not np.any(window & self._grow(mask, gap))
 
     def mark(self, mask: np.ndarray, line0: int, col0: int) -> None:
         h, w = mask.shape
@@ -172,6 +180,12 @@ class BeltTwin:
         return self.renderer.calibration_scans(np.random.default_rng(self._cal_seq))
 
     def chunks(self):
+        # the small matrix products of the renderer run on one BLAS thread: with rock-making
+        # worker processes on the other cores, a multi-threaded BLAS spins and runs 30x slower
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield from self._chunks()
+
+    def _chunks(self):
         machine, ore, renderer = self.machine, self.ore, self.renderer
         p = machine.detector.pixels
         n_lines = self.n_lines
