@@ -84,6 +84,9 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
     from .runner import build_pipeline, timing_of
     from .sources import replay
 
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")  # one core per lane
     try:
         rec = read_belt_recording(Path(recording))
         timing = timing_of(rec.meta)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .calibrate import calibrate
@@ -70,7 +71,9 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
                mininterval=0.5)
     stopped = False
     try:
-        with _Stop(on_signal) as stop:
+        # the loop is single-threaded by design (one core per belt or lane): a BLAS thread pool
+        # would only spin against the other lanes and the acquisition
+        with _Stop(on_signal) as stop, threadpool_limits(limits=1, user_api="blas"):
             for first, raw, t_in in chunks:
                 events = pipeline.step(first, raw, t_in)
                 if events:
