@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..config import MachineConfig, OreConfig
@@ -68,7 +69,8 @@ def simulate_rocks(out: Path, n: int, seed: int, machine: MachineConfig, ore: Or
         "label_cutoff_ppm": ore.label_cutoff_ppm,
         "tube_kvp": machine.tube.kvp,
     }
-    with RockDatasetWriter(out, meta, scans, extra_columns=("lithotype", "size_mm")) as writer:
+    with RockDatasetWriter(out, meta, scans, extra_columns=("lithotype", "size_mm")) as writer, \
+            threadpool_limits(limits=1, user_api="blas"):  # small products: threads only spin
         for i, seq in enumerate(tqdm(rock_seq.spawn(n), desc="rocks", unit="rock", disable=not progress)):
             rng = np.random.default_rng(seq)
             rock = make_rock(ore, machine, rho, rng)
