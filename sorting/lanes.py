@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .stream import LatencyHistogram
 
 #: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
 DEFAULT_OVERLAP_MM = 200.0
@@ -114,6 +115,7 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
                                                 for e in events]))
         queue.put((k, chunk + 1, pending))
         queue.put((k, None, {"stage_s": pipe.stage_s, "counters": pipe.counters.summary(),
+                             "alarms": dict(pipe.health.episodes), "fault_lines": dict(pipe.health.lines),
                              "cpu_s": time.process_time()}))
     except BaseException as exc:  # noqa: BLE001 - report any worker failure to the parent
         queue.put((k, None, {"error": f"{type(exc).__name__}: {exc}"}))
@@ -146,7 +148,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     finished = [None] * workers
     buffer: list = []  # (chunk, line1, line0, col0, event, t_in)
     merged: list[dict] = []
-    latencies = []
+    latency = LatencyHistogram()
     late = ejected = 0
     resp_s = sorter.ejector.response_ms / 1000.0
 
@@ -161,7 +163,9 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         out = []
         for *_, e, t_in in ready:
             e["particle"] = len(merged) + len(out)
-            lat = (now - t_in) * 1000.0
+            # paced, the lanes share the clock and latency runs to the merged release; unpaced, a
+            # lane may run ahead of the other, so the wait in the merge says nothing: the lane's own
+            lat = (now - t_in) * 1000.0 if realtime else e["_lat0"]
             plan_open = e["open_s"]
             e["latency_ms"] = round(float(lat), 3)
             if plan_open is not None:
@@ -170,7 +174,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
                 e["slack_ms"] = round(e["slack_ms"] + e.get("_lat0", 0.0) - lat, 3)
             e.pop("_lat0", None)
             e["late"] = bool(e["slack_ms"] < 0)
-            latencies.append(lat)
+            latency.add(lat)
             if e["decision"] == "eject":
                 ejected += 1
                 late += e["late"]
@@ -203,17 +207,24 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         log.close()
     wall = time.perf_counter() - t_start
     lines = rec.n_lines
-    lat = np.asarray(latencies) if latencies else np.zeros(1)
     stream_s = lines / timing.line_rate_hz
     cpu = sum(f["cpu_s"] for f in finished) + (time.process_time() - cpu_start)
-    return {
-        "summary": {
-            "workers": workers, "lanes": [(l.lo, l.hi) for l in lanes], "lines": lines, "particles": len(merged),
-            "ejected": ejected, "late": late, "wall_s": wall, "stream_s": stream_s,
-            "throughput_lines_s": lines / wall, "realtime_factor": lines / wall / timing.line_rate_hz,
-            "cpu_fraction": cpu / stream_s,
-            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-                           "p999": float(np.percentile(lat, 99.9)), "max": float(lat.max())},
-        },
-        "events": merged,
+    workers_c = [f["counters"] for f in finished]
+    # every lane sees every line: stream-level counters agree across lanes; take the worst
+    alarms = {kind: max(f["alarms"][kind] for f in finished) for kind in finished[0]["alarms"]}
+    fault_lines = {kind: max(f["fault_lines"][kind] for f in finished) for kind in finished[0]["fault_lines"]}
+    summary = {
+        "workers": workers, "lanes": [(lane.lo, lane.hi) for lane in lanes],
+        "chunks": max(c["chunks"] for c in workers_c), "lines": lines, "particles": len(merged),
+        "ejected": ejected, "passed": len(merged) - ejected, "late": late,
+        "undecided": sum(bool(e.get("undecided")) for e in merged), "cut": sum(bool(e["cut"]) for e in merged),
+        "too_long": sum(bool(e["too_long"]) for e in merged),
+        "gaps": max(c["gaps"] for c in workers_c), "dropped_lines": max(c["dropped_lines"] for c in workers_c),
+        "valve_errors": valves.errors if valves is not None else 0,
+        "alarms": alarms, "fault_lines": fault_lines,
+        "latency_ms": latency.summary(),
+        "wall_s": wall, "stream_s": stream_s, "line_rate_hz": timing.line_rate_hz, "pixels": timing.pixels,
+        "throughput_lines_s": lines / wall, "realtime_factor": lines / wall / timing.line_rate_hz,
+        "cpu_s": cpu, "cpu_fraction": cpu / stream_s,
     }
+    return {"summary": summary, "events": merged}

@@ -263,17 +263,13 @@ def _cli_run_lanes(args, rec, sorter, timing) -> int:
     result = run_lanes(args.recording, args.model, args.sorter, args.workers, args.chunk_lines, args.realtime,
                        log=log, valves=valves)
     s = result["summary"]
-    lat = s["latency_ms"]
-    print(f"{args.workers} lanes {s['lanes']}: {s['lines']} lines in {s['wall_s']:.2f} s = "
-          f"{s['realtime_factor']:.2f}x the line rate; particles {s['particles']}, eject {s['ejected']}, "
-          f"late {s['late']}; latency ms p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} p99.9 {lat['p999']:.2f}")
+    detection = outcome = None
     if rec.truth is not None:
-        det = match_particles(result["events"], rec.truth)
-        out = jets_outcome(result["events"], rec.truth, sorter, timing)
-        s["detection"], s["outcome"] = det, out
-        print(format_summary({**s, "cut": 0, "gaps": 0, "dropped_lines": 0, "passed": s["particles"] - s["ejected"],
-                              "cpu_fraction": s["cpu_fraction"], "line_rate_hz": timing.line_rate_hz}, out, det)
-              .split("\n", 3)[-1])
+        detection = match_particles(result["events"], rec.truth)
+        outcome = jets_outcome(result["events"], rec.truth, sorter, timing)
+        s["detection"], s["outcome"] = detection, outcome
+    print(f"{args.workers} lane-parallel workers, columns {s['lanes']}")
+    print(format_summary(s, outcome, detection))
     print(f"events: {args.events} ({log.count} particles)")
     if args.summary_json:
         args.summary_json.write_text(json.dumps(s, indent=2, default=float) + "\n")

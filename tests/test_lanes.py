@@ -1,0 +1,53 @@
+"""Lane-parallel mode: the same events as one worker, and lane geometry by hand."""
+from __future__ import annotations
+
+import pytest
+
+from sorting.config import CONFIG_DIR, load_sorter
+from sorting.formats import read_belt_recording
+from sorting.lanes import Lane, _claim_rule, lane_windows, run_lanes
+from sorting.model import load_model
+from sorting.runner import build_pipeline, run_loop, timing_of
+from sorting.sources import replay
+
+SORTER = CONFIG_DIR / "sorter_reference.yaml"
+WALL_CLOCK = ("latency_ms", "slack_ms", "late")
+
+
+def test_windows_cover_the_belt_with_a_one_sided_overlap():
+    lanes = lane_windows(1250, 2, 250)
+    # equal windows: own_0 + overlap == P - own_1 start  ->  b = (1250 - 250) / 2 = 500
+    assert lanes == [Lane(0, 750, 0, 500), Lane(500, 1250, 500, 1250)]
+    three = lane_windows(1000, 3, 100)
+    assert [lane.hi - lane.lo for lane in three] == [400, 400, 400]
+    assert three[0].own_lo == 0 and three[-1].own_hi == 1000
+    assert all(a.own_hi == b.own_lo for a, b in zip(three, three[1:]))
+    assert lane_windows(800, 1, 250) == [Lane(0, 800, 0, 800)]
+
+
+def test_claim_rule_by_hand():
+    left, right = lane_windows(1250, 2, 250)
+    own_left, own_right = _claim_rule(left, 1250), _claim_rule(right, 1250)
+    # window columns: left lane 0..749 (absolute 0..749), right lane 0..749 (absolute 500..1249)
+    assert own_left(10, 50)  # a plain rock in the left range
+    assert own_left(480, 560)  # crosses the border: the left lane sees it whole
+    assert not own_right(0, 60)  # ... and the right lane sees it cut at its window edge
+    assert own_left(500, 540) and not own_right(0, 40)  # starts on the right lane's first column
+    assert own_right(1, 40) and not own_left(501, 540)  # starts inside the right range
+    assert not own_left(700, 749)  # reaches the left window's cut edge: too wide to be sure
+    assert own_right(600, 749)  # the belt edge is not a cut
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_lanes_give_the_same_events_as_one_worker(small_belt, small_model, workers):
+    rec = read_belt_recording(small_belt)
+    timing = timing_of(rec.meta)
+    model, sorter = load_model(small_model), load_sorter(SORTER)
+    one = run_loop(replay(rec.lines, timing.line_rate_hz, 32), build_pipeline(rec.calibration, model, sorter,
+                                                                             timing, str(SORTER)))
+    many = run_lanes(small_belt, small_model, SORTER, workers=workers)
+    strip = lambda evs: [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in evs]  # noqa: E731
+    assert len(one.events) > 100
+    assert strip(many["events"]) == strip(one.events)
+    assert many["summary"]["particles"] == one.summary["particles"]
+    assert many["summary"]["ejected"] == one.summary["ejected"]
