@@ -39,21 +39,42 @@ _REMAP_BLOCK = 32000
 
 
 # ---------------------------------------------------------------- attenuation
+_REPAIR_PLANS: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = {}
+
+
+def _repair_plan(bad: np.ndarray):
+    """Bad columns, their left and right good neighbours and the weights (1 - w, w); None
+    when there is nothing to repair. Cached per bad-column pattern (the stream asks per chunk)."""
+    bad = np.asarray(bad, dtype=bool)
+    key = np.packbits(bad).tobytes() + bad.size.to_bytes(8, "little")
+    if key in _REPAIR_PLANS:
+        return _REPAIR_PLANS[key]
+    bad_idx = np.flatnonzero(bad)
+    good = np.flatnonzero(~bad)
+    plan = None
+    if bad_idx.size and good.size:
+        pos = np.searchsorted(good, bad_idx)
+        left = good[np.clip(pos - 1, 0, None)]
+        right = good[np.clip(pos, None, good.size - 1)]
+        left = np.where(pos == 0, right, left)
+        right = np.where(pos == good.size, left, right)
+        span = right - left
+        w = np.where(span > 0, (bad_idx - left) / np.maximum(span, 1), 0.0).astype(np.float32)
+        plan = (bad_idx, left, right, 1.0 - w, w)
+    if len(_REPAIR_PLANS) >= 64:
+        _REPAIR_PLANS.clear()
+    _REPAIR_PLANS[key] = plan
+    return plan
+
+
 def repair_columns(a: np.ndarray, bad: np.ndarray) -> None:
     """In place: columns ``bad`` (W,) of ``a`` (L, W, ...) interpolated from the nearest good columns."""
-    bad_idx = np.flatnonzero(bad)
-    good = np.flatnonzero(~np.asarray(bad))
-    if bad_idx.size == 0 or good.size == 0:
+    plan = _repair_plan(bad)
+    if plan is None:
         return
-    pos = np.searchsorted(good, bad_idx)
-    left = good[np.clip(pos - 1, 0, None)]
-    right = good[np.clip(pos, None, good.size - 1)]
-    left = np.where(pos == 0, right, left)
-    right = np.where(pos == good.size, left, right)
-    span = right - left
-    w = np.where(span > 0, (bad_idx - left) / np.maximum(span, 1), 0.0).astype(np.float32)
-    w = w.reshape((-1,) + (1,) * (a.ndim - 2))
-    a[:, bad_idx] = a[:, left] * (1.0 - w) + a[:, right] * w
+    bad_idx, left, right, w_left, w_right = plan
+    shape = (-1,) + (1,) * (a.ndim - 2)
+    a[:, bad_idx] = a[:, left] * w_left.reshape(shape) + a[:, right] * w_right.reshape(shape)
 
 
 def attenuation_into(raw: np.ndarray, dark: np.ndarray, log_flat: np.ndarray, bad: np.ndarray,
@@ -65,11 +86,11 @@ def attenuation_into(raw: np.ndarray, dark: np.ndarray, log_flat: np.ndarray, ba
     """
     if out.size == 0:
         return out
-    np.copyto(out, raw, casting="unsafe")
-    np.subtract(out, dark, out=out)
+    np.subtract(raw, dark, out=out, casting="unsafe")  # in float32, as copy-then-subtract
     flat = out.reshape(out.shape[0], -1)
-    np.maximum(flat, np.float32(SIGNAL_FLOOR_ADU), out=flat)
-    # cv2.log is markedly faster than np.log here (DESIGN.md section 6)
+    # OpenCV's max and log are markedly faster than numpy's here (DESIGN.md section 6);
+    # the counts are finite, so NaN handling does not differ
+    cv2.max(flat, SIGNAL_FLOOR_ADU, dst=flat)
     cv2.log(flat, dst=flat)
     np.subtract(log_flat, out, out=out)
     repair_columns(out, bad)
@@ -310,10 +331,13 @@ def smoothed_attenuation(blurred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """-ln(blur(T mask) / blur(mask)) from the (..., 4) output of :func:`blurred_transmission`
     (channels T_low, T_high, mask, -): (A_low, A_high), float32 arrays of its shape without
     the channels (elementwise: any layout gives the same numbers)."""
-    den = np.maximum(blurred[..., 2], np.float32(1e-6))
-    out = np.empty((2,) + den.shape, np.float32)
-    np.divide(blurred[..., 0], den, out=out[0])
-    np.divide(blurred[..., 1], den, out=out[1])
+    shape = blurred.shape[:-1]
+    # contiguous channels (OpenCV deinterleaves fast); elementwise, so any layout gives the same numbers
+    num_low, num_high, den, _ = (c.reshape(shape) for c in cv2.split(blurred.reshape(-1, 1, 4)))
+    np.maximum(den, np.float32(1e-6), out=den)
+    out = np.empty((2,) + shape, np.float32)
+    np.divide(num_low, den, out=out[0])
+    np.divide(num_high, den, out=out[1])
     # outside the mask num is 0; a tiny floor keeps the log finite there (zeroed later)
     flat = out.reshape(2, -1)
     np.maximum(flat, np.float32(1e-30), out=flat)

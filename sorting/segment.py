@@ -741,24 +741,31 @@ def _run_stats(buf: np.ndarray, lab: np.ndarray, n: int) -> tuple[list, ...]:
     row, last column, last row, area, sum of rows and sum of columns (exact integers, in
     unpadded columns), as lists indexed by label, from the horizontal runs of foreground.
     A chunk holds ~100x fewer runs than pixels."""
-    flat = buf.reshape(-1).view(np.int8)
-    edges = np.flatnonzero(np.diff(flat) != 0) + 1  # a run starts, then ends, and so on
+    flat = buf.reshape(-1)
+    edges = np.flatnonzero(flat[1:] != flat[:-1])  # a run starts, then ends, and so on
+    edges += 1
     start, stop = edges[0::2], edges[1::2]
     out = [np.zeros(n, np.int64) for _ in range(7)]
     if start.size == 0:
         return tuple(o.tolist() for o in out)
-    width = buf.shape[1]
-    row, col = np.divmod(start, width)
+    row, col = np.divmod(start, buf.shape[1])
     col -= 1
     length = stop - start
     label = lab.reshape(-1)[start]
+    # CCL numbers labels in raster order of their first pixel: sorting by label keeps
+    # each label's runs in raster order
     order = np.argsort(label, kind="stable")
     label, row, col, length = label[order], row[order], col[order], length[order]
-    first = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
-    last = np.r_[first[1:] - 1, label.size - 1]
+    change = np.flatnonzero(label[1:] != label[:-1])
+    first = np.empty(change.size + 1, np.intp)
+    first[0] = 0
+    first[1:] = change + 1
+    last = np.empty_like(first)
+    last[:-1] = change
+    last[-1] = label.size - 1
     ids = label[first]
     out[0][ids] = np.minimum.reduceat(col, first)
-    out[1][ids] = row[first]  # raster order: the first run of a label is on its first row
+    out[1][ids] = row[first]  # the first run of a label is on its first row
     out[2][ids] = np.maximum.reduceat(col + length - 1, first)
     out[3][ids] = row[last]
     out[4][ids] = np.add.reduceat(length, first)
