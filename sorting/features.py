@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .formats import RockDataset
 
 #: bump when any definition changes: models carry it and are refused on a mismatch
-FEATURE_VERSION = "1"
+FEATURE_VERSION = "2"
 
 _QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
 _MAFIC_Q_NAMES = tuple(f"mafic_p{int(q * 100):02d}" for q in _QUANTILES)
@@ -43,10 +43,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "length_mm",  # major axis of the moment ellipse (full length)
     "width_mm",  # minor axis
     "elongation",  # length / width
-    "solidity",  # contour area / convex hull area
-    "convexity",  # hull perimeter / contour perimeter
     "thickness_mean_mm",  # equivalent rock thickness on the syenite->hedenbergite line
-    "thickness_p90_mm",
     "volume_cm3",  # sum of equivalent thickness x pixel area
     "a_low_mean",
     "a_high_mean",
@@ -56,13 +53,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     *_MAFIC_Q_NAMES,
     "fe_frac_mean",
     "fe_frac_std",
-    "fe_frac_p10",
-    "fe_frac_p50",
-    "fe_frac_p90",
     "fayalite_share",  # volume share with mafic_frac above FAYALITE_LEVEL
     "oxide_share",  # volume share with mafic_frac above OXIDE_LEVEL
-    "mafic_texture",  # rms of the high-passed mafic_frac (thickness-weighted)
-    "a_high_contrast",  # rms of the high-passed A_high (thickness-weighted) / mean A_high
     "starved_share",  # share of rock pixels with a starved low channel
     "interior_share",  # share of rock pixels in the material statistics (not rim, not starved)
 )
@@ -76,10 +68,7 @@ FAYALITE_LEVEL = 1.3
 #: ... and above this: magnetite (reads 6.6); halfway from fayalite and ilmenite (3.0-3.1),
 #: so it takes pixels dominated by magnetite grains
 OXIDE_LEVEL = 4.5
-#: width (mm) of the box whose mean inside the rock is the local background of the texture
-TEXTURE_WINDOW_MM = 4.0
 _Q = np.array(_QUANTILES)
-_Q_FE = np.array((0.10, 0.50, 0.90))
 #: empty belt around each particle's box: at least the smoothing Gaussian's radius (sigma 1 px,
 #: a 9-tap kernel), so a rock sees only empty belt around it, as on the belt
 _PAD = 4
@@ -92,7 +81,6 @@ _SHELF_PX = 1024
 
 _C = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _C_MAFIC_Q = [_C[name] for name in _MAFIC_Q_NAMES]
-_C_FE_Q = [_C["fe_frac_p10"], _C["fe_frac_p50"], _C["fe_frac_p90"]]
 
 
 class _Histogram:
@@ -111,7 +99,8 @@ class _Histogram:
         """Weighted quantiles ``q`` of each of ``n`` groups (``label`` 0..n-1 per value): (n, len(q))."""
         v = values * self.scale
         v += self.shift
-        np.clip(v, 0.0, self.top, out=v)
+        np.maximum(v, np.float32(0.0), out=v)
+        np.minimum(v, self.top, out=v)
         nb = self.n_bins
         key = label * nb
         key += v.astype(np.intp)
@@ -131,15 +120,8 @@ class _Histogram:
         return np.where(inner, inside, e0)
 
 
-#: weighted quantiles: value range and bin width of each distribution
+#: weighted quantiles of the mafic fraction: value range and bin width
 _MAFIC_HIST = _Histogram(-1.0, 8.0, 0.02)
-_FE_HIST = _Histogram(-0.5, 1.5, 0.01)
-
-
-def _texture_window(pixel_pitch_mm: float, line_pitch_mm: float) -> tuple[int, int]:
-    """Box (columns, rows) whose mean inside the rock is the texture's local background."""
-    return (2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / pixel_pitch_mm)), 1) + 1,
-            2 * max(int(round(0.5 * TEXTURE_WINDOW_MM / line_pitch_mm)), 1) + 1)
 
 
 class _Layout:
@@ -225,8 +207,7 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
         out = np.empty((n, N_FEATURES), np.float32)
     elif out.shape != (n, N_FEATURES) or out.dtype != np.float32:
         raise ValueError(f"`out` (shape {out.shape}, {out.dtype}) must be float32 of shape ({n}, {N_FEATURES})")
-    win = _texture_window(pixel_pitch_mm, line_pitch_mm)
-    gap = max(_PAD, win[0] // 2, win[1] // 2)
+    gap = _PAD
     group: list[tuple] = []
     pixels = 0
     for i, (a, mask) in enumerate(crops):
@@ -243,21 +224,21 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
         group.append((i, a[r0:r0 + bh, c0:c0 + bw], m8[r0:r0 + bh, c0:c0 + bw]))
         pixels += (bh + gap) * (bw + gap)
         if len(group) >= _BATCH_PARTICLES or pixels >= _BATCH_PIXELS:
-            _batch(group, cal, pixel_pitch_mm, line_pitch_mm, win, gap, out)
+            _batch(group, cal, pixel_pitch_mm, line_pitch_mm, gap, out)
             group, pixels = [], 0
     if group:
-        _batch(group, cal, pixel_pitch_mm, line_pitch_mm, win, gap, out)
+        _batch(group, cal, pixel_pitch_mm, line_pitch_mm, gap, out)
     return out
 
 
-def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, win: tuple[int, int], gap: int,
-           out: np.ndarray) -> None:
+def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, gap: int, out: np.ndarray) -> None:
     n = len(group)
     lay = _Layout([m.shape[0] for _, _, m in group], [m.shape[1] for _, _, m in group], gap)
     h, w = lay.shape
     canvas_a, t4, t4b, m8, label = _workspace().canvases(h, w)
     m8.fill(0)
-    label.fill(0)
+    if n > 1:
+        label.fill(0)
     for k, (_, a, m) in enumerate(group):
         box = (slice(lay.y[k], lay.y[k] + m.shape[0]), slice(lay.x[k], lay.x[k] + m.shape[1]))
         canvas_a[box] = a  # only the rock's pixels are read back
@@ -276,18 +257,17 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, win: tupl
     if not np.isfinite(a_rock.sum()):  # a broken pixel must not poison the whole rock
         np.nan_to_num(a_rock, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     f = np.zeros((n, N_FEATURES))
-    _shape(group, lay, m8, label, rock, start, area_px, pp, lp, f)
+    _shape(group, area_px, pp, lp, f)
 
     # material maps inside each rock (normalize._smooth_inside, on the whole canvas at once):
     # channels T_low, T_high, 1 on the rock, 0 elsewhere
     trans = np.negative(a_rock)
     cv2.exp(trans, dst=trans)
-    rows = np.empty((rock.size, 4), np.float32)
-    rows.view(np.complex64)[:, 0] = trans.view(np.complex64)[:, 0]
-    rows.view(np.complex64)[:, 1] = 1.0  # channels 2, 3: (1, 0)
+    ones = np.zeros((rock.size, 1, 2), np.float32)
+    ones[:, 0, 0] = 1.0
+    rows = cv2.merge((trans.reshape(-1, 1, 2), ones))
     t4.fill(0.0)
-    canvas4 = t4.reshape(-1).view(np.complex128)
-    canvas4[rock] = rows.reshape(-1).view(np.complex128)
+    t4.reshape(-1).view(np.complex128)[rock] = rows.reshape(-1).view(np.complex128)
     blurred_transmission(t4, 1.0, dst=t4b)
     blurred = np.take(t4b.reshape(-1).view(np.complex128), rock).view(np.float32).reshape(-1, 4)
     a_low, a_high = smoothed_attenuation(blurred)
@@ -297,9 +277,6 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, win: tupl
 
     seg = np.add.reduceat
     f[:, _C["thickness_mean_mm"]] = seg(thick, start, dtype=np.float64) / area_px
-    # np.partition's k of each rock (the 90th-percentile pixel)
-    k90 = (0.9 * (area_px - 1)).astype(np.intp)
-    f[:, _C["thickness_p90_mm"]] = [np.partition(thick[s:s + a], k)[k] for s, a, k in zip(start, area_px, k90)]
     f[:, _C["volume_cm3"]] = seg(np.maximum(thick, 0.0), start, dtype=np.float64) * (pp * lp * 1e-3)
     f[:, _C["starved_share"]] = seg(starved, start, dtype=np.intp) / area_px
 
@@ -308,9 +285,8 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, win: tupl
     n_core = seg(core, start, dtype=np.intp)
     c_start = np.cumsum(n_core) - n_core
     f[:, _C["interior_share"]] = n_core / area_px
-    a_low_c, a_high_c = a_low[core], a_high[core]
-    sum_low = seg(a_low_c, c_start, dtype=np.float64)
-    sum_high = seg(a_high_c, c_start, dtype=np.float64)
+    sum_low = seg(a_low[core], c_start, dtype=np.float64)
+    sum_high = seg(a_high[core], c_start, dtype=np.float64)
     f[:, _C["a_low_mean"]] = sum_low / n_core
     f[:, _C["a_high_mean"]] = sum_high / n_core
     f[:, _C["r_mean"]] = sum_low / np.maximum(sum_high, 1e-3 * n_core)
@@ -321,32 +297,12 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, win: tupl
     if flat.any():
         wts[flat[c_lab]] = 1.0
         total[flat] = n_core[flat]
-    mafic_c, fe_c = mafic[core], fe[core]
+    mafic_c = mafic[core]
     f[:, _C["mafic_mean"]], f[:, _C["mafic_std"]] = _weighted_mean_std(mafic_c, wts, c_lab, c_start, total)
-    f[:, _C["fe_frac_mean"]], f[:, _C["fe_frac_std"]] = _weighted_mean_std(fe_c, wts, c_lab, c_start, total)
+    f[:, _C["fe_frac_mean"]], f[:, _C["fe_frac_std"]] = _weighted_mean_std(fe[core], wts, c_lab, c_start, total)
     f[:, _C_MAFIC_Q] = _MAFIC_HIST.quantiles(mafic_c, wts, c_lab, n, _Q)
-    f[:, _C_FE_Q] = _FE_HIST.quantiles(fe_c, wts, c_lab, n, _Q_FE)
     f[:, _C["fayalite_share"]] = seg(wts * (mafic_c > FAYALITE_LEVEL), c_start, dtype=np.float64) / total
     f[:, _C["oxide_share"]] = seg(wts * (mafic_c > OXIDE_LEVEL), c_start, dtype=np.float64) / total
-
-    # texture: what is left after removing the local background (box mean inside the rock,
-    # so the belt does not leak in), thickness-weighted so the noisy rim does not dominate
-    rows[:, 1] = mafic  # (rock mask, mafic_frac, smoothed A_high, 0), 0 outside
-    rows[:, 2] = a_high
-    rows[:, 0] = 1.0
-    rows[:, 3] = 0.0
-    t4.fill(0.0)
-    canvas4[rock] = rows.reshape(-1).view(np.complex128)
-    cv2.boxFilter(t4, -1, win, dst=t4b, borderType=cv2.BORDER_CONSTANT)
-    bg = np.take(t4b.reshape(-1).view(np.complex128), rock[core]).view(np.float32).reshape(-1, 4)
-    den = bg[:, 0]  # > 0: every interior pixel is its own neighbour
-    for col, vals, name in ((1, mafic_c, "mafic_texture"), (2, a_high_c, "a_high_contrast")):
-        hp = bg[:, col] / den
-        np.subtract(vals, hp, out=hp)
-        hp *= hp
-        hp *= wts
-        f[:, _C[name]] = np.sqrt(np.maximum(seg(hp, c_start, dtype=np.float64), 0.0) / total)
-    f[:, _C["a_high_contrast"]] /= np.maximum(f[:, _C["a_high_mean"]], 1e-3)
 
     f[~np.isfinite(f)] = 0.0
     out[[i for i, _, _ in group]] = f
@@ -362,21 +318,12 @@ def _weighted_mean_std(values: np.ndarray, weights: np.ndarray, label: np.ndarra
     return mean, np.sqrt(np.maximum(seg(dev, start, dtype=np.float64) / total, 0.0))
 
 
-def _shape(group: list[tuple], lay: _Layout, m8: np.ndarray, label: np.ndarray, rock: np.ndarray,
-           start: np.ndarray, area_px: np.ndarray, pp: float, lp: float, f: np.ndarray) -> None:
-    n = len(group)
+def _shape(group: list[tuple], area_px: np.ndarray, pp: float, lp: float, f: np.ndarray) -> None:
     area = area_px * (pp * lp)
     f[:, _C["area_mm2"]] = area
     f[:, _C["equiv_diameter_mm"]] = np.sqrt(4.0 * area / math.pi)
-    # central moments from integer coordinate sums (exact), relative to each box's corner
-    row, col = np.divmod(rock, m8.shape[1])
-    row -= np.repeat(lay.y, area_px)
-    col -= np.repeat(lay.x, area_px)
-    seg = np.add.reduceat
-    s_r, s_c = seg(row, start), seg(col, start)
-    m00 = area_px.astype(np.float64)
-    mu = np.stack([seg(col * col, start) - s_c * s_c / m00, seg(row * row, start) - s_r * s_r / m00,
-                   seg(row * col, start) - s_r * s_c / m00], axis=1) / m00[:, None]
+    mu = np.array([[(mo := cv2.moments(m, binaryImage=True))["mu20"], mo["mu02"], mo["mu11"]]
+                   for _, _, m in group]) / area_px[:, None]
     # central second moments in mm2; + pitch^2/12: each pixel is a square, not a point
     cxx = mu[:, 0] * pp ** 2 + pp ** 2 / 12.0
     cyy = mu[:, 1] * lp ** 2 + lp ** 2 / 12.0
@@ -389,32 +336,6 @@ def _shape(group: list[tuple], lay: _Layout, m8: np.ndarray, label: np.ndarray, 
     f[:, _C["length_mm"]] = length
     f[:, _C["width_mm"]] = width
     f[:, _C["elongation"]] = length / np.maximum(width, 1e-6)
-    # solidity and convexity of each rock's longest outer contour
-    contours, _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    best: list = [None] * n
-    for c in contours:
-        x, y = c[0, 0]
-        k = label[y, x]
-        if best[k] is None or len(c) > len(best[k]):
-            best[k] = c
-    scale = None if pp == lp else np.float32([pp, lp])
-    sol, cvx = f[:, _C["solidity"]], f[:, _C["convexity"]]
-    sol[:] = 1.0
-    cvx[:] = 1.0
-    for k, c in enumerate(best):
-        if c is None or len(c) < 3:
-            continue
-        if scale is not None:
-            # in mm: the ratios are scale-free, but not free of an anisotropic pitch
-            # (coordinates from the corner of the box padded by _PAD, as the box alone gives them)
-            c = (c - np.int32([lay.x[k] - _PAD, lay.y[k] - _PAD])).reshape(-1, 2).astype(np.float32) * scale
-        hull = cv2.convexHull(c)
-        hull_area = cv2.contourArea(hull)
-        if hull_area > 0:
-            sol[k] = min(cv2.contourArea(c) / hull_area, 1.0)
-        per = cv2.arcLength(c, True)
-        if per > 0:
-            cvx[k] = min(cv2.arcLength(hull, True) / per, 1.0)
 
 
 def _reliable(m8: np.ndarray, rock: np.ndarray, lab: np.ndarray, start: np.ndarray, area_px: np.ndarray,
