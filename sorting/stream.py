@@ -176,12 +176,19 @@ class Pipeline:
         # garbage lines (saturated, tube trip) never reach segmentation; a frozen module's
         # columns never hold a particle; the air level follows drift from empty belt
         health = self.health.check(raw, first_line)
-        attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
-        idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
-        self._ring[idx] = a
-        # each line's own acquisition time (t_in is the chunk's last line): the wait for the
-        # chunk to fill is part of a particle's latency, as the valves see it
-        self._arrival[idx] = t_in - self._line_lag[-n:]
+        i0 = first_line & (self.ring_lines - 1)
+        if i0 + n <= self.ring_lines:
+            # straight into the ring (whole lines: a C-contiguous block), no second copy
+            a = self._ring[i0:i0 + n]
+            attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+            # each line's own acquisition time (t_in is the chunk's last line): the wait for the
+            # chunk to fill is part of a particle's latency, as the valves see it
+            self._arrival[i0:i0 + n] = t_in - self._line_lag[-n:]
+        else:
+            attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+            idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
+            self._ring[idx] = a
+            self._arrival[idx] = t_in - self._line_lag[-n:]
         t1 = time.perf_counter()
         foreground(a, self.cal, self.x0, self.seg, out=mask)
         c.chunks += 1
@@ -254,34 +261,41 @@ class Pipeline:
         events = []
         c = self.counters
         resp_s = self.sorter.ejector.response_ms / 1000.0
+        # Python scalars once per chunk, not numpy scalars per particle and field
+        eject_l, sc_l, und_l = eject.tolist(), is_sc.tolist(), undecided.tolist()
+        score_l, lo_l, hi_l = scores.tolist(), ej.valve_lo.tolist(), ej.valve_hi.tolist()
+        open_l, close_l, xmin_l, xmax_l = ej.open_s.tolist(), ej.close_s.tolist(), xmin.tolist(), xmax.tolist()
+        arrival = self._arrival[last & (self.ring_lines - 1)].tolist()
+        rate = self.timing.line_rate_hz
         for i, p in enumerate(done):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
             # next to a frozen detector module a particle may be mis-read: it passes too
             suspect = self.health.suspect(p.line0, p.line1, p.col0, p.col1)
-            fire = (bool(eject[i]) and not p.cut and not p.too_long and not suspect and not undecided[i]
-                    and ej.valve_hi[i] >= ej.valve_lo[i])
-            latency_ms = (t_out - self._arrival[p.line1 & (self.ring_lines - 1)]) * 1000.0
-            slack_ms = (ej.open_s[i] - resp_s - p.line1 / self.timing.line_rate_hz) * 1000.0 - latency_ms
-            late = bool(slack_ms < 0) or bool(undecided[i])
+            und = und_l[i]
+            fire = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
+                    and hi_l[i] >= lo_l[i])
+            latency_ms = (t_out - arrival[i]) * 1000.0
+            slack_ms = (open_l[i] - resp_s - p.line1 / rate) * 1000.0 - latency_ms
+            late = slack_ms < 0 or und
             ev = {
                 "particle": self._next_id,
                 "first_line": int(p.line0), "last_line": int(p.line1),
-                "x_min_px": int(xmin[i]), "x_max_px": int(xmax[i]),
+                "x_min_px": xmin_l[i], "x_max_px": xmax_l[i],
                 "centroid_line": round(float(p.centroid_line), 3),
                 "centroid_px": round(float(p.centroid_px) + self.x0, 3),
                 "area_mm2": round(p.area_px * px_area, 2),
-                "score": round(float(scores[i]), 6),
+                "score": round(score_l[i], 6),
                 "decision": "eject" if fire else "pass",
-                "valves": list(range(int(ej.valve_lo[i]), int(ej.valve_hi[i]) + 1)) if fire else [],
-                "open_s": round(float(ej.open_s[i]), 6) if fire else None,
-                "close_s": round(float(ej.close_s[i]), 6) if fire else None,
+                "valves": list(range(lo_l[i], hi_l[i] + 1)) if fire else [],
+                "open_s": round(open_l[i], 6) if fire else None,
+                "close_s": round(close_l[i], 6) if fire else None,
                 "latency_ms": round(latency_ms, 3),
-                "slack_ms": round(float(slack_ms), 3),
+                "slack_ms": round(slack_ms, 3),
                 "late": late,
-                "class": "sc" if is_sc[i] else "waste",
+                "class": "sc" if sc_l[i] else "waste",
                 "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
                 "fault": suspect,
-                "undecided": bool(undecided[i]),
+                "undecided": und,
             }
             self._next_id += 1
             c.particles += 1
@@ -293,7 +307,7 @@ class Pipeline:
                 c.late += late
             else:
                 c.passed += 1
-                c.undecided += bool(undecided[i])
+                c.undecided += und
             events.append(ev)
         st = self.stage_s
         st["features"] += t1 - t0
