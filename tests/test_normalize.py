@@ -192,3 +192,21 @@ def test_noisy_plates_read_their_mafic_fraction(machine, resp, cal, rock, t_mm, 
     maps = material_maps(a, np.ones((48, 48), bool), cal, smooth_px=1.5)
     assert np.median(maps.mafic_frac) == pytest.approx(expected, abs=0.08)
     assert np.median(maps.thickness_mm) == pytest.approx(t_mm, rel=0.05)
+
+
+def test_basis_thickness_reads_the_calibration_table(machine, resp, cal):
+    """One interleaved lookup gives exactly what the calibration's own inverse gives, for
+    maps and for flat pixel lists, including pairs far outside the table (clamped)."""
+    from sorting.normalize import basis_thickness
+
+    rng = np.random.default_rng(7)
+    a_high = rng.uniform(0.0, 1.2 * cal.lut.a_high_max, 5000).astype(np.float32)
+    a_low = (a_high * rng.uniform(0.5, 4.0, 5000)).astype(np.float32)
+    a_low[:4] = (1e6, -1.0, 0.0, 50.0)  # far off the table in every direction
+    a_high[:4] = (0.0, 1e6, -3.0, 1e-4)
+    want = cal.lut.invert(a_low, a_high)
+    for got in (basis_thickness(a_low, a_high, cal),
+                tuple(t.ravel() for t in basis_thickness(a_low.reshape(50, 100), a_high.reshape(50, 100), cal))):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[0].dtype == np.float32 and got[0].flags.c_contiguous
