@@ -275,9 +275,10 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, gap: int,
     fe, mafic, thick = mafic_line(t_pom, t_fe)
     starved = a_rock[:, 0] > np.float32(cal.starved_a_low)
 
+    # per-particle sums: float32 segment sums are pairwise, as accurate as ndarray.sum
     seg = np.add.reduceat
-    f[:, _C["thickness_mean_mm"]] = seg(thick, start, dtype=np.float64) / area_px
-    f[:, _C["volume_cm3"]] = seg(np.maximum(thick, 0.0), start, dtype=np.float64) * (pp * lp * 1e-3)
+    f[:, _C["thickness_mean_mm"]] = seg(thick, start).astype(np.float64) / area_px
+    f[:, _C["volume_cm3"]] = seg(np.maximum(thick, 0.0), start).astype(np.float64) * (pp * lp * 1e-3)
     f[:, _C["starved_share"]] = seg(starved, start, dtype=np.intp) / area_px
 
     core = _reliable(m8, rock, lab, start, area_px, starved)
@@ -285,14 +286,14 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, gap: int,
     n_core = seg(core, start, dtype=np.intp)
     c_start = np.cumsum(n_core) - n_core
     f[:, _C["interior_share"]] = n_core / area_px
-    sum_low = seg(a_low[core], c_start, dtype=np.float64)
-    sum_high = seg(a_high[core], c_start, dtype=np.float64)
+    sum_low = seg(a_low[core], c_start).astype(np.float64)
+    sum_high = seg(a_high[core], c_start).astype(np.float64)
     f[:, _C["a_low_mean"]] = sum_low / n_core
     f[:, _C["a_high_mean"]] = sum_high / n_core
     f[:, _C["r_mean"]] = sum_low / np.maximum(sum_high, 1e-3 * n_core)
 
     wts = np.maximum(thick[core], np.float32(0.0))
-    total = seg(wts, c_start, dtype=np.float64)
+    total = seg(wts, c_start).astype(np.float64)
     flat = ~(total > 0)  # a noise-level rock: weight its pixels equally
     if flat.any():
         wts[flat[c_lab]] = 1.0
@@ -301,8 +302,8 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, gap: int,
     f[:, _C["mafic_mean"]], f[:, _C["mafic_std"]] = _weighted_mean_std(mafic_c, wts, c_lab, c_start, total)
     f[:, _C["fe_frac_mean"]], f[:, _C["fe_frac_std"]] = _weighted_mean_std(fe[core], wts, c_lab, c_start, total)
     f[:, _C_MAFIC_Q] = _MAFIC_HIST.quantiles(mafic_c, wts, c_lab, n, _Q)
-    f[:, _C["fayalite_share"]] = seg(wts * (mafic_c > FAYALITE_LEVEL), c_start, dtype=np.float64) / total
-    f[:, _C["oxide_share"]] = seg(wts * (mafic_c > OXIDE_LEVEL), c_start, dtype=np.float64) / total
+    f[:, _C["fayalite_share"]] = seg(wts * (mafic_c > FAYALITE_LEVEL), c_start).astype(np.float64) / total
+    f[:, _C["oxide_share"]] = seg(wts * (mafic_c > OXIDE_LEVEL), c_start).astype(np.float64) / total
 
     f[~np.isfinite(f)] = 0.0
     out[[i for i, _, _ in group]] = f
@@ -311,11 +312,11 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, gap: int,
 def _weighted_mean_std(values: np.ndarray, weights: np.ndarray, label: np.ndarray, start: np.ndarray,
                        total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     seg = np.add.reduceat
-    mean = seg(values * weights, start, dtype=np.float64) / total
+    mean = seg(values * weights, start).astype(np.float64) / total
     dev = values - mean.astype(np.float32)[label]
     dev *= dev
     dev *= weights
-    return mean, np.sqrt(np.maximum(seg(dev, start, dtype=np.float64) / total, 0.0))
+    return mean, np.sqrt(np.maximum(seg(dev, start).astype(np.float64) / total, 0.0))
 
 
 def _shape(group: list[tuple], area_px: np.ndarray, pp: float, lp: float, f: np.ndarray) -> None:

@@ -283,9 +283,12 @@ def basis_thickness(a_low: np.ndarray, a_high: np.ndarray, cal: Calibration) -> 
     np.divide(a_low, map_y, out=map_y)
     map_y -= tab.r_min
     map_y *= tab.y_scale
-    # keep far-off (noise, inf) coordinates inside remap's fixed-point range
-    np.clip(map_x, -1.0, tab.n_a, out=map_x)
-    np.clip(map_y, -1.0, tab.n_r, out=map_y)
+    # keep far-off (noise, inf) coordinates inside remap's fixed-point range (maximum and
+    # minimum clip exactly as np.clip does, NaN included, without its Python wrapper)
+    np.maximum(map_x, np.float32(-1.0), out=map_x)
+    np.minimum(map_x, np.float32(tab.n_a), out=map_x)
+    np.maximum(map_y, np.float32(-1.0), out=map_y)
+    np.minimum(map_y, np.float32(tab.n_r), out=map_y)
     out = np.empty(shape + (2,), np.float32)
     if len(shape) == 2 and max(shape) < _REMAP_BLOCK:
         blocks = [(map_x, map_y, out)]
@@ -304,13 +307,21 @@ def basis_thickness(a_low: np.ndarray, a_high: np.ndarray, cal: Calibration) -> 
 def mafic_line(t_pom: np.ndarray, t_fe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Basis thicknesses -> (fe_frac, mafic_frac, thickness_mm) on the syenite -> hedenbergite
     line, float32 arrays of the input's shape (elementwise: any layout gives the same numbers)."""
-    total = np.maximum(t_pom + t_fe, np.float32(_FRACTION_FLOOR_MM))
-    fe_frac = t_fe / total
+    floor = np.float32(_FRACTION_FLOOR_MM)
+    total = t_pom + t_fe
+    np.maximum(total, floor, out=total)
+    fe_frac = np.divide(t_fe, total, out=total)
     inv = _mafic_inverse()
-    syenite = inv[0, 0] * t_pom + inv[0, 1] * t_fe
-    mafic = inv[1, 0] * t_pom + inv[1, 1] * t_fe
+    # a * x + b * y, each product rounded, as written out; fewer temporaries
+    syenite = inv[0, 0] * t_pom
+    tmp = inv[0, 1] * t_fe
+    syenite += tmp
+    mafic = inv[1, 0] * t_pom
+    np.multiply(inv[1, 1], t_fe, out=tmp)
+    mafic += tmp
     thickness = syenite + mafic
-    mafic /= np.maximum(thickness, np.float32(_FRACTION_FLOOR_MM))
+    np.maximum(thickness, floor, out=syenite)
+    mafic /= syenite
     return fe_frac, mafic, thickness
 
 
