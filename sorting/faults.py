@@ -220,8 +220,9 @@ class LineHealth:
         for kind, flags in (("saturated", sat), ("dark", dark), ("stuck_module", stuck)):
             self._tally(kind, flags, counts)
         if bad_cols.any():
-            last = np.flatnonzero(stuck)[-1]
-            self._col_last_bad[bad_cols] = first_line + last
+            # the pipeline blanks these columns over the whole chunk: a particle anywhere in it
+            # may have lost pixels there
+            self._col_last_bad[bad_cols] = first_line + raw.shape[0] - 1
         return ChunkHealth(bad_lines, bad_cols, counts)
 
     def _remember(self, line: np.ndarray) -> None:

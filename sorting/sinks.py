@@ -45,6 +45,12 @@ class UDPValveSink:
         self.n_valves = n_valves
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
+        try:
+            # connected: the kernel reports an unreachable controller (ICMP) as an error we count
+            self.sock.connect(self.addr)
+        except OSError as exc:
+            self.sock.close()
+            raise InputError("--udp", f"cannot send to {host}:{port} ({exc.strerror or exc})") from None
         self.seq = 0
         self.sent = 0
         self.errors = 0
@@ -56,7 +62,7 @@ class UDPValveSink:
             msg = encode_valve(self.seq, e["particle"], e["open_s"], e["close_s"], e["valves"], self.n_valves)
             self.seq += 1
             try:
-                self.sock.sendto(msg, self.addr)
+                self.sock.send(msg)
                 self.sent += 1
             except OSError:
                 self.errors += 1

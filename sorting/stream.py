@@ -118,6 +118,7 @@ class Pipeline:
         self.counters = Counters()
         self._next_id = 0
         self._expected: int | None = None
+        self._cost_ms = 0.5  # running mean of the time to decide one particle
         self.health = LineHealth(cal, self.x0, self.pixels)
         self.air = AirTracker(cal, x0=self.x0, width=self.pixels)
         self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
@@ -239,7 +240,9 @@ class Pipeline:
         # it is not classified (that time goes to the particles still in time), passes and is
         # logged late and undecided
         age_ms = (t0 - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
-        undecided = (age_ms + SHED_MARGIN_MS > ej.deadline_ms) if self.shed_late else np.zeros(n, bool)
+        # deciding this chunk's particles takes about n times the running cost of one
+        busy_ms = SHED_MARGIN_MS + self._cost_ms * n
+        undecided = (age_ms + busy_ms > ej.deadline_ms) if self.shed_late else np.zeros(n, bool)
         # every particle of the chunk in one pass (the same code as training)
         if undecided.any():
             x[undecided] = 0.0
@@ -250,6 +253,8 @@ class Pipeline:
             features_batch([self._crop(p) for p in done], self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm,
                            out=x)
         t1 = time.perf_counter()
+        if n > undecided.sum():
+            self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - undecided.sum()) - self._cost_ms)
         x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
         scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)
         scores[undecided] = 0.0
