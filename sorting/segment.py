@@ -146,8 +146,7 @@ def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConf
         raise ValueError(f"`out` must be bool of shape {(lines, width)}, got {out.dtype} {out.shape}")
     if a.flags.c_contiguous and a.dtype == np.float32:
         prod = a.reshape(lines, 2 * width) * det.w_interleaved  # one pass over both channels
-        score = prod[:, 0::2]
-        score += prod[:, 1::2]
+        score = prod[:, 0::2] + prod[:, 1::2]  # into a fresh contiguous array: faster than in place
     else:
         score = a[..., 0] * det.w[:, 0]
         score += a[..., 1] * det.w[:, 1]
