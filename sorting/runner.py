@@ -73,27 +73,24 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     try:
         # the loop is single-threaded by design (one core per belt or lane): a BLAS thread pool
         # would only spin against the other lanes and the acquisition
-        with _Stop(on_signal) as stop, threadpool_limits(limits=1, user_api="blas"):
-            for first, raw, t_in in chunks:
-                events = pipeline.step(first, raw, t_in)
-                if events:
-                    if valves is not None:
-                        valves.send(events)
-                    if log is not None:
-                        log.write(events)
-                    if keep_events:
-                        kept.extend(events)
-                bar.update(raw.shape[0])
-                if stop.requested:
-                    stopped = True
-                    break
-            events = pipeline.finish()
+        def deliver(events: list[dict]) -> None:
+            if not events:
+                return
             if valves is not None:
                 valves.send(events)
             if log is not None:
                 log.write(events)
             if keep_events:
                 kept.extend(events)
+
+        with _Stop(on_signal) as stop, threadpool_limits(limits=1, user_api="blas"):
+            for first, raw, t_in in chunks:
+                deliver(pipeline.step(first, raw, t_in))
+                bar.update(raw.shape[0])
+                if stop.requested:
+                    stopped = True
+                    break
+            deliver(pipeline.finish())
     finally:
         bar.close()
         if log is not None:

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from sorting.outcome import jets_outcome, match_particles
 from sorting.runner import build_pipeline, run_loop, timing_of
 from sorting.sinks import UDPValveSink
 from sorting.sources import replay
+from udp_receiver import UDPReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
 SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
@@ -415,32 +415,6 @@ def test_sigterm_stops_the_run_cleanly(rec, small_belt, small_model, sorter_yaml
 
 
 # ------------------------------------------------------------------ overload
-class _UDPReceiver(threading.Thread):
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.got: list[bytes] = []
-        self.done = threading.Event()
-
-    def run(self):
-        while True:
-            try:
-                self.got.append(self.sock.recv(65536))
-            except TimeoutError:
-                if self.done.is_set():
-                    break
-        self.sock.close()
-
-    def finish(self) -> list[bytes]:
-        self.done.set()
-        self.join(10)
-        return self.got
-
-
 OVERLOAD_LINES = 1875  # 0.5 s of belt
 DELAY_S = 0.004  # per particle classified
 
@@ -475,7 +449,7 @@ def test_overload_sheds_late_particles_and_never_blocks(rec, model, sorter, monk
             stamps.append((first + raw.shape[0], t_in))
             yield first, raw, t_in
 
-    rx = _UDPReceiver()
+    rx = UDPReceiver()
     rx.start()
     sink = UDPValveSink("127.0.0.1", rx.port, sorter.ejector.valves)
     result = run_loop(source(), pipe, valves=sink)

@@ -29,6 +29,7 @@ from sorting.runner import build_pipeline, run_loop, timing_of
 from sorting.sinks import EventLog, UDPValveSink
 from sorting.sources import TCPLineSource, rechunk, replay
 from sorting.wire import LINE_HEADER, decode_valve, encode_frame
+from udp_receiver import UDPReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
 SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
@@ -70,38 +71,10 @@ def _by_place(events):
     return sorted(_clockless(events, drop=("particle",)), key=key)
 
 
-class _UDPReceiver(threading.Thread):
-    """Collects datagrams on a loopback port until told to stop and the socket runs dry."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.got: list[bytes] = []
-        self.done = threading.Event()
-
-    def run(self):
-        while True:
-            try:
-                self.got.append(self.sock.recv(65536))
-            except (socket.timeout, TimeoutError):
-                if self.done.is_set():
-                    break
-        self.sock.close()
-
-    def finish(self) -> list[bytes]:
-        self.done.set()
-        self.join(10)
-        return self.got
-
-
 @pytest.fixture(scope="module")
 def run32(rec, model, sorter, tmp_path_factory):
     """Replay at 32 lines per chunk, as fast as possible, with the UDP sink and the event log."""
-    rx = _UDPReceiver()
+    rx = UDPReceiver()
     rx.start()
     valves = UDPValveSink("127.0.0.1", rx.port, sorter.ejector.valves)
     log_path = tmp_path_factory.mktemp("run32") / "events.jsonl"
@@ -261,7 +234,7 @@ def _event(pid, decision, late=False, valves=(), open_s=None, close_s=None, **kw
 
 
 def test_udp_sink_sends_only_timely_ejects_and_survives_no_listener():
-    rx = _UDPReceiver()
+    rx = UDPReceiver()
     rx.start()
     sink = UDPValveSink("127.0.0.1", rx.port, 80)
     sink.send([_event(0, "eject", valves=[6, 7], open_s=0.365, close_s=0.388),
@@ -570,7 +543,7 @@ def test_cli_run_paced_at_the_line_rate_is_never_late(short_belt, small_model, s
     A correctness check of the deadline logic (about 75 ms of slack per rock on the reference
     sorter), not a benchmark; on a badly overloaded machine it could still fail.
     """
-    rx = _UDPReceiver()
+    rx = UDPReceiver()
     rx.start()
     events, summary = tmp_path / "ev.jsonl", tmp_path / "summary.json"
     code = main(["run", str(short_belt), "--model", str(small_model), "--sorter", str(sorter_yaml),
