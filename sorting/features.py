@@ -154,17 +154,16 @@ class _Workspace:
         self.size = 0
 
     def canvases(self, h: int, w: int) -> tuple[np.ndarray, ...]:
-        """(h, w, 2) float32, (h, w, 4) float32 x 2, (h, w) uint8 mask and label; contents undefined."""
+        """(h, w, 2) float32, (h, w, 4) float32 x 2 and an (h, w) uint8 mask; contents undefined."""
         if h * w > self.size:
             self.size = max(h * w, 2 * self.size, 1 << 15)
             self._a = np.empty(2 * self.size, np.float32)
             self._f1 = np.empty(4 * self.size, np.float32)
             self._f2 = np.empty(4 * self.size, np.float32)
             self._m8 = np.empty(self.size, np.uint8)
-            self._lab = np.empty(self.size, np.uint8)
         n = h * w
         return (self._a[:2 * n].reshape(h, w, 2), self._f1[:4 * n].reshape(h, w, 4),
-                self._f2[:4 * n].reshape(h, w, 4), self._m8[:n].reshape(h, w), self._lab[:n].reshape(h, w))
+                self._f2[:4 * n].reshape(h, w, 4), self._m8[:n].reshape(h, w))
 
 
 _LOCAL = threading.local()
@@ -235,21 +234,23 @@ def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, gap: int,
     n = len(group)
     lay = _Layout([m.shape[0] for _, _, m in group], [m.shape[1] for _, _, m in group], gap)
     h, w = lay.shape
-    canvas_a, t4, t4b, m8, label = _workspace().canvases(h, w)
+    canvas_a, t4, t4b, m8 = _workspace().canvases(h, w)
     m8.fill(0)
-    if n > 1:
-        label.fill(0)
+    # rock pixels grouped by particle, each in raster order (per-particle sums are segment
+    # sums): a box's own raster indices, moved to where the box sits on the canvas
+    rock_parts = []
     for k, (_, a, m) in enumerate(group):
-        box = (slice(lay.y[k], lay.y[k] + m.shape[0]), slice(lay.x[k], lay.x[k] + m.shape[1]))
-        canvas_a[box] = a  # only the rock's pixels are read back
-        m8[box] = m
-        if k:
-            np.multiply(m, np.uint8(k), out=label[box])
-    # rock pixels grouped by particle, each in raster order: per-particle sums are segment sums
-    rock = np.flatnonzero(m8.view(bool))
-    if n > 1:
-        rock = rock[np.argsort(label.ravel()[rock], kind="stable")]
-    area_px = np.array([cv2.countNonZero(m) for _, _, m in group])
+        bh, bw = m.shape
+        y, x = lay.y[k], lay.x[k]
+        canvas_a[y:y + bh, x:x + bw] = a  # only the rock's pixels are read back
+        m8[y:y + bh, x:x + bw] = m
+        local = np.flatnonzero(m.view(bool))
+        if bw != w:
+            local += (local // bw) * (w - bw)
+        local += y * w + x
+        rock_parts.append(local)
+    rock = np.concatenate(rock_parts) if n > 1 else rock_parts[0]
+    area_px = np.array([r.size for r in rock_parts])
     start = np.cumsum(area_px) - area_px
     lab = np.repeat(np.arange(n), area_px)
     # pixels of 2 or 4 float32 channels move as one complex64 / complex128 number
