@@ -85,7 +85,7 @@ _C_MAFIC_Q = [_C[name] for name in _MAFIC_Q_NAMES]
 
 class _Histogram:
     """Fixed bins for weighted quantiles in O(n) (no sort): the cumulative weight at the bin
-    edges, interpolated linearly inside the bin where it crosses q (as ``np.interp``)."""
+    edges, interpolated linearly inside the bin where it crosses q."""
 
     def __init__(self, lo: float, hi: float, step: float):
         self.n_bins = int(round((hi - lo) / step))
@@ -107,17 +107,7 @@ class _Histogram:
         cum = np.zeros((n, nb + 1))
         np.cumsum(np.bincount(key, weights=weights, minlength=n * nb).reshape(n, nb), axis=1, out=cum[:, 1:])
         x = q * cum[:, -1:]  # (n, nq)
-        # np.interp(x, cum, edges) row by row: j = the last edge with cum <= x (cum never decreases)
-        j = (cum[:, None, :] <= x[:, :, None]).sum(axis=2) - 1
-        rows = np.arange(n)[:, None]
-        c0 = cum[rows, j]
-        j1 = np.minimum(j + 1, nb)
-        c1 = cum[rows, j1]
-        e0, e1 = self.edges[j], self.edges[j1]
-        inner = (j < nb) & (c0 != x)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            inside = (e1 - e0) / (c1 - c0) * (x - c0) + e0
-        return np.where(inner, inside, e0)
+        return np.array([np.interp(x[i], cum[i], self.edges) for i in range(n)])
 
 
 #: weighted quantiles of the mafic fraction: value range and bin width
