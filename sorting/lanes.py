@@ -78,7 +78,7 @@ def _claim_rule(lane: Lane, pixels: int):
 
 
 def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: str, chunk_lines: int,
-            realtime: bool, t0: float, queue, flush_s: float) -> None:
+            realtime: bool, go, t0_shared, queue, flush_s: float) -> None:
     from .config import load_sorter
     from .formats import read_belt_recording
     from .model import load_model
@@ -96,6 +96,9 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
                               x0=lane.lo, width=lane.hi - lane.lo, claim=_claim_rule(lane, timing.pixels),
                               shed_late=realtime)
         window = rec.lines[:, lane.lo:lane.hi]
+        queue.put((k, "ready", None))
+        go.wait()  # every lane starts on the same clock, after all have set up
+        t0 = t0_shared.value
         pending: list = []
         last_send = time.perf_counter()
         chunk = -1
@@ -136,14 +139,27 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     lanes = lane_windows(timing.pixels, workers, overlap_px)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    t_start = time.perf_counter()
-    cpu_start = time.process_time()
-    t0 = t_start + 0.2  # common stream start for paced lanes (all workers up by then)
+    t_setup = time.perf_counter()
+    go, t0_shared = ctx.Event(), ctx.Value("d", 0.0)
     procs = [ctx.Process(target=_worker, args=(k, lane, str(recording), str(model_path), str(sorter_path),
-                                               chunk_lines, realtime, t0, queue, 0.002 if realtime else 0.05),
+                                               chunk_lines, realtime, go, t0_shared, queue,
+                                               0.002 if realtime else 0.05),
                          daemon=True) for k, lane in enumerate(lanes)]
     for p in procs:
         p.start()
+    ready = 0
+    while ready < workers:
+        k, tag, payload = queue.get()
+        if tag is None and "error" in payload:
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"lane {k} failed: {payload['error']}")
+        ready += tag == "ready"
+    # the stream starts now for every lane (setup, like the single loop's, is not throughput)
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    t0_shared.value = t_start + 0.005
+    go.set()
     done = [-1] * workers
     finished = [None] * workers
     buffer: list = []  # (chunk, line1, line0, col0, event, t_in)
@@ -223,7 +239,8 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         "valve_errors": valves.errors if valves is not None else 0,
         "alarms": alarms, "fault_lines": fault_lines,
         "latency_ms": latency.summary(),
-        "wall_s": wall, "stream_s": stream_s, "line_rate_hz": timing.line_rate_hz, "pixels": timing.pixels,
+        "wall_s": wall, "setup_s": t_start - t_setup, "stream_s": stream_s,
+        "line_rate_hz": timing.line_rate_hz, "pixels": timing.pixels,
         "throughput_lines_s": lines / wall, "realtime_factor": lines / wall / timing.line_rate_hz,
         "cpu_s": cpu, "cpu_fraction": cpu / stream_s,
     }
