@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sorting.features import (FAYALITE_LEVEL, FEATURE_NAMES, FEATURE_VERSION, N_FEATURES, OXIDE_LEVEL,
-                              dataset_features, feature_table, features_batch, particle_features)
+                              TEXTURE_WINDOW_MM, dataset_features, feature_table, features_batch, particle_features)
 
 MINERALS = ("albite", "orthoclase", "hedenbergite", "hastingsite", "fayalite", "magnetite")
 SYENITE = {"albite": 0.5, "orthoclase": 0.5}
@@ -151,6 +151,52 @@ def test_hot_spot_shares_of_dense_plates(twin):
     assert f["mafic_p10"] < 0.2 and f["mafic_p90"] > 2.5
 
 
+def test_texture_window_in_mm():
+    """4 mm: 5 px of 0.8 mm, 3 px of 1.2 or 1.6 mm (the odd width closest to 4 mm), 7 px of 0.6 mm."""
+    assert TEXTURE_WINDOW_MM == 4.0
+    assert [2 * _window_px(p) + 1 for p in (0.8, 1.2, 1.6, 0.6, 3.0)] == [5, 3, 3, 7, 3]
+
+
+def test_texture_of_homogeneous_plates_is_zero(twin):
+    """A uniform plate has no deviation from any local mean: what is left is the integer
+    rounding of the noise-free counts, the level of its mafic_std (< 0.01, 40 x below the
+    syenite-ore step of 0.4)."""
+    _, cal = twin
+    m = rect_mask()
+    for mix, t in ((SYENITE, 8.0), (SYENITE, 40.0), (ORE40, 30.0)):
+        f = feats(plate(twin, mix, t, m), m, cal)
+        assert f["mafic_texture"] == pytest.approx(0.0, abs=0.01)
+        assert f["mafic_texture"] <= f["mafic_std"]
+
+
+def _striped(twin, period_px, t=20.0):
+    """80 x 32 px plate of syenite and 40 % hedenbergite ore (mafic 0 and 0.4, same
+    equivalent thickness) in column bands of ``period_px / 2``."""
+    m = rect_mask((40, 84), 4, 2, 32, 80)
+    a = plate(twin, SYENITE, t, m)
+    ore = plate(twin, ORE40, t, m)
+    cols = (np.arange(m.shape[1]) // (period_px // 2)) % 2 == 1
+    a[:, cols] = ore[:, cols]
+    return a, m
+
+
+def test_texture_sees_grains_not_bands(twin):
+    """Bands of 16 mm (20 px, far wider than the 4 mm box) deviate from their local mean only
+    near their edges: 3 edges in the 76 core columns, each touching <= 8 columns (box
+    half-width 2 + the blur's ~2 px, both sides), deviation <= half the step 0.4: texture
+    <= 0.2 x sqrt(24 / 76) = 0.112, while their std is half the step, 0.2 (a square wave).
+    Bands of 2.4 mm (3 px, below the box) deviate from the local mean everywhere."""
+    _, cal = twin
+    wide = feats(*_striped(twin, 40), cal)
+    fine = feats(*_striped(twin, 6), cal)
+    assert wide["mafic_mean"] == pytest.approx(0.2, abs=0.03)
+    assert wide["mafic_std"] == pytest.approx(0.2, abs=0.03)
+    assert wide["mafic_texture"] < 0.112
+    assert wide["mafic_texture"] < 0.25 * wide["mafic_std"]  # the banding is rock-scale, not texture
+    assert fine["mafic_texture"] > 0.05  # 5 x the uniform plates' residual
+    assert fine["mafic_texture"] > 2.0 * wide["mafic_texture"]
+
+
 def test_margin_and_purity(twin):
     _, cal = twin
     m = np.zeros((70, 80), np.uint8)
@@ -276,6 +322,11 @@ def _rocks(twin, n, seed=0):
     return crops
 
 
+def _window_px(pitch_mm):
+    """Half-width (px) of the texture box: the odd width closest to TEXTURE_WINDOW_MM, >= 3 px."""
+    return max(int(np.floor(0.5 * (TEXTURE_WINDOW_MM / pitch_mm - 1) + 0.5)), 1)
+
+
 def _reference(a, mask, cal, pp, lp):
     """The features of one rock computed the plain way, one rock at a time, from the public
     material maps: moments from OpenCV, weighted means with np.average, quantiles by
@@ -328,6 +379,18 @@ def _reference(a, mask, cal, pp, lp):
         f[f"mafic_p{q:02d}"] = np.interp(q / 100 * cum[-1], cum, edges)
     f["fayalite_share"] = w[maps.mafic_frac[core] > FAYALITE_LEVEL].sum() / w.sum()
     f["oxide_share"] = w[maps.mafic_frac[core] > OXIDE_LEVEL].sum() / w.sum()
+    # texture: mean of mafic_frac over the core pixels in the box around each core pixel, by
+    # explicit shifts in float64
+    bx, by = _window_px(pp), _window_px(lp)
+    mafic = np.where(core, maps.mafic_frac, 0.0).astype(float)
+    num, den = np.zeros_like(mafic), np.zeros_like(mafic)
+    pm, pc = np.pad(mafic, ((by, by), (bx, bx))), np.pad(core.astype(float), ((by, by), (bx, bx)))
+    for dy in range(-by, by + 1):
+        for dx in range(-bx, bx + 1):
+            num += pm[by + dy:by + dy + mafic.shape[0], bx + dx:bx + dx + mafic.shape[1]]
+            den += pc[by + dy:by + dy + mafic.shape[0], bx + dx:bx + dx + mafic.shape[1]]
+    dev = mafic[core] - num[core] / den[core]
+    f["mafic_texture"] = np.sqrt(np.average(dev ** 2, weights=w))
     return np.array([f[name] for name in FEATURE_NAMES])
 
 
