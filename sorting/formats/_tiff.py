@@ -10,6 +10,16 @@ from ..errors import InputError
 from ._common import _oneline, _require
 
 
+def _check_pages(path: Path, n_pages: int, shape: tuple, spp: int, planar) -> None:
+    """One page, channels interleaved: the layout of CONTRACT.md section 3 (no guessing)."""
+    if n_pages != 1:
+        raise InputError(path, f"has {n_pages} pages of shape {shape}; expected one page (h, w, 2) "
+                               "with the low and high channels as the 2 samples of each pixel")
+    if spp > 1 and planar == tifffile.PLANARCONFIG.SEPARATE:
+        raise InputError(path, f"channels are stored as separate planes (shape {shape}); expected "
+                               "(h, w, 2) with planarconfig contig (samples interleaved per pixel)")
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     """One single-page ``(h, w, 2)`` uint16 TIFF, channels as samples; native byte order."""
     _require(path)
@@ -21,12 +31,7 @@ def _read_tiff(path: Path) -> np.ndarray:
             data = page.asarray() if n_pages == 1 else None
     except Exception as exc:  # tifffile raises many types on corrupt files; all mean bad input
         raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {_oneline(exc)})") from None
-    if n_pages != 1:
-        raise InputError(path, f"has {n_pages} pages of shape {shape}; expected one page (h, w, 2) "
-                               "with the low and high channels as the 2 samples of each pixel")
-    if spp > 1 and planar == tifffile.PLANARCONFIG.SEPARATE:
-        raise InputError(path, f"channels are stored as separate planes (shape {shape}); expected "
-                               "(h, w, 2) with planarconfig contig (samples interleaved per pixel)")
+    _check_pages(path, n_pages, shape, spp, planar)
     return _check_counts(path, data, "TIFF")
 
 
@@ -61,12 +66,7 @@ def _tiff_shape(path: Path) -> tuple[int, ...]:
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
     except Exception as exc:  # as in _read_tiff: every failure to parse is bad input
         raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {_oneline(exc)})") from None
-    if n_pages != 1:
-        raise InputError(path, f"has {n_pages} pages of shape {shape}; expected one page (h, w, 2) "
-                               "with the low and high channels as the 2 samples of each pixel")
-    if spp > 1 and planar == tifffile.PLANARCONFIG.SEPARATE:
-        raise InputError(path, f"channels are stored as separate planes (shape {shape}); expected "
-                               "(h, w, 2) with planarconfig contig (samples interleaved per pixel)")
+    _check_pages(path, n_pages, shape, spp, planar)
     _check_layout(path, shape, dtype, "TIFF")
     if end > size:
         raise InputError(path, f"is truncated: its pixel data ends at byte {end}, the file has {size} bytes")
