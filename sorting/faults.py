@@ -59,7 +59,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-import cv2
+import numba
 import numpy as np
 
 if TYPE_CHECKING:
@@ -146,7 +146,9 @@ class LineHealth:
         self._sample_thr = self._dark_thr[self._sample]
         self._prev: np.ndarray | None = None  # (W, 2), the last line seen
         self._prev32: np.ndarray | None = None  # the same line, one uint32 per pixel
-        self._buf32 = np.empty((32, self._sample.size), np.uint32)
+        self._screen = np.empty((32, 3), np.int64)  # per line: full-scale, dark-high, frozen-pair samples
+        self._no_prev = np.zeros((0, 2), np.uint16)
+        self._sample_thr_high = np.ascontiguousarray(self._sample_thr[:, 1])
         self._col_last_bad = np.full(width, -(1 << 62), np.int64)  # last stream line a column was stuck
         self._next_line: int | None = None
         self._active = dict.fromkeys(FAULT_KINDS, False)
@@ -184,25 +186,21 @@ class LineHealth:
         raw = np.ascontiguousarray(raw, dtype=np.uint16)
         # a pixel's two channels as one uint32: "both channels equal" is one comparison
         raw32 = raw.reshape(n, -1).view(np.uint32)
-        if self._buf32.shape[0] < n:
-            self._buf32 = np.empty((n, self._sample.size), np.uint32)
-        sub32 = np.take(raw32, self._sample, axis=1, out=self._buf32[:n])
-        sub16 = sub32.view(np.uint16)  # (L, 2S): low, high, low, high, ...
+        if self._screen.shape[0] < n:
+            self._screen = np.empty((n, 3), np.int64)
+        screen = self._screen[:n]
+        _screen_samples(raw, self._sample, self._sample_thr_high, self._no_prev if self._prev is None else self._prev,
+                        screen)
         s = self._sample.size
         sat_suspect = dark_suspect = None
-        if (sub16 == FULL_SCALE).any():
-            sat_suspect = np.count_nonzero(sub16 == FULL_SCALE, axis=1) >= 0.5 * self.saturated_share * s
-        dark_high = np.count_nonzero(sub16[:, 1::2] <= self._sample_thr[:, 1], axis=1)
+        if screen[:, 0].any():
+            sat_suspect = screen[:, 0] >= 0.5 * self.saturated_share * s
+        dark_high = screen[:, 1]
         if dark_high.max() >= (self.dark_share - 0.1) * s:
             dark_suspect = dark_high >= (self.dark_share - 0.1) * s
         # a frozen block of >= stuck_cols columns holds two adjacent samples equal to the line before
-        eq = np.empty((n, s), bool)
-        np.equal(sub32[1:], sub32[:-1], out=eq[1:])
-        if self._prev is None:
-            eq[0] = False
-        else:
-            np.equal(sub32[0], self._prev32[self._sample], out=eq[0])
-        adjacent = eq[:, 1:] & eq[:, :-1]
+        # (saturated lines are all alike; they are not judged as frozen)
+        adjacent = screen[:, 2] != 0
         stuck_suspect = adjacent.any()
         if sat_suspect is None and dark_suspect is None and not stuck_suspect \
                 and self._guard_left == 0 and not any(self._active.values()):
@@ -211,8 +209,7 @@ class LineHealth:
         sat = self._line_flags(raw, sat_suspect, self._saturated_lines)
         dark = self._line_flags(raw, dark_suspect, self._dark_lines)
         stuck = np.zeros(n, bool)
-        adjacent[sat] = False  # saturated lines are all alike; they are not judged as frozen
-        if adjacent.any():
+        if (adjacent & ~sat).any():
             stuck, bad_cols = self._stuck(raw32, sat)
         self._remember(raw[-1])
         bad_lines = sat | dark
@@ -466,8 +463,11 @@ class AirTracker:
         self.epoch_lines = int(epoch_lines)
         self._start = np.ascontiguousarray(cal.log_flat[x0:x0 + width], dtype=np.float32)
         self.log_flat = self._start.copy()
-        self._kernel = np.ones((1, 2 * margin_px + 1), np.uint8)  # along the line only: per-line
-        self._buf = np.empty((32,) + self.log_flat.shape, np.float32)
+        if margin_px < 0:
+            raise ValueError(f"margin_px must be >= 0, got {margin_px!r}")
+        self.margin_px = int(margin_px)  # along the line only: per line, whatever the chunking
+        self._no_lines = np.zeros(0, bool)
+        self._no_cols = np.zeros(width, bool)
         self._sum = np.zeros(self.log_flat.shape, np.float64)
         self._count = np.zeros(width, np.int64)
         self.updates = 0
@@ -493,19 +493,10 @@ class AirTracker:
                              f"(L, {self.log_flat.shape[0]}, 2) and (L, {self.log_flat.shape[0]})")
         if n == 0:
             return
-        near = cv2.dilate(np.ascontiguousarray(mask).view(np.uint8), self._kernel)
-        empty = np.equal(near, 0, out=near.view(bool)).view(np.uint8)
-        if bad_lines is not None and bad_lines.any():
-            empty[bad_lines] = 0
-        if bad_cols is not None and bad_cols.any():
-            empty[:, bad_cols] = 0
-        self._count += empty.sum(axis=0, dtype=np.int64)
-        if self._buf.shape[0] < n:
-            self._buf = np.empty((n,) + self.log_flat.shape, np.float32)
-        kept = self._buf[:n]
-        kept.fill(0.0)
-        cv2.copyTo(np.ascontiguousarray(a, dtype=np.float32), empty, kept)  # A where empty, else 0
-        self._sum += kept.sum(axis=0, dtype=np.float64)  # exact: the level must not depend on chunking
+        _accumulate_empty(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(mask, dtype=bool),
+                          self._no_lines if bad_lines is None else np.ascontiguousarray(bad_lines, dtype=bool),
+                          self._no_cols if bad_cols is None else np.ascontiguousarray(bad_cols, dtype=bool),
+                          self.margin_px, self._sum, self._count)
 
     def end_epoch(self) -> None:
         """Move the level by ``alpha`` of the epoch's mean empty-belt A, and start a new epoch."""
@@ -517,3 +508,62 @@ class AirTracker:
         self._sum.fill(0.0)
         count.fill(0)
         self.updates += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate_empty(a: np.ndarray, mask: np.ndarray, bad_lines: np.ndarray, bad_cols: np.ndarray, margin: int,
+                      total: np.ndarray, count: np.ndarray) -> None:
+    """Add A of each empty-belt pixel to ``total`` (W, 2) float64 and count it in ``count`` (W,):
+    pixels with no foreground within ``margin`` columns on their own line, on good lines
+    (``bad_lines`` (L,) or empty: none) and good columns. Line by line, in stream order, so
+    the sums are the same however the stream is chunked."""
+    n, w = mask.shape
+    check_lines = bad_lines.size == n
+    for i in range(n):
+        if check_lines and bad_lines[i]:
+            continue
+        # foreground pixels in the window [j - margin, j + margin], slid along the line
+        near = 0
+        for k in range(min(margin, w)):
+            near += mask[i, k]
+        for j in range(w):
+            if j + margin < w:
+                near += mask[i, j + margin]
+            if j - margin - 1 >= 0:
+                near -= mask[i, j - margin - 1]
+            if near == 0 and not bad_cols[j]:
+                count[j] += 1
+                total[j, 0] += a[i, j, 0]
+                total[j, 1] += a[i, j, 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _screen_samples(raw: np.ndarray, sample: np.ndarray, dark_thr_high: np.ndarray, prev: np.ndarray,
+                    out: np.ndarray) -> None:
+    """The cheap screen of :meth:`LineHealth.check` on the sampled columns, per line into ``out``
+    (L, 3): samples with either channel at full scale; samples with the high channel at or
+    below its dark level; pairs of adjacent samples equal (both channels) to the line before.
+    ``raw`` (L, W, 2) uint16; the chunk's first line is compared with ``prev`` (W, 2), or with
+    nothing when ``prev`` is empty."""
+    n = raw.shape[0]
+    s = sample.size
+    for i in range(n):
+        sat = dark = pairs = 0
+        was_equal = False
+        for k in range(s):
+            c = sample[k]
+            lo = raw[i, c, 0]
+            hi = raw[i, c, 1]
+            sat += (lo == FULL_SCALE) + (hi == FULL_SCALE)
+            dark += hi <= dark_thr_high[k]
+            if i > 0:
+                equal = lo == raw[i - 1, c, 0] and hi == raw[i - 1, c, 1]
+            elif prev.size:
+                equal = lo == prev[c, 0] and hi == prev[c, 1]
+            else:
+                equal = False
+            pairs += equal and was_equal
+            was_equal = equal
+        out[i, 0] = sat
+        out[i, 1] = dark
+        out[i, 2] = pairs

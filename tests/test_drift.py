@@ -184,3 +184,23 @@ def test_tracker_learns_only_from_empty_belt():
     t2.update(a, mask, bad_lines, bad_cols)
     t2.end_epoch()
     assert (t2.log_flat[28:33] == 10.0).all() and (t2.log_flat[17:28] > 10.0).all()
+
+
+@pytest.mark.parametrize("margin", [0, 1, 3, 60])
+def test_tracker_sums_match_dilated_mask(margin):
+    """The tracker's sums and counts against an independent reading: empty = the mask dilated
+    along the line by OpenCV, minus bad lines and columns; sums in float64 of the kept A."""
+    import cv2
+    rng = np.random.default_rng(margin)
+    cal = _cal(50)
+    a = rng.normal(0.0, 0.02, (32, 50, 2)).astype(np.float32)
+    mask = rng.random((32, 50)) < 0.1
+    bad_lines = rng.random(32) < 0.2
+    bad_cols = rng.random(50) < 0.1
+    t = AirTracker(cal, margin_px=margin)
+    t.update(a, mask, bad_lines, bad_cols)
+    empty = cv2.dilate(mask.view(np.uint8), np.ones((1, 2 * margin + 1), np.uint8)) == 0
+    empty[bad_lines] = False
+    empty[:, bad_cols] = False
+    np.testing.assert_array_equal(t._count, empty.sum(axis=0))
+    np.testing.assert_allclose(t._sum, (a * empty[..., None]).sum(axis=0, dtype=np.float64), rtol=0, atol=1e-12)
