@@ -150,6 +150,7 @@ class LineHealth:
         self._no_prev = np.zeros((0, 2), np.uint16)
         self._sample_thr_high = np.ascontiguousarray(self._sample_thr[:, 1])
         self._col_last_bad = np.full(width, -(1 << 62), np.int64)  # last stream line a column was stuck
+        self._last_bad_line = -(1 << 62)  # ... and of any column
         self._next_line: int | None = None
         self._active = dict.fromkeys(FAULT_KINDS, False)
         self._guard_left = 0
@@ -219,7 +220,7 @@ class LineHealth:
         if bad_cols.any():
             # the pipeline blanks these columns over the whole chunk: a particle anywhere in it
             # may have lost pixels there
-            self._col_last_bad[bad_cols] = first_line + raw.shape[0] - 1
+            self._col_last_bad[bad_cols] = self._last_bad_line = first_line + raw.shape[0] - 1
         return ChunkHealth(bad_lines, bad_cols, counts)
 
     def _remember(self, line: np.ndarray) -> None:
@@ -301,6 +302,8 @@ class LineHealth:
     def suspect(self, line0: int, line1: int, col0: int, col1: int) -> bool:
         """Whether a particle (window columns) borders a column that was stuck while it passed:
         it may be a fragment of a rock cut by the frozen module (pass it, do not eject)."""
+        if self._last_bad_line < line0:  # the common case: no frozen column since it began
+            return False
         lo, hi = max(col0 - 1, 0), min(col1 + 2, self.width)
         return bool(self._col_last_bad[lo:hi].max(initial=-(1 << 62)) >= line0)
 

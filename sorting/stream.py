@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import segment
 from .calibrate import Calibration
 from .config import SorterConfig
 from .eject import Timing, plan
+from .faults import AirTracker, LineHealth, good_runs
 from .features import FEATURE_NAMES, features_batch, particle_features
 from .model import OnnxModel
-from .faults import AirTracker, LineHealth, good_runs
 from .normalize import attenuation_into
 from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
 
@@ -136,6 +137,18 @@ class Pipeline:
         particle_features(a, mask, self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=self._x[0])
         np.nan_to_num(self._x[:1], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         self.model.scores_f32(self._x[:1])
+        # the compiled kernels load from their cache (or compile, on a fresh install: ~seconds)
+        # at their first call: make it here, on throwaway state, with the loop's argument types
+        raw = np.zeros((2, self.pixels, 2), np.uint16)
+        health = LineHealth(self.cal, self.x0, self.pixels)
+        health.check(raw, 0)
+        health.check(raw, 2)
+        raw.flags.writeable = False  # a replayed recording's lines are read-only: another type
+        health.check(raw, 4)
+        a = np.zeros((2, self.pixels, 2), np.float32)
+        mask = segment.foreground(a, self.cal, self.x0, self.seg, out=np.empty((2, self.pixels), bool))
+        AirTracker(self.cal, x0=self.x0, width=self.pixels).update(a, mask, np.zeros(2, bool),
+                                                                    np.zeros(self.pixels, bool))
 
     # ------------------------------------------------------------ input side
     def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +300,9 @@ class Pipeline:
                 "first_line": int(p.line0), "last_line": int(p.line1),
                 "x_min_px": xmin_l[i], "x_max_px": xmax_l[i],
                 "centroid_line": round(float(p.centroid_line), 3),
-                "centroid_px": round(float(p.centroid_px) + self.x0, 3),
+                # from the integer column sum, shifted to detector columns before the one division:
+                # a lane (x0 > 0) then rounds a tie exactly as one worker does
+                "centroid_px": round((round(p.centroid_px * p.area_px) + self.x0 * p.area_px) / p.area_px, 3),
                 "area_mm2": round(p.area_px * px_area, 2),
                 "score": round(score_l[i], 6),
                 "decision": "eject" if fire else "pass",
