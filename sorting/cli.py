@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sorter", type=Path, default=None, help="default: configs/sorter_reference.yaml")
     bench.add_argument("--chunk-lines", type=int, default=32)
     bench.add_argument("--no-paced", action="store_true", help="skip the paced (latency) run")
+    bench.add_argument("--dense-seconds", type=float, default=8.0,
+                       help="belt seconds of the paced run at twice the occupancy, on a simulated belt "
+                       "(0: skip; default 8)")
     bench.add_argument("--workers", type=int, default=2,
                        help="also measure lane-parallel throughput with this many workers (0 = skip)")
     bench.add_argument("--quiet", action="store_true")

@@ -1,0 +1,32 @@
+"""`sorting bench --json` on a given recording: CONTRACT.md section 8's keys, and the
+derived numbers consistent with the measured ones (the speed itself is never asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sorting.cli import main
+from sorting.formats import read_belt_recording
+
+
+def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--recording", str(small_belt), "--model", str(small_model), "--workers", "1",
+                 "--json", str(out), "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    rec = read_belt_recording(small_belt)
+    for key in ("line_rate_hz", "pixels", "lines", "particles", "throughput_lines_s", "realtime_factor",
+                "latency_ms", "late", "cpu_fraction"):
+        assert key in r, key
+    assert set(r["latency_ms"]) >= {"p50", "p99", "p999", "max"}
+    assert r["lines"] == rec.n_lines and r["pixels"] == rec.lines.shape[1]
+    assert r["line_rate_hz"] == pytest.approx(rec.line_rate_hz)
+    assert r["realtime_factor"] == pytest.approx(r["throughput_lines_s"] / r["line_rate_hz"])
+    assert r["pipeline_over_floor"] == pytest.approx(r["throughput_lines_s"] / r["floor_throughput_lines_s"])
+    lat = r["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"] + 0.01
+    # every rock of the recording is a particle, paced or not (the twin lays them apart)
+    assert r["particles"] == r["paced_particles"] == len(rec.truth)
+    assert r["late"] == r["late_ejects"] + r["undecided"]
+    assert "dense" not in r  # only on a belt the bench simulates itself
