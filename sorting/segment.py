@@ -97,6 +97,7 @@ class _Detector:
     def __init__(self, cal: Calibration, x0: int, width: int, config: SegmentConfig):
         w, self.thr = detection_weights(cal, x0, width, config)
         self.w = w
+        self.w_low, self.w_high = np.ascontiguousarray(w[:, 0]), np.ascontiguousarray(w[:, 1])
         bad = np.asarray(cal.bad, dtype=bool)[x0:x0 + width]
         self.bad = _bad_column_sources(bad)  # empty arrays when no column is bad
         # the cache key holds the calibration arrays themselves, so their ids cannot be reused
@@ -144,23 +145,25 @@ def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConf
         out = np.empty((lines, width), bool)
     elif out.shape != (lines, width) or out.dtype != bool:
         raise ValueError(f"`out` must be bool of shape {(lines, width)}, got {out.dtype} {out.shape}")
-    _detect(np.ascontiguousarray(a, dtype=np.float32), det.w, det.thr, *det.bad, out)
+    _detect(np.ascontiguousarray(a, dtype=np.float32).reshape(lines, 2 * width), det.w_low, det.w_high, det.thr,
+            *det.bad, out)
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _detect(a: np.ndarray, w: np.ndarray, thr: np.ndarray, bad_idx: np.ndarray, left: np.ndarray,
-            right: np.ndarray, out: np.ndarray) -> None:
-    """out[i, j] = w[j, 0] a[i, j, 0] + w[j, 1] a[i, j, 1] > thr[j], in float32 (NaN: False);
-    then bad column ``bad_idx[k]`` takes the AND of its good neighbours ``left[k]``,
-    ``right[k]`` (-1: none; with neither, False). One pass; numpy needs a temporary per
-    operation and fancy indexing per bad column (~3x slower on a 32-line chunk)."""
+def _detect(a: np.ndarray, w_low: np.ndarray, w_high: np.ndarray, thr: np.ndarray, bad_idx: np.ndarray,
+            left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
+    """out[i, j] = w_low[j] A_low + w_high[j] A_high > thr[j] in float32 (NaN: False), ``a``
+    (L, 2W) with a pixel's channels side by side (flat rows vectorise); then bad column
+    ``bad_idx[k]`` takes the AND of its good neighbours ``left[k]``, ``right[k]`` (-1: none;
+    with neither, False). ~5x faster than numpy's temporaries and fancy indexing."""
     for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            out[i, j] = a[i, j, 0] * w[j, 0] + a[i, j, 1] * w[j, 1] > thr[j]
+        row, o = a[i], out[i]
+        for j in range(o.size):
+            o[j] = row[2 * j] * w_low[j] + row[2 * j + 1] * w_high[j] > thr[j]
         for k in range(bad_idx.size):
             lo, hi = left[k], right[k]
-            out[i, bad_idx[k]] = (lo >= 0 or hi >= 0) and (lo < 0 or out[i, lo]) and (hi < 0 or out[i, hi])
+            o[bad_idx[k]] = (lo >= 0 or hi >= 0) and (lo < 0 or o[lo]) and (hi < 0 or o[hi])
 
 
 # ---------------------------------------------------------------- touching rocks

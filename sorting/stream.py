@@ -140,12 +140,12 @@ class Pipeline:
         # the compiled kernels load from their cache (or compile, on a fresh install: ~seconds)
         # at their first call: make it here, on throwaway state, with the loop's argument types
         raw = np.zeros((2, self.pixels, 2), np.uint16)
-        health = LineHealth(self.cal, self.x0, self.pixels)
-        health.check(raw, 0)
-        health.check(raw, 2)
-        raw.flags.writeable = False  # a replayed recording's lines are read-only: another type
-        health.check(raw, 4)
         a = np.zeros((2, self.pixels, 2), np.float32)
+        health = LineHealth(self.cal, self.x0, self.pixels)
+        for first in (0, 2):
+            health.check(raw, first)
+            attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+            raw.flags.writeable = False  # a replayed recording's lines are read-only: another type
         mask = segment.foreground(a, self.cal, self.x0, self.seg, out=np.empty((2, self.pixels), bool))
         AirTracker(self.cal, x0=self.x0, width=self.pixels).update(a, mask, np.zeros(2, bool),
                                                                     np.zeros(self.pixels, bool))

@@ -210,3 +210,30 @@ def test_basis_thickness_reads_the_calibration_table(machine, resp, cal):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
         assert got[0].dtype == np.float32 and got[0].flags.c_contiguous
+
+
+def test_attenuation_kernel_matches_the_formula():
+    """The stream's compiled path (uint16 counts) against A = ln(air - dark) - ln(max(I - dark, 1))
+    in float64, and bad columns interpolated linearly from the nearest good ones, by hand."""
+    from sorting.normalize import SIGNAL_FLOOR_ADU, attenuation_into
+
+    rng = np.random.default_rng(4)
+    w = 40
+    raw = rng.integers(0, 60000, (5, w, 2)).astype(np.uint16)
+    raw[0, 3] = 0  # below dark: the signal floor
+    dark = rng.uniform(90, 110, (w, 2)).astype(np.float32)
+    log_flat = np.log(rng.uniform(50000, 60000, (w, 2))).astype(np.float32)
+    bad = np.zeros(w, bool)
+    bad[[0, 10, 11, w - 1]] = True
+    out = attenuation_into(raw, dark, log_flat, bad, np.empty((5, w, 2), np.float32))
+    expect = log_flat.astype(np.float64) - np.log(np.maximum(raw - dark.astype(np.float64), SIGNAL_FLOOR_ADU))
+    good = ~bad
+    np.testing.assert_allclose(out[:, good], expect[:, good], rtol=0, atol=2e-5)
+    # columns 10, 11 lie 1/3 and 2/3 of the way from 9 to 12; the edges copy their neighbour
+    np.testing.assert_allclose(out[:, 10], (2 * out[:, 9] + out[:, 12]) / 3, atol=1e-5)
+    np.testing.assert_allclose(out[:, 11], (out[:, 9] + 2 * out[:, 12]) / 3, atol=1e-5)
+    np.testing.assert_array_equal(out[:, 0], out[:, 1])
+    np.testing.assert_array_equal(out[:, w - 1], out[:, w - 2])
+    # and the same numbers as the general (numpy/OpenCV) path for other integer counts
+    np.testing.assert_array_equal(out, attenuation_into(raw.astype(np.int32), dark, log_flat, bad,
+                                                        np.empty((5, w, 2), np.float32)))
