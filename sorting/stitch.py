@@ -2,66 +2,35 @@
 
 It follows connected components across chunk boundaries and hands each finished one to
 the same speck filter and touching-rock split as the batch path (:mod:`sorting.segment`),
-so the belt and the rock crops give the same particles.
+so the belt and the rock crops give the same particles. The run tracking is compiled
+(:mod:`sorting.stitch_kernels`): the loop has ~0.85 ms per 32-line chunk for everything.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
+from . import stitch_kernels as K
 from .segment import Completed, SegmentConfig, _pieces, _pixel_area_mm2
 
 if TYPE_CHECKING:  # the calibration is only kept for the caller
     from .calibrate import Calibration
 
-
-class _Open:
-    """Accumulators of one particle still open at the newest line."""
-
-    __slots__ = ("line0", "line1", "col0", "col1", "area", "sum_line", "sum_col", "pieces", "too_long", "cut")
-
-    def __init__(self) -> None:
-        self.line0 = self.col0 = 1 << 62
-        self.line1 = self.col1 = -1
-        self.area = self.sum_line = self.sum_col = 0
-        self.pieces: list[tuple[int, int, np.ndarray]] = []
-        self.too_long = False
-        self.cut = False
-
-    def absorb(self, other: _Open) -> None:
-        self.line0 = min(self.line0, other.line0)
-        self.line1 = max(self.line1, other.line1)
-        self.col0 = min(self.col0, other.col0)
-        self.col1 = max(self.col1, other.col1)
-        self.area += other.area
-        self.sum_line += other.sum_line
-        self.sum_col += other.sum_col
-        self.pieces.extend(other.pieces)
-        self.too_long |= other.too_long
-        self.cut |= other.cut
-
-    def mask(self) -> np.ndarray:
-        m = np.zeros((self.line1 - self.line0 + 1, self.col1 - self.col0 + 1), bool)
-        for line, col, piece in self.pieces:
-            r, c = line - self.line0, col - self.col0
-            view = m[r:r + piece.shape[0], c:c + piece.shape[1]]
-            np.logical_or(view, piece, out=view)
-        return m
+_SLOTS0 = 256  # open particles, grown by doubling
+_RUNS0 = 8192  # stored runs of open particles, grown by doubling
 
 
 class StreamSegmenter:
     """Stitches per-chunk foreground masks into whole particles, each emitted exactly once.
 
     A connected component (8-connectivity) is complete when a line after its last line
-    has arrived without extending it, so the result does not depend on chunk sizes. Each
-    chunk is labelled together with the previous chunk's last line; components meeting
-    that line join the open particles that own its pixels (several of them merge when a
-    chunk connects them). Open particles keep bbox, area, integer coordinate sums and their
-    mask pieces; completed ones go through the same speck filter and touching-rock split
-    as :func:`segment_crop`.
+    has arrived without extending it, so the result does not depend on chunk sizes. The
+    horizontal runs of each line are joined to those of the line before; open particles
+    keep bbox, area, integer coordinate sums and their runs, and a particle's mask is built
+    once, when it is complete. Completed ones go through the same speck filter and
+    touching-rock split as :func:`segment_crop`.
 
     Parameters
     ----------
@@ -89,16 +58,26 @@ class StreamSegmenter:
         # lane-parallel mode: only components this lane owns (decided on the whole component,
         # before touching rocks are split, so two lanes never split the same blob differently)
         self.claim = claim
-        self._buf = np.zeros((33, self.pixels + 2), np.uint8)  # a background column each side
+        self._parts = np.zeros((_SLOTS0, K.N_PART_COLS), np.int64)
+        self._emit_rows = np.zeros((_SLOTS0, K.N_EMIT_COLS), np.int64)
+        self._runs = np.zeros((_RUNS0, 4), np.int64)
+        self._prev = np.zeros(((self.pixels + 1) // 2, 3), np.int64)  # runs of the last line seen
+        self._sc = np.zeros(K.N_SCALARS, np.int64)
+        self._scratch_lines = 0
+        self._scratch(32)
         self._reset(None)
+
+    def _scratch(self, n_lines: int) -> None:
+        """Run buffer of one chunk (plus the line before), like a label image but ~100x smaller."""
+        if n_lines > self._scratch_lines:
+            self._scratch_lines = n_lines
+            self._cr = np.zeros(((n_lines + 1) * ((self.pixels + 1) // 2), 4), np.int64)
+            self._row_start = np.zeros(n_lines + 2, np.int64)
 
     def _reset(self, next_line: int | None) -> None:
         self._next = next_line
         self._start = next_line  # first line after a (re)start: what touches it may have begun earlier
-        self._buf[0] = 0
-        self._prev_ids = np.zeros(self.pixels, np.int64)  # open particle owning each pixel of the last line
-        self._open: dict[int, _Open] = {}
-        self._next_id = 1
+        K.reset_state(self._parts, self._runs, self._sc)
 
     @property
     def next_line(self) -> int | None:
@@ -115,8 +94,9 @@ class StreamSegmenter:
         Returns
         -------
         The particles completed by this chunk, in completion order (within a chunk: by
-        first line, then first column). A chunk that starts after the expected line
-        implies a gap (see :meth:`gap`); one that starts before it is an error.
+        first line, then first column; then particles emitted as too long). A chunk that
+        starts after the expected line implies a gap (see :meth:`gap`); one that starts
+        before it is an error.
         """
         mask = np.asarray(mask)
         if mask.ndim != 2 or mask.shape[1] != self.pixels or mask.shape[0] < 1:
@@ -129,113 +109,61 @@ class StreamSegmenter:
                 raise ValueError(f"chunk starts at line {first_line}, but line {self._next - 1} was already seen")
             out = self.gap(first_line)
         n_lines = mask.shape[0]
-        if self._buf.shape[0] < n_lines + 1:
-            prev = self._buf[0].copy()
-            self._buf = np.zeros((n_lines + 1, self.pixels + 2), np.uint8)
-            self._buf[0] = prev
-        buf = self._buf[:n_lines + 1]
-        buf[1:, 1:-1] = mask.view(np.uint8) if mask.dtype == bool else (mask != 0)
+        m8 = np.ascontiguousarray(mask if mask.dtype == bool else mask != 0).view(np.uint8)
+        self._scratch(n_lines)
         self._next = first_line + n_lines
-        # labels only: OpenCV's per-pixel statistics cost 5x the labelling; the stitcher
-        # takes its statistics from the horizontal runs instead (columns padded by one)
-        n, lab = cv2.connectedComponentsWithAlgorithm(buf, 8, cv2.CV_32S, cv2.CCL_GRANA)
-        if n > 1 or self._open:
-            out.extend(self._absorb(n, lab[:, 1:-1], _run_stats(buf, lab, n), first_line - 1))
-        buf[0] = buf[n_lines]
+        self._sc[K.S_START] = self._start
+        while True:
+            status, n_emit, flat = K.track_chunk(m8, first_line, self._parts, self._runs, self._prev, self._sc,
+                                                 self._cr, self._row_start, self.max_particle_lines,
+                                                 self._emit_rows)
+            if status == 0:
+                break
+            self._grow(int(self._sc[K.S_NEED_SLOTS]), int(self._sc[K.S_NEED_RUNS]))
+        if n_emit:
+            out.extend(self._completed(n_emit, flat))
         return out
 
-    def _absorb(self, n: int, lab: np.ndarray, stats: tuple[list, ...], base: int) -> list[Completed]:
-        """Merge labels of (previous line + chunk) into the open particles; emit the finished."""
-        owner = np.zeros(n, np.int64)  # label -> open particle id
-        cnt0 = colsum0 = None
-        if self._open:
-            prev = np.flatnonzero(self._prev_ids)
-            row0 = lab[0, prev]
-            ids = self._prev_ids[prev]
-            cnt0 = np.bincount(row0, minlength=n)
-            colsum0 = np.bincount(row0, weights=prev, minlength=n)
-            key = np.unique(row0 * (self._next_id + 1) + ids)
-            alias: dict[int, int] = {}
-            for k in key.tolist():
-                label, pid = divmod(k, self._next_id + 1)
-                pid = _resolve(alias, pid)
-                have = int(owner[label])
-                if have == 0:
-                    owner[label] = pid
-                elif _resolve(alias, have) != pid:  # this chunk connects two open particles
-                    keep = _resolve(alias, have)
-                    self._open[keep].absorb(self._open.pop(pid))
-                    alias[pid] = keep
-            if alias:
-                for label in range(1, n):
-                    owner[label] = _resolve(alias, int(owner[label]))
-        xs, ys, x1s, y1s, areas, row_sums, col_sums = stats
-        own = owner.tolist()
-        c0 = cnt0.tolist() if cnt0 is not None else None
-        s0 = colsum0.tolist() if cnt0 is not None else None
-        for label in range(1, n):
-            area = areas[label]
-            new = area - c0[label] if c0 is not None else area
-            if new <= 0:
-                continue
-            pid = own[label]
-            if pid == 0:
-                pid = own[label] = self._next_id
-                self._next_id += 1
-                self._open[pid] = _Open()
-            rec = self._open[pid]
-            x, y, x1, y1 = xs[label], ys[label], x1s[label], y1s[label]
-            top = max(y, 1)
-            if base + top == self._start:
-                rec.cut = True
-            rec.pieces.append((base + top, x, lab[top:y1 + 1, x:x1 + 1] == label))
-            if base + top < rec.line0:
-                rec.line0 = base + top
-            if base + y1 > rec.line1:
-                rec.line1 = base + y1
-            if x < rec.col0:
-                rec.col0 = x
-            if x1 > rec.col1:
-                rec.col1 = x1
-            rec.area += new
-            # integer sums: centroids come out identical however the stream is chunked
-            rec.sum_line += row_sums[label] + new * base
-            rec.sum_col += col_sums[label] - (round(s0[label]) if s0 is not None else 0)
-        owner = np.asarray(own, np.int64)
-        last = lab[-1]
-        self._prev_ids = owner[last]
-        alive = set(owner[np.flatnonzero(np.bincount(last, minlength=n))].tolist())
-        alive.discard(0)
+    def _grow(self, slots: int, runs: int) -> None:
+        """Room for ``slots`` more particles and ``runs`` more runs (free lists extended)."""
+        sc = self._sc
+        if sc[K.S_NFREE_SLOT] < slots:
+            old = self._parts.shape[0]
+            new = max(2 * old, old + slots)
+            parts = np.zeros((new, K.N_PART_COLS), np.int64)
+            parts[:old] = self._parts
+            parts[old:, K.HEAD] = np.arange(old + 1, new + 1)
+            parts[new - 1, K.HEAD] = sc[K.S_FREE_SLOT]
+            sc[K.S_FREE_SLOT] = old
+            sc[K.S_NFREE_SLOT] += new - old
+            self._parts = parts
+            self._emit_rows = np.zeros((new, K.N_EMIT_COLS), np.int64)
+        if sc[K.S_NFREE_RUN] < runs:
+            old = self._runs.shape[0]
+            new = max(2 * old, old + runs)
+            r = np.zeros((new, 4), np.int64)
+            r[:old] = self._runs
+            r[old:, K.R_NEXT] = np.arange(old + 1, new + 1)
+            r[new - 1, K.R_NEXT] = sc[K.S_FREE_RUN]
+            sc[K.S_FREE_RUN] = old
+            sc[K.S_NFREE_RUN] += new - old
+            self._runs = r
+
+    def _completed(self, n_emit: int, flat: np.ndarray) -> list[Completed]:
         out: list[Completed] = []
-        done = sorted((rec.line0, rec.col0, pid) for pid, rec in self._open.items() if pid not in alive)
-        for _, _, pid in done:
-            rec = self._open.pop(pid)
-            out.extend(self._emit(rec, cut=rec.cut))
-        newest = base + lab.shape[0] - 1
-        for pid in sorted(alive):
-            rec = self._open[pid]
-            if newest - rec.line0 + 1 >= self.max_particle_lines:
-                rec.too_long = True
-                out.extend(self._emit(rec, cut=rec.cut))
-                fresh = _Open()
-                fresh.too_long = True
-                self._open[pid] = fresh
+        for line0, line1, col0, col1, area, sum_line, sum_col, cut, too_long, off, _ in \
+                self._emit_rows[:n_emit].tolist():
+            if self.claim is not None and not self.claim(col0, col1):
+                continue
+            h, w = line1 - line0 + 1, col1 - col0 + 1
+            out.extend(_pieces(flat[off:off + h * w].reshape(h, w), line0, col0, self.pixel_pitch_mm,
+                               self.line_pitch_mm, self.config, cut=bool(cut), too_long=bool(too_long),
+                               pixels=self.pixels, sums=(area, sum_line, sum_col)))
         return out
-
-    def _emit(self, rec: _Open, cut: bool) -> list[Completed]:
-        if rec.area == 0:
-            return []
-        if self.claim is not None and not self.claim(rec.col0, rec.col1):
-            return []
-        return _pieces(rec.mask(), rec.line0, rec.col0, self.pixel_pitch_mm, self.line_pitch_mm,
-                       self.config, cut=cut, too_long=rec.too_long, pixels=self.pixels,
-                       sums=(rec.area, rec.sum_line, rec.sum_col))
 
     def _emit_all_cut(self) -> list[Completed]:
-        out: list[Completed] = []
-        for _, _, pid in sorted((r.line0, r.col0, pid) for pid, r in self._open.items()):
-            out.extend(self._emit(self._open[pid], cut=True))
-        return out
+        n_emit, flat = K.emit_all(self._parts, self._runs, self._sc, self._emit_rows)
+        return self._completed(n_emit, flat) if n_emit else []
 
     def gap(self, next_line: int) -> list[Completed]:
         """Lines before ``next_line`` were lost: particles open at the last line seen are
@@ -253,47 +181,3 @@ class StreamSegmenter:
         out = self._emit_all_cut()
         self._reset(None)
         return out
-
-
-def _run_stats(buf: np.ndarray, lab: np.ndarray, n: int) -> tuple[list, ...]:
-    """Per label of a padded chunk (background columns first and last): first column, first
-    row, last column, last row, area, sum of rows and sum of columns (exact integers, in
-    unpadded columns), as lists indexed by label, from the horizontal runs of foreground.
-    A chunk holds ~100x fewer runs than pixels."""
-    flat = buf.reshape(-1)
-    edges = np.flatnonzero(flat[1:] != flat[:-1])  # a run starts, then ends, and so on
-    edges += 1
-    start, stop = edges[0::2], edges[1::2]
-    out = [np.zeros(n, np.int64) for _ in range(7)]
-    if start.size == 0:
-        return tuple(o.tolist() for o in out)
-    row, col = np.divmod(start, buf.shape[1])
-    col -= 1
-    length = stop - start
-    label = lab.reshape(-1)[start]
-    # CCL numbers labels in raster order of their first pixel: sorting by label keeps
-    # each label's runs in raster order
-    order = np.argsort(label, kind="stable")
-    label, row, col, length = label[order], row[order], col[order], length[order]
-    change = np.flatnonzero(label[1:] != label[:-1])
-    first = np.empty(change.size + 1, np.intp)
-    first[0] = 0
-    first[1:] = change + 1
-    last = np.empty_like(first)
-    last[:-1] = change
-    last[-1] = label.size - 1
-    ids = label[first]
-    out[0][ids] = np.minimum.reduceat(col, first)
-    out[1][ids] = row[first]  # the first run of a label is on its first row
-    out[2][ids] = np.maximum.reduceat(col + length - 1, first)
-    out[3][ids] = row[last]
-    out[4][ids] = np.add.reduceat(length, first)
-    out[5][ids] = np.add.reduceat(row * length, first)
-    out[6][ids] = np.add.reduceat(col * length + (length * (length - 1)) // 2, first)
-    return tuple(o.tolist() for o in out)
-
-
-def _resolve(alias: dict[int, int], pid: int) -> int:
-    while pid in alias:
-        pid = alias[pid]
-    return pid

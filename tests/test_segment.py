@@ -380,29 +380,3 @@ def test_simulated_crop(belt):
         truth[8:-8, 8:-8] = rock.image.mask
         ious.append(np.count_nonzero(mask & truth) / np.count_nonzero(mask | truth))
     assert np.median(ious) > 0.95 and min(ious) > 0.8
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_run_statistics_match_opencv(seed):
-    """The stitcher's per-label statistics from horizontal runs equal OpenCV's own per-pixel
-    statistics of the same labelling (box, area, centroid -> exact integer sums)."""
-    from sorting.segment import _run_stats
-
-    rng = np.random.default_rng(seed)
-    mask = rng.random((33, 120)) < 0.45  # many small components, runs touching both edges
-    mask[:, 0] = mask[:, -1] = True
-    buf = np.zeros((33, 122), np.uint8)
-    buf[:, 1:-1] = mask
-    n, lab = cv2.connectedComponentsWithAlgorithm(buf, 8, cv2.CV_32S, cv2.CCL_GRANA)
-    x0, y0, x1, y1, area, s_row, s_col = (np.array(v) for v in _run_stats(buf, lab, n))
-    n2, lab2, stats, cents = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
-    assert n2 == n and np.array_equal(lab[:, 1:-1], lab2)
-    assert np.array_equal(x0[1:], stats[1:, cv2.CC_STAT_LEFT])
-    assert np.array_equal(y0[1:], stats[1:, cv2.CC_STAT_TOP])
-    assert np.array_equal(x1[1:] - x0[1:] + 1, stats[1:, cv2.CC_STAT_WIDTH])
-    assert np.array_equal(y1[1:] - y0[1:] + 1, stats[1:, cv2.CC_STAT_HEIGHT])
-    assert np.array_equal(area[1:], stats[1:, cv2.CC_STAT_AREA])
-    np.testing.assert_allclose(s_col[1:] / area[1:], cents[1:, 0], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(s_row[1:] / area[1:], cents[1:, 1], rtol=0, atol=1e-9)
-    empty = np.zeros((5, 12), np.uint8)
-    assert all(not any(v) for v in _run_stats(empty, np.zeros((5, 12), np.int32), 1))

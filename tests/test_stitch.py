@@ -1,0 +1,145 @@
+"""The streaming stitcher's compiled run tracking (sorting.stitch, sorting.stitch_kernels).
+
+Expected particles come from an independent labelling of the whole mask at once
+(scipy.ndimage.label, 8-connectivity) and from hand-worked examples of the emission rules.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from sorting.segment import SegmentConfig
+from sorting.stitch import StreamSegmenter
+
+PITCH = 0.8
+# every component is a particle: no speck filter, no touching-rock split
+RAW = SegmentConfig(min_area_mm2=0.0, split_touching=False)
+
+
+def _run(mask, chunk, config=RAW, max_lines=10_000, gaps=()):
+    seg = StreamSegmenter(mask.shape[1], None, PITCH, PITCH, config, max_particle_lines=max_lines)
+    out = []
+    for i in range(0, mask.shape[0], chunk):
+        if i in gaps:
+            continue
+        out += seg.push(i, mask[i:i + chunk])
+    return out + seg.flush()
+
+
+def _expected(mask):
+    """Each 8-connected component of the whole mask: box, area, centroid, mask, cut."""
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), int))
+    out = []
+    for k, (rows, cols) in enumerate(ndimage.find_objects(lab), start=1):
+        sub = lab[rows, cols] == k
+        r, c = np.nonzero(lab == k)
+        # cut: on the first line, or still open at the end of the stream (on the last line)
+        cut = bool(r.min() == 0 or r.max() == mask.shape[0] - 1)
+        out.append((rows.start, rows.stop - 1, cols.start, cols.stop - 1, int(r.size), r.mean(), c.mean(),
+                    cut, sub.tobytes()))
+    return sorted(out)
+
+
+def _got(items):
+    return sorted((c.line0, c.line1, c.col0, c.col1, c.area_px, c.centroid_line, c.centroid_px, c.cut,
+                   c.mask.tobytes()) for c in items)
+
+
+def _same(got, expect):
+    assert len(got) == len(expect)
+    for g, e in zip(got, expect):
+        assert g[:5] == e[:5] and g[7:] == e[7:]
+        assert g[5] == pytest.approx(e[5], abs=1e-9) and g[6] == pytest.approx(e[6], abs=1e-9)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.45, 0.6])
+@pytest.mark.parametrize("chunk", [1, 7, 16, 32, 128, 500])
+def test_components_match_whole_frame_labelling(density, chunk):
+    rng = np.random.default_rng(int(density * 100) + chunk)
+    mask = rng.random((300, 140)) < density
+    mask[:, 0] |= rng.random(300) < 0.5  # runs touching both edges
+    mask[:, -1] |= rng.random(300) < 0.5
+    _same(_got(_run(mask, chunk)), _expected(mask))
+
+
+def test_blobs_merging_across_chunks_match():
+    """U shapes and combs: parts that start apart and join many lines later."""
+    mask = np.zeros((120, 90), bool)
+    mask[10:60, 5:8] = mask[10:60, 20:23] = True
+    mask[57:62, 5:23] = True  # a U, joined 47 lines below its tops
+    for c in range(30, 80, 6):  # a comb of 9 teeth joined at the bottom
+        mask[20:90, c:c + 2] = True
+    mask[88:95, 30:80] = True
+    mask[100:103, 40:45] = True  # alone
+    for chunk in (4, 9, 32):
+        _same(_got(_run(mask, chunk)), _expected(mask))
+
+
+def test_many_open_particles_grow_the_tables():
+    # 625 vertical stripes open at once over 300 lines: ~190 000 stored runs
+    mask = np.zeros((300, 1250), bool)
+    mask[5:290, ::2] = True
+    got = _run(mask, 32)
+    _same(_got(got), _expected(mask))
+    # and the segmenter is reusable after the flush
+    again = _run(mask, 17)
+    assert _got(again) == _got(got)
+
+
+def test_gap_splits_a_component_in_two():
+    mask = np.zeros((96, 30), bool)
+    mask[10:80, 4:9] = True
+    got = sorted((c.line0, c.line1, c.area_px, c.cut) for c in _run(mask, 16, gaps=(32,)))
+    # lines 32..47 are lost: lines 10..31 (cut at the gap) and 48..79 (cut after it)
+    assert got == [(10, 31, 22 * 5, True), (48, 79, 32 * 5, True)]
+
+
+def test_emission_order_within_a_chunk():
+    mask = np.zeros((20, 40), bool)
+    mask[5:10, 20:26] = True  # A: first line 5
+    mask[3:9, 30:36] = True  # B: first line 3, column 30
+    mask[3:7, 2:6] = True  # C: first line 3, column 2
+    seg = StreamSegmenter(40, None, PITCH, PITCH, RAW)
+    got = seg.push(0, mask[:12])
+    assert [(c.line0, c.col0) for c in got] == [(3, 2), (3, 30), (5, 20)]
+
+
+def test_too_long_in_order_of_first_appearance():
+    # two jams; X appears first (line 0), Y a line later but further left. With 10 lines
+    # at most and 4-line chunks both are emitted with the chunk of lines 8..11, then their
+    # continuations (both from line 12) with the chunk of lines 20..23: X first each time,
+    # although Y's continuation comes first by (first line, first column)
+    mask = np.zeros((40, 50), bool)
+    mask[0:40, 30:33] = True  # X
+    mask[1:40, 5:8] = True  # Y
+    seg = StreamSegmenter(50, None, PITCH, PITCH, RAW, max_particle_lines=10)
+    rounds = {}
+    for i in range(0, 40, 4):
+        done = seg.push(i, mask[i:i + 4])
+        if done:
+            rounds[i] = [(c.line0, c.line1, c.col0, c.too_long) for c in done]
+    assert rounds == {8: [(0, 11, 30, True), (1, 11, 5, True)],
+                      20: [(12, 23, 30, True), (12, 23, 5, True)],
+                      32: [(24, 35, 30, True), (24, 35, 5, True)]}
+    tail = seg.flush()
+    assert [(c.line0, c.line1, c.col0, c.cut, c.too_long) for c in tail] == [
+        (36, 39, 5, True, True), (36, 39, 30, True, True)]
+
+
+def test_masks_are_independent_contiguous_bool():
+    mask = np.zeros((30, 30), bool)
+    mask[2:8, 2:8] = mask[2:8, 20:26] = True
+    a, b = _run(mask, 30)
+    assert a.mask.dtype == bool and a.mask.flags.c_contiguous and a.mask.shape == (6, 6)
+    a.mask[:] = False
+    assert b.mask.all()
+
+
+def test_non_bool_mask_reads_nonzero():
+    rng = np.random.default_rng(3)
+    mask = rng.random((64, 50)) < 0.4
+    as_int = mask.astype(np.int16) * 7
+    seg = StreamSegmenter(50, None, PITCH, PITCH, RAW)
+    got = seg.push(0, as_int[:32]) + seg.push(32, as_int[32:]) + seg.flush()
+    _same(_got(got), _expected(mask))
