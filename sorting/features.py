@@ -3,16 +3,21 @@
 Every feature is in physical units (mm, mm2, cm3, attenuation, material fractions), so a
 model means the same on another machine with its own pitch and calibration. Material
 statistics come from the rock's interior (mask eroded by ``EDGE_PX``) without starved
-pixels: the thin rim reads noise-dominated material values, a starved pixel none at all. Distributions are thickness-weighted where that is the
-physical quantity (the share of the rock's volume, not of its projected pixels).
+pixels: the thin rim reads noise-dominated material values, a starved pixel none at all.
+Distributions are thickness-weighted where that is the physical quantity (the share of the
+rock's volume, not of its projected pixels).
 
 The batch path (:func:`dataset_features`) and the belt (the streaming loop cutting each
 ``Completed`` box out of its ring buffer) both call :func:`features_batch` on the
 particles' boxes, so a model trained on rock crops sees the numbers the belt produces.
-It lays the boxes out on one canvas with empty belt between them and computes every
-map and filter once for all of them; a particle's numbers do not depend on its
-neighbours on the canvas, nor on a margin around its box (the crop is trimmed to the
-mask), so :func:`particle_features` (a batch of one) gives the same numbers.
+One compiled kernel (:mod:`sorting._features_kernel`) computes a whole batch: each
+particle alone in its own bounding box, so its numbers do not depend on its neighbours in
+the batch nor on a margin around its box, and :func:`particle_features` (a batch of one)
+gives the same numbers. The maps are those of :mod:`sorting.normalize` (smoothing: the
+normalized Gaussian of the transmission inside the rock, ``blurred_transmission`` /
+``smoothed_attenuation``; the basis table of ``basis_thickness``, here read by exact
+bilinear interpolation; ``mafic_line``); ``tests/test_features_kernel.py`` holds a slow
+numpy reference of every feature.
 """
 from __future__ import annotations
 
@@ -25,15 +30,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .normalize import attenuation, basis_thickness, blurred_transmission, mafic_line, smoothed_attenuation
+from . import _features_kernel as kernel
+from .normalize import _FRACTION_FLOOR_MM, _basis_table, _mafic_inverse, attenuation
 from .segment import SegmentConfig, segment_crop
 
 if TYPE_CHECKING:
     from .calibrate import Calibration
     from .formats import RockDataset
 
-#: bump when any definition changes: models carry it and are refused on a mismatch
-FEATURE_VERSION = "3"
+#: bump when any definition changes: models carry it and are refused on a mismatch.
+#: 4: the basis table read by exact bilinear interpolation (3: cv2.remap's 1/32-cell weights)
+FEATURE_VERSION = "4"
 
 _QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
 _MAFIC_Q_NAMES = tuple(f"mafic_p{int(q * 100):02d}" for q in _QUANTILES)
@@ -74,50 +81,21 @@ OXIDE_LEVEL = 4.5
 #: a few mm in an ore rock) stays above it, rock-scale banding and thickness gradients are
 #: taken out; a homogeneous syenite reads only noise
 TEXTURE_WINDOW_MM = 4.0
-_Q = np.array(_QUANTILES)
-#: empty belt around each particle's box: at least the smoothing Gaussian's radius (sigma 1 px,
-#: a 9-tap kernel), so a rock sees only empty belt around it, as on the belt
-_PAD = 4
-_DISK = {r: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) for r in (1, 2)}
-#: particles per canvas, and canvas pixels: one pass per chunk of the stream, bounded memory in batch
-_BATCH_PARTICLES = 64
+#: weighted quantiles of the mafic fraction: fixed bins (O(n), no sort), the cumulative weight
+#: at the bin edges interpolated linearly inside the bin where it crosses q (np.interp's
+#: definition); values outside the range count in the end bins
+_HIST_LO, _HIST_HI, _HIST_STEP = -1.0, 8.0, 0.02
+_HIST_BINS = int(round((_HIST_HI - _HIST_LO) / _HIST_STEP))
+_HIST_EDGES = _HIST_LO + _HIST_STEP * np.arange(_HIST_BINS + 1)
+#: particle pixels per kernel call in the batch path (bounded scratch memory)
 _BATCH_PIXELS = 1 << 20
-#: canvas width before a new shelf of boxes starts (px)
-_SHELF_PX = 1024
-
-_C = {name: i for i, name in enumerate(FEATURE_NAMES)}
-_C_MAFIC_Q = [_C[name] for name in _MAFIC_Q_NAMES]
-
-
-class _Histogram:
-    """Fixed bins for weighted quantiles in O(n) (no sort): the cumulative weight at the bin
-    edges, interpolated linearly inside the bin where it crosses q."""
-
-    def __init__(self, lo: float, hi: float, step: float):
-        self.n_bins = int(round((hi - lo) / step))
-        self.scale = np.float32(1.0 / step)
-        self.shift = np.float32(-lo / step)
-        self.top = np.float32(self.n_bins - 0.5)
-        self.edges = lo + step * np.arange(self.n_bins + 1)
-
-    def quantiles(self, values: np.ndarray, weights: np.ndarray, label: np.ndarray, n: int,
-                  q: np.ndarray) -> np.ndarray:
-        """Weighted quantiles ``q`` of each of ``n`` groups (``label`` 0..n-1 per value): (n, len(q))."""
-        v = values * self.scale
-        v += self.shift
-        np.maximum(v, np.float32(0.0), out=v)
-        np.minimum(v, self.top, out=v)
-        nb = self.n_bins
-        key = label * nb
-        key += v.astype(np.intp)
-        cum = np.zeros((n, nb + 1))
-        np.cumsum(np.bincount(key, weights=weights, minlength=n * nb).reshape(n, nb), axis=1, out=cum[:, 1:])
-        x = q * cum[:, -1:]  # (n, nq)
-        return np.array([np.interp(x[i], cum[i], self.edges) for i in range(n)])
-
-
-#: weighted quantiles of the mafic fraction: value range and bin width
-_MAFIC_HIST = _Histogram(-1.0, 8.0, 0.02)
+#: the smoothing Gaussian (sigma 1 px): OpenCV's taps, as ``normalize.blurred_transmission`` uses
+_TAPS = cv2.getGaussianKernel(9, 1.0, cv2.CV_32F).ravel().copy()
+#: where each of the kernel's outputs goes in FEATURE_NAMES order
+_COLS = np.array([FEATURE_NAMES.index(name) for name in kernel.OUTPUTS], np.int64)
+assert sorted(kernel.OUTPUTS) == sorted(FEATURE_NAMES) and len(kernel.OUTPUTS) == N_FEATURES
+_Q = np.array(_QUANTILES)
+assert _Q.size == kernel.N_QUANTILES
 
 
 def _texture_window(pixel_pitch_mm: float, line_pitch_mm: float) -> tuple[int, int]:
@@ -128,46 +106,35 @@ def _texture_window(pixel_pitch_mm: float, line_pitch_mm: float) -> tuple[int, i
     return odd(pixel_pitch_mm), odd(line_pitch_mm)
 
 
-class _Layout:
-    """Particle boxes side by side on one canvas, shelf by shelf (tallest first), ``gap`` px
-    of empty belt between them and around the canvas: no filter reaches from one rock to
-    the next, so each reads as if it were alone on the belt."""
-
-    def __init__(self, heights: list[int], widths: list[int], gap: int):
-        order = sorted(range(len(heights)), key=lambda i: -heights[i])
-        self.y = [0] * len(heights)
-        self.x = [0] * len(heights)
-        limit = max(_SHELF_PX, max(widths) + 2 * gap)
-        y = x = gap
-        shelf = width = 0
-        for i in order:
-            if x > gap and x + widths[i] + gap > limit:
-                y += shelf + gap
-                x, shelf = gap, 0
-            shelf = max(shelf, heights[i])
-            self.y[i], self.x[i] = y, x
-            x += widths[i] + gap
-            width = max(width, x)
-        self.shape = (y + shelf + gap, width)
+def _parameters(cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
+    """The basis table (nR, nA, 2) and the kernel's float32 parameters for this calibration."""
+    tab = _basis_table(cal)
+    inv = _mafic_inverse()
+    p = np.empty(kernel.N_P32, np.float32)
+    p[kernel.P_X_SCALE], p[kernel.P_R_MIN], p[kernel.P_Y_SCALE] = tab.x_scale, tab.r_min, tab.y_scale
+    p[kernel.P_STARVED] = cal.starved_a_low
+    p[kernel.P_FAYALITE], p[kernel.P_OXIDE] = FAYALITE_LEVEL, OXIDE_LEVEL
+    p[kernel.P_HIST_SCALE] = 1.0 / _HIST_STEP
+    p[kernel.P_HIST_SHIFT] = -_HIST_LO / _HIST_STEP
+    p[kernel.P_HIST_TOP] = _HIST_BINS - 0.5
+    p[kernel.P_INV00], p[kernel.P_INV01], p[kernel.P_INV10], p[kernel.P_INV11] = inv.ravel()
+    p[kernel.P_FLOOR] = _FRACTION_FLOOR_MM
+    return tab.table, p
 
 
 class _Workspace:
-    """Scratch canvases, grown on demand and reused from chunk to chunk (one per thread)."""
+    """Scratch for the crops' pixels, grown on demand and reused from chunk to chunk (one per thread)."""
 
     def __init__(self) -> None:
-        self.size = 0
+        self.a = np.empty(0, np.float32)
+        self.m = np.empty(0, np.uint8)
 
-    def canvases(self, h: int, w: int) -> tuple[np.ndarray, ...]:
-        """(h, w, 2) float32, (h, w, 4) float32 x 2 and an (h, w) uint8 mask; contents undefined."""
-        if h * w > self.size:
-            self.size = max(h * w, 2 * self.size, 1 << 15)
-            self._a = np.empty(2 * self.size, np.float32)
-            self._f1 = np.empty(4 * self.size, np.float32)
-            self._f2 = np.empty(4 * self.size, np.float32)
-            self._m8 = np.empty(self.size, np.uint8)
-        n = h * w
-        return (self._a[:2 * n].reshape(h, w, 2), self._f1[:4 * n].reshape(h, w, 4),
-                self._f2[:4 * n].reshape(h, w, 4), self._m8[:n].reshape(h, w))
+    def buffers(self, n_px: int) -> tuple[np.ndarray, np.ndarray]:
+        if n_px > self.m.size:
+            size = max(n_px, 2 * self.m.size, 1 << 15)
+            self.a = np.empty(2 * size, np.float32)
+            self.m = np.empty(size, np.uint8)
+        return self.a, self.m
 
 
 _LOCAL = threading.local()
@@ -184,10 +151,9 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
                    line_pitch_mm: float, *, out: np.ndarray | None = None) -> np.ndarray:
     """The feature vectors of several particles, computed together.
 
-    The particles' boxes are laid out on one canvas with empty belt between them, so the
-    material maps, smoothing and filters run once for all of them and the statistics come
-    out per particle from sums over its pixels; each particle's numbers are those it gets
-    alone (:func:`particle_features` is this function on one crop).
+    One compiled pass over the batch (:mod:`sorting._features_kernel`); each particle is
+    computed alone in its own bounding box, so its numbers are those it gets alone
+    (:func:`particle_features` is this function on one crop).
 
     Parameters
     ----------
@@ -210,199 +176,41 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
         out = np.empty((n, N_FEATURES), np.float32)
     elif out.shape != (n, N_FEATURES) or out.dtype != np.float32:
         raise ValueError(f"`out` (shape {out.shape}, {out.dtype}) must be float32 of shape ({n}, {N_FEATURES})")
-    win = _texture_window(pixel_pitch_mm, line_pitch_mm)
-    # no filter may reach from one rock to the next: the blur's radius, the texture box's half-width
-    gap = max(_PAD, win[0] // 2, win[1] // 2)
-    group: list[tuple] = []
-    pixels = 0
+    if n == 0:
+        return out
+    checked = []
     for i, (a, mask) in enumerate(crops):
         a = np.asarray(a)
         mask = np.asarray(mask, dtype=bool)
         if a.ndim != 3 or a.shape[2] != 2 or mask.shape != a.shape[:2]:
             raise ValueError(f"crop {i}: `a` (shape {a.shape}) must be (h, w, 2) and `mask` (shape {mask.shape}) (h, w)")
-        m8 = mask.view(np.uint8)
-        c0, r0, bw, bh = cv2.boundingRect(m8)
-        if bw == 0 or bh == 0:
-            out[i] = 0.0
-            continue
-        # trim to the mask: the result cannot depend on the caller's margin
-        group.append((i, a[r0:r0 + bh, c0:c0 + bw], m8[r0:r0 + bh, c0:c0 + bw]))
-        pixels += (bh + gap) * (bw + gap)
-        if len(group) >= _BATCH_PARTICLES or pixels >= _BATCH_PIXELS:
-            _batch(group, cal, pixel_pitch_mm, line_pitch_mm, win, gap, out)
-            group, pixels = [], 0
-    if group:
-        _batch(group, cal, pixel_pitch_mm, line_pitch_mm, win, gap, out)
+        checked.append((a, mask))
+    table, p32 = _parameters(cal)
+    win = np.array(_texture_window(pixel_pitch_mm, line_pitch_mm), np.int64)
+    pitch = np.array([pixel_pitch_mm, line_pitch_mm], np.float64)
+    i0 = 0
+    while i0 < n:
+        # the crops are copied one after the other into contiguous scratch: the kernel sees
+        # one layout whatever the caller's (views of the stream's ring are strided)
+        i1, n_px = i0, 0
+        while i1 < n and (i1 == i0 or n_px + checked[i1][1].size <= _BATCH_PIXELS):
+            n_px += checked[i1][1].size
+            i1 += 1
+        a_buf, m_buf = _workspace().buffers(n_px)
+        boxes = np.empty((i1 - i0, 3), np.int64)
+        o = 0
+        for k in range(i0, i1):
+            a, mask = checked[k]
+            h, w = mask.shape
+            a_buf[2 * o:2 * (o + h * w)].reshape(h, w, 2)[...] = a
+            m_buf[o:o + h * w].reshape(h, w)[...] = mask
+            boxes[k - i0] = (o, h, w)
+            o += h * w
+        f = np.empty((i1 - i0, N_FEATURES), np.float64)
+        kernel.particles(a_buf, m_buf, boxes, _TAPS, table, p32, _HIST_EDGES, _Q, win, pitch, _COLS, f)
+        out[i0:i1] = f
+        i0 = i1
     return out
-
-
-def _batch(group: list[tuple], cal: Calibration, pp: float, lp: float, win: tuple[int, int], gap: int,
-           out: np.ndarray) -> None:
-    n = len(group)
-    lay = _Layout([m.shape[0] for _, _, m in group], [m.shape[1] for _, _, m in group], gap)
-    h, w = lay.shape
-    canvas_a, t4, t4b, m8 = _workspace().canvases(h, w)
-    m8.fill(0)
-    # rock pixels grouped by particle, each in raster order (per-particle sums are segment
-    # sums): a box's own raster indices, moved to where the box sits on the canvas
-    rock_parts = []
-    for k, (_, a, m) in enumerate(group):
-        bh, bw = m.shape
-        y, x = lay.y[k], lay.x[k]
-        canvas_a[y:y + bh, x:x + bw] = a  # only the rock's pixels are read back
-        m8[y:y + bh, x:x + bw] = m
-        local = np.flatnonzero(m.view(bool))
-        if bw != w:
-            local += (local // bw) * (w - bw)
-        local += y * w + x
-        rock_parts.append(local)
-    rock = np.concatenate(rock_parts) if n > 1 else rock_parts[0]
-    area_px = np.array([r.size for r in rock_parts])
-    start = np.cumsum(area_px) - area_px
-    lab = np.repeat(np.arange(n), area_px)
-    # pixels of 2 or 4 float32 channels move as one complex64 / complex128 number
-    a_rock = np.take(canvas_a.reshape(-1).view(np.complex64), rock).view(np.float32).reshape(-1, 2)
-    if not np.isfinite(a_rock.sum()):  # a broken pixel must not poison the whole rock
-        np.nan_to_num(a_rock, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    f = np.zeros((n, N_FEATURES))
-    _shape(group, area_px, pp, lp, f)
-
-    # material maps inside each rock (normalize._smooth_inside, on the whole canvas at once):
-    # channels T_low, T_high, 1 on the rock, 0 elsewhere
-    trans = np.negative(a_rock)
-    cv2.exp(trans, dst=trans)
-    ones = np.zeros((rock.size, 1, 2), np.float32)
-    ones[:, 0, 0] = 1.0
-    rows = cv2.merge((trans.reshape(-1, 1, 2), ones))
-    t4.fill(0.0)
-    t4.reshape(-1).view(np.complex128)[rock] = rows.reshape(-1).view(np.complex128)
-    blurred_transmission(t4, 1.0, dst=t4b)
-    blurred = np.take(t4b.reshape(-1).view(np.complex128), rock).view(np.float32).reshape(-1, 4)
-    a_low, a_high = smoothed_attenuation(blurred)
-    t_pom, t_fe = basis_thickness(a_low, a_high, cal)
-    fe, mafic, thick = mafic_line(t_pom, t_fe)
-    starved = a_rock[:, 0] > np.float32(cal.starved_a_low)
-
-    # per-particle sums: float32 segment sums are pairwise, as accurate as ndarray.sum
-    seg = np.add.reduceat
-    f[:, _C["thickness_mean_mm"]] = seg(thick, start).astype(np.float64) / area_px
-    f[:, _C["volume_cm3"]] = seg(np.maximum(thick, 0.0), start).astype(np.float64) * (pp * lp * 1e-3)
-    f[:, _C["starved_share"]] = seg(starved, start, dtype=np.intp) / area_px
-
-    core = _reliable(m8, rock, lab, start, area_px, starved)
-    c_lab = lab[core]
-    n_core = seg(core, start, dtype=np.intp)
-    c_start = np.cumsum(n_core) - n_core
-    f[:, _C["interior_share"]] = n_core / area_px
-    sum_low = seg(a_low[core], c_start).astype(np.float64)
-    sum_high = seg(a_high[core], c_start).astype(np.float64)
-    f[:, _C["a_low_mean"]] = sum_low / n_core
-    f[:, _C["a_high_mean"]] = sum_high / n_core
-    f[:, _C["r_mean"]] = sum_low / np.maximum(sum_high, 1e-3 * n_core)
-
-    wts = np.maximum(thick[core], np.float32(0.0))
-    total = seg(wts, c_start).astype(np.float64)
-    flat = ~(total > 0)  # a noise-level rock: weight its pixels equally
-    if flat.any():
-        wts[flat[c_lab]] = 1.0
-        total[flat] = n_core[flat]
-    mafic_c = mafic[core]
-    f[:, _C["mafic_mean"]], f[:, _C["mafic_std"]] = _weighted_mean_std(mafic_c, wts, c_lab, c_start, total)
-    f[:, _C["fe_frac_mean"]], f[:, _C["fe_frac_std"]] = _weighted_mean_std(fe[core], wts, c_lab, c_start, total)
-    f[:, _C_MAFIC_Q] = _MAFIC_HIST.quantiles(mafic_c, wts, c_lab, n, _Q)
-    f[:, _C["fayalite_share"]] = seg(wts * (mafic_c > FAYALITE_LEVEL), c_start).astype(np.float64) / total
-    f[:, _C["oxide_share"]] = seg(wts * (mafic_c > OXIDE_LEVEL), c_start).astype(np.float64) / total
-    f[:, _C["mafic_texture"]] = _texture(mafic_c, rock[core], wts, c_start, total, win, canvas_a, t4b)
-
-    f[~np.isfinite(f)] = 0.0
-    out[[i for i, _, _ in group]] = f
-
-
-def _texture(mafic_c: np.ndarray, core_px: np.ndarray, wts: np.ndarray, c_start: np.ndarray,
-             total: np.ndarray, win: tuple[int, int], t2: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """Grain-scale heterogeneity: the thickness-weighted rms of mafic_frac minus its mean over
-    the core pixels in a ``win`` box around each core pixel (normalized convolution, so neither
-    the belt nor the noisy rim enters the local mean). Oxide grains and pyroxene clots of a few
-    mm in a Sc-bearing or trap rock read high; a homogeneous syenite reads its noise only.
-
-    One pass on the canvas: channels (mafic x core, core), summed over the box by a separable
-    kernel of ones: a direct sum of the same pixels in the same order wherever the rock sits
-    (OpenCV's running box sums would carry round-off from what lies left of and above it).
-    ``core_px``: canvas indices of the core pixels; ``t2`` (h, w, 2) float32 and ``scratch``
-    (at least h * w * 2 float32): scratch canvases, contents undefined."""
-    h, w = t2.shape[:2]
-    t2.fill(0.0)
-    rows = np.empty((core_px.size, 2), np.float32)
-    rows[:, 0] = mafic_c
-    rows[:, 1] = 1.0
-    t2.reshape(-1).view(np.complex64)[core_px] = rows.reshape(-1).view(np.complex64)
-    box_sums = scratch.reshape(-1)[:2 * h * w].reshape(h, w, 2)
-    cv2.sepFilter2D(t2, -1, np.ones(win[0], np.float32), np.ones(win[1], np.float32), dst=box_sums,
-                    borderType=cv2.BORDER_CONSTANT)
-    box = np.take(box_sums.reshape(-1).view(np.complex64), core_px).view(np.float32).reshape(-1, 2)
-    dev = box[:, 0] / box[:, 1]  # >= 1 core pixel in every box: the pixel itself
-    np.subtract(mafic_c, dev, out=dev)
-    dev *= dev
-    dev *= wts
-    return np.sqrt(np.maximum(np.add.reduceat(dev, c_start).astype(np.float64) / total, 0.0))
-
-
-def _weighted_mean_std(values: np.ndarray, weights: np.ndarray, label: np.ndarray, start: np.ndarray,
-                       total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    seg = np.add.reduceat
-    mean = seg(values * weights, start).astype(np.float64) / total
-    dev = values - mean.astype(np.float32)[label]
-    dev *= dev
-    dev *= weights
-    return mean, np.sqrt(np.maximum(seg(dev, start).astype(np.float64) / total, 0.0))
-
-
-def _shape(group: list[tuple], area_px: np.ndarray, pp: float, lp: float, f: np.ndarray) -> None:
-    area = area_px * (pp * lp)
-    f[:, _C["area_mm2"]] = area
-    f[:, _C["equiv_diameter_mm"]] = np.sqrt(4.0 * area / math.pi)
-    mu = np.array([[(mo := cv2.moments(m, binaryImage=True))["mu20"], mo["mu02"], mo["mu11"]]
-                   for _, _, m in group]) / area_px[:, None]
-    # central second moments in mm2; + pitch^2/12: each pixel is a square, not a point
-    cxx = mu[:, 0] * pp ** 2 + pp ** 2 / 12.0
-    cyy = mu[:, 1] * lp ** 2 + lp ** 2 / 12.0
-    cxy = mu[:, 2] * pp * lp
-    half_tr, det = 0.5 * (cxx + cyy), cxx * cyy - cxy * cxy
-    root = np.sqrt(np.maximum(half_tr * half_tr - det, 0.0))
-    lam1, lam2 = half_tr + root, np.maximum(half_tr - root, 0.0)
-    # a uniform ellipse of semi-axis s has variance s^2/4 along it: full length = 4 sqrt(lambda)
-    length, width = 4.0 * np.sqrt(lam1), 4.0 * np.sqrt(lam2)
-    f[:, _C["length_mm"]] = length
-    f[:, _C["width_mm"]] = width
-    f[:, _C["elongation"]] = length / np.maximum(width, 1e-6)
-
-
-def _reliable(m8: np.ndarray, rock: np.ndarray, lab: np.ndarray, start: np.ndarray, area_px: np.ndarray,
-              starved: np.ndarray) -> np.ndarray:
-    """Which rock pixels enter the material statistics, (N,) bool over ``rock``: per rock, the
-    mask eroded by EDGE_PX (less when nothing would be left), without starved pixels; if
-    that leaves nothing, the unstarved rim; if the whole rock is starved, the interior all
-    the same."""
-    seg = np.add.reduceat
-    flat = m8.ravel()
-    e2 = np.take(cv2.erode(m8, _DISK[EDGE_PX], borderType=cv2.BORDER_CONSTANT, borderValue=0).ravel(), rock)
-    no2 = seg(e2, start, dtype=np.intp) == 0
-    interior = e2.view(bool)
-    if no2.any():
-        e1 = np.take(cv2.erode(m8, _DISK[1], borderType=cv2.BORDER_CONSTANT, borderValue=0).ravel(), rock)
-        no1 = seg(e1, start, dtype=np.intp) == 0
-        interior = interior | (e1.view(bool) & no2[lab]) | no1[lab]
-    del flat
-    n_starved = seg(starved, start, dtype=np.intp)
-    if not n_starved.any():
-        return interior
-    fed = ~starved
-    ok = interior & fed
-    has_ok = seg(ok, start, dtype=np.intp) > 0
-    has_fed = n_starved < area_px
-    # 0: the interior as it is, 1: its unstarved pixels, 2: the unstarved rim
-    mode = np.where(n_starved == 0, 0, np.where(has_ok, 1, np.where(has_fed, 2, 0)))[lab]
-    return np.where(mode == 0, interior, np.where(mode == 1, ok, fed))
 
 
 def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_pitch_mm: float,

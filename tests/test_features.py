@@ -327,82 +327,16 @@ def _window_px(pitch_mm):
     return max(int(np.floor(0.5 * (TEXTURE_WINDOW_MM / pitch_mm - 1) + 0.5)), 1)
 
 
-def _reference(a, mask, cal, pp, lp):
-    """The features of one rock computed the plain way, one rock at a time, from the public
-    material maps: moments from OpenCV, weighted means with np.average, quantiles by
-    np.interp on the cumulative weighted histogram."""
-    from sorting.normalize import material_maps
-
-    r, c = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    m = np.pad(mask[r[0]:r[-1] + 1, c[0]:c[-1] + 1], 4)
-    ab = np.pad(np.nan_to_num(a[r[0]:r[-1] + 1, c[0]:c[-1] + 1], nan=0.0, posinf=0.0, neginf=0.0),
-                ((4, 4), (4, 4), (0, 0)))
-    m8 = m.astype(np.uint8)
-    f = {}
-    area = m.sum() * pp * lp
-    f["area_mm2"], f["equiv_diameter_mm"] = area, np.sqrt(4 * area / np.pi)
-    mo = cv2.moments(m8, binaryImage=True)
-    cov = np.array([[mo["mu20"] / mo["m00"] * pp * pp + pp * pp / 12, mo["mu11"] / mo["m00"] * pp * lp],
-                    [mo["mu11"] / mo["m00"] * pp * lp, mo["mu02"] / mo["m00"] * lp * lp + lp * lp / 12]])
-    lam = np.sort(np.clip(np.linalg.eigvalsh(cov), 0, None))[::-1]
-    f["length_mm"], f["width_mm"] = 4 * np.sqrt(lam[0]), 4 * np.sqrt(lam[1])
-    f["elongation"] = f["length_mm"] / max(f["width_mm"], 1e-6)
-    maps = material_maps(ab, m, cal)
-    thick = maps.thickness_mm[m]
-    f["thickness_mean_mm"] = thick.mean()
-    f["volume_cm3"] = np.maximum(thick, 0).sum() * pp * lp * 1e-3
-    core = m8
-    for r_ in (2, 1):
-        e = cv2.erode(m8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_ + 1,) * 2))
-        if e.any():
-            core = e
-            break
-    core = core.astype(bool)
-    if maps.starved.any():
-        core = next((c for c in (core & ~maps.starved, m & ~maps.starved) if c.any()), core)
-    f["interior_share"] = core.sum() / m.sum()
-    f["starved_share"] = maps.starved.sum() / m.sum()
-    lo, hi = maps.a_low[core].astype(float), maps.a_high[core].astype(float)
-    f["a_low_mean"], f["a_high_mean"] = lo.mean(), hi.mean()
-    f["r_mean"] = lo.sum() / max(hi.sum(), 1e-3 * lo.size)
-    w = np.maximum(maps.thickness_mm[core], 0).astype(float)
-    if not w.sum() > 0:
-        w = np.ones_like(w)
-    for name, vals in (("mafic", maps.mafic_frac[core]), ("fe_frac", maps.fe_frac[core])):
-        v = vals.astype(float)
-        f[f"{name}_mean"] = np.average(v, weights=w)
-        f[f"{name}_std"] = np.sqrt(np.average((v - f[f"{name}_mean"]) ** 2, weights=w))
-    edges = -1.0 + 0.02 * np.arange(451)  # mafic_frac -1 .. 8 in bins of 0.02
-    hist, _ = np.histogram(np.clip(maps.mafic_frac[core], -1.0, 7.99), bins=edges, weights=w)
-    cum = np.r_[0, np.cumsum(hist)]
-    for q in (10, 25, 50, 75, 90):
-        f[f"mafic_p{q:02d}"] = np.interp(q / 100 * cum[-1], cum, edges)
-    f["fayalite_share"] = w[maps.mafic_frac[core] > FAYALITE_LEVEL].sum() / w.sum()
-    f["oxide_share"] = w[maps.mafic_frac[core] > OXIDE_LEVEL].sum() / w.sum()
-    # texture: mean of mafic_frac over the core pixels in the box around each core pixel, by
-    # explicit shifts in float64
-    bx, by = _window_px(pp), _window_px(lp)
-    mafic = np.where(core, maps.mafic_frac, 0.0).astype(float)
-    num, den = np.zeros_like(mafic), np.zeros_like(mafic)
-    pm, pc = np.pad(mafic, ((by, by), (bx, bx))), np.pad(core.astype(float), ((by, by), (bx, bx)))
-    for dy in range(-by, by + 1):
-        for dx in range(-bx, bx + 1):
-            num += pm[by + dy:by + dy + mafic.shape[0], bx + dx:bx + dx + mafic.shape[1]]
-            den += pc[by + dy:by + dy + mafic.shape[0], bx + dx:bx + dx + mafic.shape[1]]
-    dev = mafic[core] - num[core] / den[core]
-    f["mafic_texture"] = np.sqrt(np.average(dev ** 2, weights=w))
-    return np.array([f[name] for name in FEATURE_NAMES])
-
-
 @pytest.mark.parametrize("pp, lp", [(PITCH, PITCH), (0.8, 1.6)])
 def test_batch_matches_the_plain_computation(twin, pp, lp):
+    """Plates of five materials, 3-45 mm, against the slow reference of test_features_kernel."""
+    from test_features_kernel import assert_close, reference_features
+
     _, cal = twin
     crops = _rocks(twin, 12, seed=3)
     got = features_batch(crops, cal, pp, lp)
     for (a, m), row in zip(crops, got):
-        want = _reference(a, m, cal, pp, lp)
-        # float32 round-off (sums in another order); a pixel moved across a bin edge would show
-        np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6, err_msg=str(m.shape))
+        assert_close(row, reference_features(a, m, cal, pp, lp), str(m.shape))
 
 
 def test_batch_equals_singles_whatever_the_neighbours(twin):
