@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -122,6 +123,24 @@ def _parameters(cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
     return tab.table, p
 
 
+#: the last calibration's and pitches' kernel arguments (the stream asks once per chunk);
+#: the calibration is held weakly and treated as immutable, as normalize's table cache does
+_LAST: tuple = (None, None, None, ())
+
+
+def _constants(cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: float) -> tuple:
+    """(table, p32, win, pitch) for the kernel."""
+    global _LAST
+    ref, pp, lp, args = _LAST
+    if ref is None or ref() is not cal or pp != pixel_pitch_mm or lp != line_pitch_mm:
+        table, p32 = _parameters(cal)
+        win = np.array(_texture_window(pixel_pitch_mm, line_pitch_mm), np.int64)
+        pitch = np.array([pixel_pitch_mm, line_pitch_mm], np.float64)
+        args = (table, p32, win, pitch)
+        _LAST = (weakref.ref(cal), pixel_pitch_mm, line_pitch_mm, args)
+    return args
+
+
 class _Workspace:
     """Scratch for the crops' pixels, grown on demand and reused from chunk to chunk (one per thread)."""
 
@@ -180,14 +199,14 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
         return out
     checked = []
     for i, (a, mask) in enumerate(crops):
-        a = np.asarray(a)
-        mask = np.asarray(mask, dtype=bool)
+        if type(a) is not np.ndarray:
+            a = np.asarray(a)
+        if type(mask) is not np.ndarray or mask.dtype != np.bool_:
+            mask = np.asarray(mask, dtype=bool)
         if a.ndim != 3 or a.shape[2] != 2 or mask.shape != a.shape[:2]:
             raise ValueError(f"crop {i}: `a` (shape {a.shape}) must be (h, w, 2) and `mask` (shape {mask.shape}) (h, w)")
         checked.append((a, mask))
-    table, p32 = _parameters(cal)
-    win = np.array(_texture_window(pixel_pitch_mm, line_pitch_mm), np.int64)
-    pitch = np.array([pixel_pitch_mm, line_pitch_mm], np.float64)
+    table, p32, win, pitch = _constants(cal, pixel_pitch_mm, line_pitch_mm)
     i0 = 0
     while i0 < n:
         # the crops are copied one after the other into contiguous scratch: the kernel sees
@@ -197,17 +216,17 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
             n_px += checked[i1][1].size
             i1 += 1
         a_buf, m_buf = _workspace().buffers(n_px)
-        boxes = np.empty((i1 - i0, 3), np.int64)
+        boxes = []
         o = 0
-        for k in range(i0, i1):
-            a, mask = checked[k]
+        for a, mask in checked[i0:i1]:
             h, w = mask.shape
             a_buf[2 * o:2 * (o + h * w)].reshape(h, w, 2)[...] = a
             m_buf[o:o + h * w].reshape(h, w)[...] = mask
-            boxes[k - i0] = (o, h, w)
+            boxes.append((o, h, w))
             o += h * w
         f = np.empty((i1 - i0, N_FEATURES), np.float64)
-        kernel.particles(a_buf, m_buf, boxes, _TAPS, table, p32, _HIST_EDGES, _Q, win, pitch, _COLS, f)
+        kernel.particles(a_buf, m_buf, np.array(boxes, np.int64), _TAPS, table, p32, _HIST_EDGES, _Q, win, pitch,
+                         _COLS, f)
         out[i0:i1] = f
         i0 = i1
     return out
