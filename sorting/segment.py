@@ -16,6 +16,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from .concavity import defect_depth_bound_px
+
 if TYPE_CHECKING:  # only attributes ``air_sigma_a`` and ``bad`` are used
     from .calibrate import Calibration
 
@@ -253,6 +255,14 @@ def _may_split(m8: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float, conf
     return depth_px * max(pixel_pitch_mm, line_pitch_mm) >= 0.75 * config.split_depth_mm
 
 
+def _surely_shallow(mask: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float, config: SegmentConfig) -> bool:
+    """True when :func:`_may_split` is sure to refuse: a bound on the deepest concavity (never
+    below OpenCV's, whose depth is fixed point in 1/256 px) is under the gate's threshold.
+    Settles ~90 % of rocks in a few us instead of tracing a contour."""
+    bound_px = defect_depth_bound_px(np.ascontiguousarray(mask, dtype=bool))
+    return (bound_px + 1 / 256) * max(pixel_pitch_mm, line_pitch_mm) < 0.75 * config.split_depth_mm
+
+
 def _split_padded(m8: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float, config: SegmentConfig,
                   min_area_px: float) -> np.ndarray:
     mask = m8[1:-1, 1:-1].view(bool)
@@ -432,7 +442,7 @@ def _pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line
     if area_px * _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm) < config.min_area_mm2:
         return []
     labels = None
-    if config.split_touching and not too_long:
+    if config.split_touching and not too_long and not _surely_shallow(mask, pixel_pitch_mm, line_pitch_mm, config):
         # one connected component: unless the gate lets it through, it is one particle
         m8 = _padded(mask)
         if _may_split(m8, pixel_pitch_mm, line_pitch_mm, config):
@@ -505,7 +515,7 @@ def segment_crop(a: np.ndarray, cal: Calibration, x0: int, pixel_pitch_mm: float
 
 
 # ---------------------------------------------------------------- streaming (sorting.stitch)
-_STITCH_NAMES = ("StreamSegmenter", "_run_stats")
+_STITCH_NAMES = ("StreamSegmenter",)
 
 
 def __getattr__(name: str) -> Any:

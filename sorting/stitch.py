@@ -181,3 +181,18 @@ class StreamSegmenter:
         out = self._emit_all_cut()
         self._reset(None)
         return out
+
+
+def warm_up() -> None:
+    """Load the stitcher's compiled kernels from their cache (or compile them on a fresh
+    install: seconds) with the loop's argument types, so the first rock's deadline does not
+    pay it: a throwaway segmenter pushes, completes a rock (split-gate bound included),
+    meets a gap and flushes."""
+    seg = StreamSegmenter(16, None, 1.0, 1.0, SegmentConfig(min_area_mm2=0.0))
+    mask = np.zeros((8, 16), bool)
+    mask[1:5, 2:7] = True
+    seg.push(0, mask)
+    seg.push(8, mask)
+    seg.gap(20)
+    seg.push(20, mask)
+    seg.flush()

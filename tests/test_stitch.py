@@ -143,3 +143,70 @@ def test_non_bool_mask_reads_nonzero():
     seg = StreamSegmenter(50, None, PITCH, PITCH, RAW)
     got = seg.push(0, as_int[:32]) + seg.push(32, as_int[32:]) + seg.flush()
     _same(_got(got), _expected(mask))
+
+
+# ---------------------------------------------------------------- the split gate's bound
+def _opencv_depth_px(mask):
+    """The full gate's measure: deepest convexity defect of the outer contour (OpenCV)."""
+    import cv2
+
+    m8 = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    (c,), _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(c, returnPoints=False)
+    defects = cv2.convexityDefects(c, hull) if len(hull) >= 3 and len(c) >= 4 else None
+    return 0.0 if defects is None else defects.reshape(-1, 4)[:, 3].max() / 256.0
+
+
+def test_defect_bound_by_hand():
+    from sorting.concavity import defect_depth_bound_px
+
+    rect = np.ones((6, 9), bool)
+    assert defect_depth_bound_px(rect) == 0.0  # convex: every contour point on the hull
+    notch = np.ones((10, 10), bool)
+    notch[:4, 3:7] = False  # a 4-deep slot from the top: not column-convex, no bound
+    assert defect_depth_bound_px(notch) == np.inf
+    ell = np.ones((10, 10), bool)
+    ell[:5, 5:] = False  # an L: hull edge (0,4)-(5,9) over the corner (4,4)..(5,5)
+    # the bound covers the inner corner (4, 5): 4 px below the edge's line along a
+    # 45-degree direction, distance |5*(5-4) - 5*(4-0)| / sqrt(50) = 15/7.07 = 2.12 px
+    assert defect_depth_bound_px(ell) >= 2.12
+    hole = np.ones((7, 7), bool)
+    hole[3, 3] = False  # row 3 is two runs
+    assert defect_depth_bound_px(hole) == np.inf
+    pinch = np.zeros((4, 8), bool)
+    pinch[:2, :4] = pinch[2:, 4:] = True  # two blocks meeting at a corner: contour passes twice
+    assert defect_depth_bound_px(pinch) == np.inf
+
+
+def test_defect_bound_never_below_opencv():
+    import cv2
+
+    from sorting.concavity import defect_depth_bound_px
+
+    rng = np.random.default_rng(7)
+    finite = 0
+    for t in range(600):
+        h, w = (int(v) for v in rng.integers(4, 40, 2))
+        m = np.zeros((h + 4, w + 4), np.uint8)
+        cv2.ellipse(m, (w // 2 + 2, h // 2 + 2), (w // 2, h // 2), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        if t % 2:  # ragged edges, as foreground noise leaves them
+            edge = cv2.dilate(m, np.ones((3, 3), np.uint8)) - cv2.erode(m, np.ones((3, 3), np.uint8))
+            m[(edge > 0) & (rng.random(m.shape) < 0.3)] ^= 1
+        n, lab, st, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        k = 1 + int(np.argmax(st[1:, 4]))
+        x, y, bw, bh = st[k, :4]
+        sub = lab[y:y + bh, x:x + bw] == k
+        bound = defect_depth_bound_px(sub)
+        if np.isfinite(bound):
+            finite += 1
+            assert bound + 1 / 256 >= _opencv_depth_px(sub)
+    assert finite > 200  # smooth shapes get a bound (ragged ones often are not HV-convex)
+
+
+def test_warm_up_leaves_nothing_behind():
+    from sorting.stitch import warm_up
+
+    warm_up()  # a throwaway segmenter: a fresh one still gives the whole-frame components
+    mask = np.zeros((20, 16), bool)
+    mask[3:9, 2:7] = True
+    _same(_got(_run(mask, 8)), _expected(mask))
