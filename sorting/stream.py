@@ -22,6 +22,7 @@ from .features import FEATURE_NAMES, features_batch, particle_features
 from .model import OnnxModel
 from .normalize import attenuation_into
 from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
+from .stitch import warm_up as stitch_warm_up
 
 #: a particle is left undecided when less than this remains before its command is due
 SHED_MARGIN_MS = 1.0
@@ -149,6 +150,7 @@ class Pipeline:
         mask = segment.foreground(a, self.cal, self.x0, self.seg, out=np.empty((2, self.pixels), bool))
         AirTracker(self.cal, x0=self.x0, width=self.pixels).update(a, mask, np.zeros(2, bool),
                                                                     np.zeros(self.pixels, bool))
+        stitch_warm_up()
 
     # ------------------------------------------------------------ input side
     def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
