@@ -151,6 +151,8 @@ class Pipeline:
         AirTracker(self.cal, x0=self.x0, width=self.pixels).update(a, mask, np.zeros(2, bool),
                                                                     np.zeros(self.pixels, bool))
         stitch_warm_up()
+        one = np.zeros(1, np.int64)
+        plan(one, one, one, one, self.sorter.ejector, self.timing)
 
     # ------------------------------------------------------------ input side
     def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -246,10 +248,11 @@ class Pipeline:
             self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
         x = self._x[:n]
         t0 = time.perf_counter()
-        first = np.fromiter((p.line0 for p in done), np.int64, n)
-        last = np.fromiter((p.line1 for p in done), np.int64, n)
-        xmin = np.fromiter((p.col0 for p in done), np.int64, n) + self.x0
-        xmax = np.fromiter((p.col1 for p in done), np.int64, n) + self.x0
+        # per particle: first and last line, first and last column, area (px); centroid line, column
+        ints = np.array([(p.line0, p.line1, p.col0, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
+        cents = np.array([(p.centroid_line, p.centroid_px) for p in done], np.float64).reshape(n, 2)
+        first, last, area_px = ints[:, 0], ints[:, 1], ints[:, 4]
+        xmin, xmax = ints[:, 2] + self.x0, ints[:, 3] + self.x0
         ej = plan(first, last, xmin, xmax, self.sorter.ejector, self.timing)
         # overload: a particle whose command is already due cannot be ejected any more;
         # it is not classified (that time goes to the particles still in time), passes and is
@@ -281,38 +284,42 @@ class Pipeline:
         events = []
         c = self.counters
         resp_s = self.sorter.ejector.response_ms / 1000.0
-        # Python scalars once per chunk, not numpy scalars per particle and field
+        # Python scalars once per chunk, not numpy scalars per particle and field; rounded for
+        # the log once per chunk (decisions use the unrounded numbers)
         eject_l, sc_l, und_l = eject.tolist(), is_sc.tolist(), undecided.tolist()
-        score_l, lo_l, hi_l = scores.tolist(), ej.valve_lo.tolist(), ej.valve_hi.tolist()
-        open_l, close_l, xmin_l, xmax_l = ej.open_s.tolist(), ej.close_s.tolist(), xmin.tolist(), xmax.tolist()
-        arrival = self._arrival[last & (self.ring_lines - 1)].tolist()
-        rate = self.timing.line_rate_hz
-        for i, p in enumerate(done):
+        lo_l, hi_l, xmin_l, xmax_l = ej.valve_lo.tolist(), ej.valve_hi.tolist(), xmin.tolist(), xmax.tolist()
+        latency = (t_out - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
+        slack = (ej.open_s - resp_s - last / self.timing.line_rate_hz) * 1000.0 - latency
+        latency_l, slack_l = latency.tolist(), slack.tolist()
+        # the column centroid from its integer sum, shifted to detector columns before the one
+        # division: a lane (x0 > 0) then rounds a tie exactly as one worker does
+        cx = (np.rint(cents[:, 1] * area_px) + self.x0 * area_px) / np.maximum(area_px, 1)
+        rounded = zip(np.round(cents[:, 0], 3).tolist(), np.round(cx, 3).tolist(),
+                      np.round(area_px * px_area, 2).tolist(), np.round(scores.astype(np.float64), 6).tolist(),
+                      np.round(ej.open_s, 6).tolist(), np.round(ej.close_s, 6).tolist(),
+                      np.round(latency, 3).tolist(), np.round(slack, 3).tolist())
+        for i, (p, r) in enumerate(zip(done, rounded)):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
             # next to a frozen detector module a particle may be mis-read: it passes too
             suspect = self.health.suspect(p.line0, p.line1, p.col0, p.col1)
             und = und_l[i]
             fire = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
                     and hi_l[i] >= lo_l[i])
-            latency_ms = (t_out - arrival[i]) * 1000.0
-            slack_ms = (open_l[i] - resp_s - p.line1 / rate) * 1000.0 - latency_ms
-            late = slack_ms < 0 or und
+            late = slack_l[i] < 0 or und
             ev = {
                 "particle": self._next_id,
                 "first_line": int(p.line0), "last_line": int(p.line1),
                 "x_min_px": xmin_l[i], "x_max_px": xmax_l[i],
-                "centroid_line": round(float(p.centroid_line), 3),
-                # from the integer column sum, shifted to detector columns before the one division:
-                # a lane (x0 > 0) then rounds a tie exactly as one worker does
-                "centroid_px": round((round(p.centroid_px * p.area_px) + self.x0 * p.area_px) / p.area_px, 3),
-                "area_mm2": round(p.area_px * px_area, 2),
-                "score": round(score_l[i], 6),
+                "centroid_line": r[0],
+                "centroid_px": r[1],
+                "area_mm2": r[2],
+                "score": r[3],
                 "decision": "eject" if fire else "pass",
                 "valves": list(range(lo_l[i], hi_l[i] + 1)) if fire else [],
-                "open_s": round(open_l[i], 6) if fire else None,
-                "close_s": round(close_l[i], 6) if fire else None,
-                "latency_ms": round(latency_ms, 3),
-                "slack_ms": round(slack_ms, 3),
+                "open_s": r[4] if fire else None,
+                "close_s": r[5] if fire else None,
+                "latency_ms": r[6],
+                "slack_ms": r[7],
                 "late": late,
                 "class": "sc" if sc_l[i] else "waste",
                 "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
@@ -321,7 +328,7 @@ class Pipeline:
             }
             self._next_id += 1
             c.particles += 1
-            c.latency.add(latency_ms)
+            c.latency.add(latency_l[i])
             c.cut += p.cut
             c.too_long += p.too_long
             if fire:
