@@ -147,6 +147,9 @@ class LineHealth:
         self._prev: np.ndarray | None = None  # (W, 2), the last line seen
         self._prev32: np.ndarray | None = None  # the same line, one uint32 per pixel
         self._screen = np.empty((32, 3), np.int64)  # per line: full-scale, dark-high, frozen-pair samples
+        self._healthy_lines = np.zeros(32, bool)
+        self._healthy_cols = np.zeros(width, bool)
+        self._healthy_lines.flags.writeable = self._healthy_cols.flags.writeable = False
         self._no_prev = np.zeros((0, 2), np.uint16)
         self._sample_thr_high = np.ascontiguousarray(self._sample_thr[:, 1])
         self._col_last_bad = np.full(width, -(1 << 62), np.int64)  # last stream line a column was stuck
@@ -181,18 +184,25 @@ class LineHealth:
             self.episodes["dropped"] += 1
             self.lines["dropped"] += counts["dropped"]
         self._next_line = first_line + n
-        bad_cols = np.zeros(self.width, bool)
         if n == 0:
-            return ChunkHealth(np.zeros(0, bool), bad_cols, counts)
+            return ChunkHealth(np.zeros(0, bool), np.zeros(self.width, bool), counts)
         raw = np.ascontiguousarray(raw, dtype=np.uint16)
-        # a pixel's two channels as one uint32: "both channels equal" is one comparison
-        raw32 = raw.reshape(n, -1).view(np.uint32)
         if self._screen.shape[0] < n:
             self._screen = np.empty((n, 3), np.int64)
+            self._healthy_lines = np.zeros(n, bool)
+            self._healthy_lines.flags.writeable = False
         screen = self._screen[:n]
-        _screen_samples(raw, self._sample, self._sample_thr_high, self._no_prev if self._prev is None else self._prev,
-                        screen)
+        sat_max, dark_max, pairs_max = _screen_samples(
+            raw, self._sample, self._sample_thr_high, self._no_prev if self._prev is None else self._prev, screen)
         s = self._sample.size
+        if sat_max == 0 and dark_max < (self.dark_share - 0.1) * s and pairs_max == 0 \
+                and self._guard_left == 0 and not any(self._active.values()):
+            self._remember(raw[-1])
+            # the healthy path, nearly every chunk: shared read-only "nothing bad" flags
+            return ChunkHealth(self._healthy_lines[:n], self._healthy_cols, counts)
+        # a pixel's two channels as one uint32: "both channels equal" is one comparison
+        raw32 = raw.reshape(n, -1).view(np.uint32)
+        bad_cols = np.zeros(self.width, bool)
         sat_suspect = dark_suspect = None
         if screen[:, 0].any():
             sat_suspect = screen[:, 0] >= 0.5 * self.saturated_share * s
@@ -202,11 +212,6 @@ class LineHealth:
         # a frozen block of >= stuck_cols columns holds two adjacent samples equal to the line before
         # (saturated lines are all alike; they are not judged as frozen)
         adjacent = screen[:, 2] != 0
-        stuck_suspect = adjacent.any()
-        if sat_suspect is None and dark_suspect is None and not stuck_suspect \
-                and self._guard_left == 0 and not any(self._active.values()):
-            self._remember(raw[-1])
-            return ChunkHealth(np.zeros(n, bool), bad_cols, counts)  # the healthy path
         sat = self._line_flags(raw, sat_suspect, self._saturated_lines)
         dark = self._line_flags(raw, dark_suspect, self._dark_lines)
         stuck = np.zeros(n, bool)
@@ -546,10 +551,12 @@ def _screen_samples(raw: np.ndarray, sample: np.ndarray, dark_thr_high: np.ndarr
     """The cheap screen of :meth:`LineHealth.check` on the sampled columns, per line into ``out``
     (L, 3): samples with either channel at full scale; samples with the high channel at or
     below its dark level; pairs of adjacent samples equal (both channels) to the line before.
+    Returns the maximum of each over the chunk.
     ``raw`` (L, W, 2) uint16; the chunk's first line is compared with ``prev`` (W, 2), or with
     nothing when ``prev`` is empty."""
     n = raw.shape[0]
     s = sample.size
+    sat_max = dark_max = pairs_max = 0
     for i in range(n):
         sat = dark = pairs = 0
         was_equal = False
@@ -570,3 +577,5 @@ def _screen_samples(raw: np.ndarray, sample: np.ndarray, dark_thr_high: np.ndarr
         out[i, 0] = sat
         out[i, 1] = dark
         out[i, 2] = pairs
+        sat_max, dark_max, pairs_max = max(sat_max, sat), max(dark_max, dark), max(pairs_max, pairs)
+    return sat_max, dark_max, pairs_max
