@@ -24,17 +24,18 @@ _RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _single_ring_run(mask, r, c):
-    """True if the set 8-neighbours of (r, c) form exactly one circular run."""
-    h, w = mask.shape
+def _single_ring_run(lo, hi, r, c):
+    """True if the set 8-neighbours of (r, c) form exactly one circular run (row q of the set
+    is the single run lo[q]..hi[q])."""
+    h = lo.size
     starts = 0
     dr, dc = _RING[7]
     rr, cc = r + dr, c + dc
-    before = 0 <= rr < h and 0 <= cc < w and mask[rr, cc]
+    before = 0 <= rr < h and lo[rr] <= cc <= hi[rr]
     for k in range(8):
         dr, dc = _RING[k]
         rr, cc = r + dr, c + dc
-        now = 0 <= rr < h and 0 <= cc < w and mask[rr, cc]
+        now = 0 <= rr < h and lo[rr] <= cc <= hi[rr]
         if now and not before:
             starts += 1
         before = now
@@ -67,6 +68,21 @@ def defect_depth_bound_px(mask):
         if count == 0 or count != last - first + 1:
             return np.inf
         lo[r], hi[r] = first, last
+    return defect_depth_bound_rows(lo, hi, w)
+
+
+@numba.njit(cache=True, nogil=True)
+def defect_depth_bound_rows(lo, hi, w):
+    """:func:`defect_depth_bound_px` of a set whose row r is the single run of columns
+    ``lo[r]..hi[r]`` in a box of ``w`` columns (the stitcher has the runs: no mask to scan).
+
+    Parameters
+    ----------
+    lo, hi : (h,) ndarray of int64, 0 <= lo <= hi < w
+    """
+    h = lo.size
+    if h == 0 or w == 0:
+        return np.inf
     top = np.full(w, -1, np.int64)
     bottom = np.full(w, -1, np.int64)
     count_c = np.zeros(w, np.int64)
@@ -80,10 +96,10 @@ def defect_depth_bound_px(mask):
         if count_c[c] == 0 or count_c[c] != bottom[c] - top[c] + 1:
             return np.inf
     for r in range(h):
-        if not (_single_ring_run(mask, r, lo[r]) and _single_ring_run(mask, r, hi[r])):
+        if not (_single_ring_run(lo, hi, r, lo[r]) and _single_ring_run(lo, hi, r, hi[r])):
             return np.inf
     for c in range(w):
-        if not (_single_ring_run(mask, top[c], c) and _single_ring_run(mask, bottom[c], c)):
+        if not (_single_ring_run(lo, hi, top[c], c) and _single_ring_run(lo, hi, bottom[c], c)):
             return np.inf
     # convex hull of the row extremes (Andrew's monotone chain, collinear points dropped);
     # points come sorted by (row, column)

@@ -433,16 +433,20 @@ class Particles:
 
 def _pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_pitch_mm: float,
             config: SegmentConfig, cut: bool = False, too_long: bool = False,
-            pixels: int | None = None, sums: tuple[int, int, int] | None = None) -> list[Completed]:
+            pixels: int | None = None, sums: tuple[int, int, int] | None = None,
+            bound_deep: bool = False) -> list[Completed]:
     """One connected component (its tight box mask at line0, col0) -> the particles it holds.
 
     ``sums`` = (area, sum of lines, sum of columns) when the caller has them exactly.
+    ``bound_deep``: the caller has dropped specks and found that the concavity bound of
+    :func:`_surely_shallow` does not clear it (the stitcher reads the bound off its runs).
     """
     area_px = sums[0] if sums is not None else int(np.count_nonzero(mask))
-    if area_px * _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm) < config.min_area_mm2:
+    if not bound_deep and area_px * _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm) < config.min_area_mm2:
         return []
     labels = None
-    if config.split_touching and not too_long and not _surely_shallow(mask, pixel_pitch_mm, line_pitch_mm, config):
+    if config.split_touching and not too_long and (
+            bound_deep or not _surely_shallow(mask, pixel_pitch_mm, line_pitch_mm, config)):
         # one connected component: unless the gate lets it through, it is one particle
         m8 = _padded(mask)
         if _may_split(m8, pixel_pitch_mm, line_pitch_mm, config):

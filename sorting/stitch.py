@@ -48,7 +48,6 @@ class StreamSegmenter:
                  claim: Callable[[int, int], bool] | None = None):
         if pixels < 1 or max_particle_lines < 1:
             raise ValueError(f"pixels and max_particle_lines must be >= 1, got {pixels}, {max_particle_lines}")
-        _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
         self.pixels = int(pixels)
         self.cal = cal
         self.pixel_pitch_mm = float(pixel_pitch_mm)
@@ -63,6 +62,13 @@ class StreamSegmenter:
         self._runs = np.zeros((_RUNS0, 4), np.int64)
         self._prev = np.zeros(((self.pixels + 1) // 2, 3), np.int64)  # runs of the last line seen
         self._sc = np.zeros(K.N_SCALARS, np.int64)
+        self._gate = np.zeros(K.N_GATE, np.float64)
+        self._gate[K.G_SPLIT] = config.split_touching
+        self._gate[K.G_PIXEL_AREA] = _pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
+        self._gate[K.G_MIN_AREA] = config.min_area_mm2
+        self._gate[K.G_PITCH] = max(self.pixel_pitch_mm, self.line_pitch_mm)
+        self._gate[K.G_DEPTH] = 0.75 * config.split_depth_mm
+        self._gate[K.G_PIXELS] = self.pixels
         self._scratch_lines = 0
         self._scratch(32)
         self._reset(None)
@@ -116,7 +122,7 @@ class StreamSegmenter:
         while True:
             status, n_emit, flat = K.track_chunk(m8, first_line, self._parts, self._runs, self._prev, self._sc,
                                                  self._cr, self._row_start, self.max_particle_lines,
-                                                 self._emit_rows)
+                                                 self._emit_rows, self._gate)
             if status == 0:
                 break
             self._grow(int(self._sc[K.S_NEED_SLOTS]), int(self._sc[K.S_NEED_RUNS]))
@@ -150,19 +156,27 @@ class StreamSegmenter:
             self._runs = r
 
     def _completed(self, n_emit: int, flat: np.ndarray) -> list[Completed]:
+        # the kernel has dropped specks and settled the touching-rock gate of most rocks
+        # (segment._pieces does the same steps for the others and for the batch path)
         out: list[Completed] = []
-        for line0, line1, col0, col1, area, sum_line, sum_col, cut, too_long, off, _ in \
+        claim = self.claim
+        for line0, line1, col0, col1, area, sum_line, sum_col, cut, too_long, off, kind, edge, _ in \
                 self._emit_rows[:n_emit].tolist():
-            if self.claim is not None and not self.claim(col0, col1):
+            if kind == K.KIND_SPECK or (claim is not None and not claim(col0, col1)):
                 continue
             h, w = line1 - line0 + 1, col1 - col0 + 1
-            out.extend(_pieces(flat[off:off + h * w].reshape(h, w), line0, col0, self.pixel_pitch_mm,
-                               self.line_pitch_mm, self.config, cut=bool(cut), too_long=bool(too_long),
-                               pixels=self.pixels, sums=(area, sum_line, sum_col)))
+            mask = flat[off:off + h * w].reshape(h, w)
+            if kind == K.KIND_WHOLE:
+                out.append(Completed(line0, line1, col0, col1, mask, area, sum_line / area, sum_col / area,
+                                     cut == 1, too_long == 1, edge == 1, False))
+            else:
+                out.extend(_pieces(mask, line0, col0, self.pixel_pitch_mm, self.line_pitch_mm, self.config,
+                                   cut=cut == 1, too_long=too_long == 1, pixels=self.pixels,
+                                   sums=(area, sum_line, sum_col), bound_deep=True))
         return out
 
     def _emit_all_cut(self) -> list[Completed]:
-        n_emit, flat = K.emit_all(self._parts, self._runs, self._sc, self._emit_rows)
+        n_emit, flat = K.emit_all(self._parts, self._runs, self._sc, self._emit_rows, self._gate)
         return self._completed(n_emit, flat) if n_emit else []
 
     def gap(self, next_line: int) -> list[Completed]:

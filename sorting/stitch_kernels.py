@@ -19,6 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .concavity import defect_depth_bound_rows
+
 # particle table columns (one row per slot; PID 0 = free slot, HEAD then links free slots)
 PID, LINE0, LINE1, COL0, COL1, AREA, SUM_LINE, SUM_COL, CUT, TOO_LONG, HEAD, TAIL, ALIAS, MARK = range(14)
 N_PART_COLS = 14
@@ -28,9 +30,19 @@ R_LINE, R_C0, R_C1, R_NEXT = range(4)
 # free-list heads and sizes, capacity requests
 S_NPREV, S_NEXT_PID, S_START, S_FREE_SLOT, S_FREE_RUN, S_NFREE_SLOT, S_NFREE_RUN, S_NEED_SLOTS, S_NEED_RUNS = range(9)
 N_SCALARS = 9
-# emitted table columns
-E_LINE0, E_LINE1, E_COL0, E_COL1, E_AREA, E_SUM_LINE, E_SUM_COL, E_CUT, E_TOO_LONG, E_OFFSET, E_HEAD = range(11)
-N_EMIT_COLS = 11
+# emitted table columns (E_OFFSET: of the mask in the flat buffer, -1 for a speck; E_EDGE: the
+# particle reaches the first or last detector column)
+E_LINE0, E_LINE1, E_COL0, E_COL1, E_AREA, E_SUM_LINE, E_SUM_COL, E_CUT, E_TOO_LONG, E_OFFSET, E_KIND, E_EDGE, \
+    E_HEAD = range(13)
+N_EMIT_COLS = 13
+# what an emitted particle needs next (E_KIND): nothing (a speck, dropped), nothing but its
+# record (one particle: the gate is off, it is too long, or the concavity bound clears it), or
+# the full touching-rock gate of :func:`sorting.segment._pieces`
+KIND_SPECK, KIND_WHOLE, KIND_GATE = range(3)
+# the gate's settings (float64 array): split_touching (0/1), pixel area mm2, min_area_mm2,
+# larger pitch mm, gate threshold mm (0.75 split_depth_mm), detector columns
+G_SPLIT, G_PIXEL_AREA, G_MIN_AREA, G_PITCH, G_DEPTH, G_PIXELS = range(6)
+N_GATE = 6
 
 BIG = 1 << 62
 
@@ -169,28 +181,61 @@ def _emit_row(parts, s, cut, emit, k):
 
 
 @numba.njit(cache=True, nogil=True)
-def _build_masks(runs, sc, emit, n_emit):
-    """Each emitted particle's mask from its runs, into one flat buffer (offsets in E_OFFSET);
-    the runs go back to the free list."""
+def _finish(runs, sc, emit, n_emit, gate):
+    """Each emitted particle's kind (speck, whole, or for the full gate) and its mask from its
+    runs, into one flat buffer (offsets in E_OFFSET; specks get none); the runs go back to the
+    free list. The concavity bound is read off the runs: the same value
+    :func:`sorting.concavity.defect_depth_bound_px` gives on the mask, and the same test as
+    :func:`sorting.segment._surely_shallow`."""
+    split = gate[G_SPLIT] != 0
+    pixels = int(gate[G_PIXELS])
     total = 0
     for k in range(n_emit):
+        emit[k, E_EDGE] = emit[k, E_COL0] == 0 or emit[k, E_COL1] + 1 == pixels
+        if emit[k, E_AREA] * gate[G_PIXEL_AREA] < gate[G_MIN_AREA]:
+            emit[k, E_KIND] = KIND_SPECK
+            emit[k, E_OFFSET] = -1
+            continue
+        emit[k, E_KIND] = KIND_GATE if split and emit[k, E_TOO_LONG] == 0 else KIND_WHOLE
         emit[k, E_OFFSET] = total
         total += (emit[k, E_LINE1] - emit[k, E_LINE0] + 1) * (emit[k, E_COL1] - emit[k, E_COL0] + 1)
     flat = np.zeros(total, np.bool_)
     for k in range(n_emit):
         off, line0, col0 = emit[k, E_OFFSET], emit[k, E_LINE0], emit[k, E_COL0]
-        w = emit[k, E_COL1] - col0 + 1
+        h, w = emit[k, E_LINE1] - line0 + 1, emit[k, E_COL1] - col0 + 1
+        gated = emit[k, E_KIND] == KIND_GATE
+        n_rows = h if gated else 0
+        lo = np.empty(n_rows, np.int64)
+        hi = np.empty(n_rows, np.int64)
+        n_runs = np.zeros(n_rows, np.int64)
         i = emit[k, E_HEAD]
         last = -1
         while i >= 0:
-            row = off + (runs[i, R_LINE] - line0) * w - col0
-            for c in range(runs[i, R_C0], runs[i, R_C1] + 1):
-                flat[row + c] = True
+            if off >= 0:
+                row = off + (runs[i, R_LINE] - line0) * w - col0
+                for c in range(runs[i, R_C0], runs[i, R_C1] + 1):
+                    flat[row + c] = True
+            if gated:
+                r = runs[i, R_LINE] - line0
+                n_runs[r] += 1
+                lo[r] = runs[i, R_C0] - col0
+                hi[r] = runs[i, R_C1] - col0
             last = i
             i = runs[i, R_NEXT]
         if last >= 0:
             runs[last, R_NEXT] = sc[S_FREE_RUN]
             sc[S_FREE_RUN] = emit[k, E_HEAD]
+        if gated:
+            # a line's runs are maximal, so one run per row is the mask's one-interval rows
+            simple = True
+            for r in range(h):
+                if n_runs[r] != 1:
+                    simple = False
+                    break
+            if simple:
+                bound_px = defect_depth_bound_rows(lo, hi, w)
+                if (bound_px + 1 / 256) * gate[G_PITCH] < gate[G_DEPTH]:
+                    emit[k, E_KIND] = KIND_WHOLE
     return flat
 
 
@@ -210,12 +255,13 @@ def _free_runs(parts, runs, sc, s):
 
 
 @numba.njit(cache=True, nogil=True)
-def track_chunk(mask, first_line, parts, runs, prev, sc, cr, row_start, max_lines, emit):
+def track_chunk(mask, first_line, parts, runs, prev, sc, cr, row_start, max_lines, emit, gate):
     """Follow the runs of ``mask`` (L, P) uint8, lines first_line.., into the open particles.
 
     Returns (status, n_emit, flat): status 1 means the particle or run table is too small
     (sizes wanted in sc[S_NEED_*]; nothing was changed); otherwise the first n_emit rows of
-    ``emit`` are the finished particles in emission order, their masks in ``flat``.
+    ``emit`` are the finished particles in emission order, their masks in ``flat`` (see
+    :func:`_finish`; ``gate`` holds the G_* settings).
     """
     n_lines, width = mask.shape
     n_prev = sc[S_NPREV]
@@ -424,11 +470,11 @@ def track_chunk(mask, first_line, parts, runs, prev, sc, cr, row_start, max_line
                 _emit_row(parts, s, parts[s, CUT], emit, n_emit)
                 n_emit += 1
                 _fresh(parts, s, parts[s, PID], 1)
-    return 0, n_emit, _build_masks(runs, sc, emit, n_emit)
+    return 0, n_emit, _finish(runs, sc, emit, n_emit, gate)
 
 
 @numba.njit(cache=True, nogil=True)
-def emit_all(parts, runs, sc, emit):
+def emit_all(parts, runs, sc, emit, gate):
     """Every open particle, cut, by first line, first column and number; then all state is free.
     Returns (n_emit, flat) like :func:`track_chunk`."""
     slots = np.empty(parts.shape[0], np.int64)
@@ -444,6 +490,6 @@ def emit_all(parts, runs, sc, emit):
         if parts[s, AREA] > 0:
             _emit_row(parts, s, 1, emit, n_emit)
             n_emit += 1
-    flat = _build_masks(runs, sc, emit, n_emit)
+    flat = _finish(runs, sc, emit, n_emit, gate)
     reset_state(parts, runs, sc)
     return n_emit, flat
