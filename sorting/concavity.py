@@ -86,12 +86,15 @@ def defect_depth_bound_rows(lo, hi, w):
     top = np.full(w, -1, np.int64)
     bottom = np.full(w, -1, np.int64)
     count_c = np.zeros(w, np.int64)
-    for r in range(h):
-        for c in range(lo[r], hi[r] + 1):
-            if top[c] < 0:
-                top[c] = r
-            bottom[c] = r
-            count_c[c] += 1
+    if _rows_adjacent(lo, hi):
+        _columns_from_rows(lo, hi, top, bottom, count_c)
+    else:
+        for r in range(h):
+            for c in range(lo[r], hi[r] + 1):
+                if top[c] < 0:
+                    top[c] = r
+                bottom[c] = r
+                count_c[c] += 1
     for c in range(w):
         if count_c[c] == 0 or count_c[c] != bottom[c] - top[c] + 1:
             return np.inf
@@ -147,6 +150,41 @@ def defect_depth_bound_rows(lo, hi, w):
                     far = max(far, abs(dr * (c - ac) - dc * (r - ar)))
         best = max(best, far / norm)
     return best
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rows_adjacent(lo, hi):
+    """True if each row's run touches the one above (8-connectivity), as in a particle."""
+    for r in range(1, lo.size):
+        if lo[r] > hi[r - 1] + 1 or hi[r] < lo[r - 1] - 1:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _columns_from_rows(lo, hi, top, bottom, count_c):
+    """First row, last row and number of rows of each column, in O(h + w) rather than per pixel:
+    with adjacent rows, the rows above (or below) any line cover one interval of columns, so a
+    row first reaches only the columns beyond it. Columns no row reaches keep -1, -1, 0."""
+    h = lo.size
+    for r in range(h):
+        count_c[lo[r]] += 1
+        if hi[r] + 1 < count_c.size:
+            count_c[hi[r] + 1] -= 1
+    for c in range(1, count_c.size):
+        count_c[c] += count_c[c - 1]
+    u0, u1 = lo[0], hi[0]
+    top[u0:u1 + 1] = 0
+    for r in range(1, h):
+        top[lo[r]:u0] = r
+        top[u1 + 1:hi[r] + 1] = r
+        u0, u1 = min(u0, lo[r]), max(u1, hi[r])
+    u0, u1 = lo[h - 1], hi[h - 1]
+    bottom[u0:u1 + 1] = h - 1
+    for r in range(h - 2, -1, -1):
+        bottom[lo[r]:u0] = r
+        bottom[u1 + 1:hi[r] + 1] = r
+        u0, u1 = min(u0, lo[r]), max(u1, hi[r])
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
