@@ -210,3 +210,96 @@ def test_warm_up_leaves_nothing_behind():
     mask = np.zeros((20, 16), bool)
     mask[3:9, 2:7] = True
     _same(_got(_run(mask, 8)), _expected(mask))
+
+
+# ---------------------------------------------------------------- compiled pieces of push
+def _runs_numpy(mask):
+    """(line, first column, last column) of every horizontal run, from the row differences."""
+    out = []
+    for r, row in enumerate(mask):
+        d = np.diff(np.r_[0, row.astype(np.int8), 0])
+        out += [(r, int(a), int(b) - 1) for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
+    return out
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 16, 37, 64])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_scan_runs_matches_row_differences(width, offset):
+    from sorting.stitch_kernels import _scan_runs
+
+    rng = np.random.default_rng(width * 10 + offset)
+    lines = 12
+    # long runs (whole 8-byte words set or clear) as well as ragged ones, at any alignment
+    runs = np.repeat(rng.random((lines, width // 9 + 2)) < 0.5, 9, axis=1)[:, :width]
+    mask = runs ^ (rng.random((lines, width)) < 0.05)
+    buf = np.zeros(lines * width + offset, np.uint8)
+    m8 = buf[offset:].reshape(lines, width)  # offset: the 8-byte path cannot be taken
+    m8[:] = mask
+    cr = np.zeros((lines * width + 1, 4), np.int64)
+    row_start = np.zeros(lines + 2, np.int64)
+    n = _scan_runs(m8, cr, row_start, 0)
+    got = [(int(r) - 1, int(a), int(b)) for r, a, b, _ in cr[:n]]
+    assert got == _runs_numpy(mask)
+    assert list(cr[:n, 3]) == list(range(n))
+    assert [row_start[r + 1] for r in range(lines + 1)] == \
+        [sum(1 for x in got if x[0] < r) for r in range(lines + 1)]
+
+
+def test_columns_from_rows_match_the_mask():
+    from sorting.concavity import _columns_from_rows, _rows_adjacent
+
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 25, 2))
+        lo = np.empty(h, np.int64)
+        hi = np.empty(h, np.int64)
+        lo[0] = rng.integers(0, w)
+        hi[0] = rng.integers(lo[0], w)
+        for r in range(1, h):  # each run touches the one above (8-connected)
+            lo[r] = rng.integers(0, min(hi[r - 1] + 2, w))
+            hi[r] = rng.integers(max(lo[r], lo[r - 1] - 1), w)
+        assert _rows_adjacent(lo, hi)
+        mask = np.zeros((h, w), bool)
+        for r in range(h):
+            mask[r, lo[r]:hi[r] + 1] = True
+        top, bottom, count = np.full(w, -1, np.int64), np.full(w, -1, np.int64), np.zeros(w, np.int64)
+        _columns_from_rows(lo, hi, top, bottom, count)
+        has = mask.any(axis=0)
+        assert np.array_equal(count, mask.sum(axis=0))
+        assert np.array_equal(top, np.where(has, mask.argmax(axis=0), -1))
+        assert np.array_equal(bottom, np.where(has, h - 1 - mask[::-1].argmax(axis=0), -1))
+    assert not _rows_adjacent(np.array([0, 3]), np.array([1, 4]))  # a column apart
+
+
+def test_stream_gate_matches_the_batch_steps():
+    """Specks, the bound and the touching-rock split as segment._pieces does them on each whole
+    component's mask (the stitcher settles specks and the bound in its kernel)."""
+    import cv2
+
+    from sorting.segment import _pieces
+
+    rng = np.random.default_rng(5)
+    cfg = SegmentConfig(min_area_mm2=20.0)  # 31 px at 0.8 mm
+    m = np.zeros((400, 120), np.uint8)
+    for _ in range(60):  # discs, ellipses and touching pairs; small ones are specks
+        r, c = int(rng.integers(5, 395)), int(rng.integers(5, 115))
+        a, b = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        cv2.ellipse(m, (c, r), (a, b), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    mask = m.astype(bool)
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), int))
+    expect = []
+    for k, (rows, cols) in enumerate(ndimage.find_objects(lab), start=1):
+        sub = lab[rows, cols] == k
+        cut = rows.start == 0 or rows.stop == mask.shape[0]
+        expect += _pieces(sub, rows.start, cols.start, PITCH, PITCH, cfg, cut=cut, pixels=mask.shape[1])
+    key = lambda c: (c.line0, c.col0, c.line1, c.col1)
+    fields = ("line0", "line1", "col0", "col1", "area_px", "cut", "too_long", "touches_border", "split")
+    for chunk in (1, 13, 32):
+        got = _run(mask, chunk, config=cfg)
+        assert len(got) == len(expect)
+        assert any(c.split for c in got) and len(expect) < n  # both paths taken: splits, specks
+        for g, e in zip(sorted(got, key=key), sorted(expect, key=key)):
+            assert [getattr(g, f) for f in fields] == [getattr(e, f) for f in fields]
+            assert g.centroid_line == pytest.approx(e.centroid_line, abs=1e-9)
+            assert g.centroid_px == pytest.approx(e.centroid_px, abs=1e-9)
+            assert np.array_equal(g.mask, e.mask)
