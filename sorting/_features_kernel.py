@@ -128,158 +128,160 @@ def ln_f32(x, out):
 
 
 # ---------------------------------------------------------------- pieces
+# Every per-pixel map of a particle lives on one canvas: its box with PAD zero rows and
+# columns around it, rows of wc = w + 2 PAD one after the other. Each step is then one flat
+# loop over the box's rows (pad columns included) instead of one short loop per row, and
+# shifts by whole rows or columns read zeros outside the box, as the maps are defined (a
+# row-by-row loop over ~50 pixels spent most of its time entering and leaving the loop).
 @numba.njit(cache=True, nogil=True)
-def _bounds(m, o, hh, ww):
+def _bounds(m, o, hh, ww, colany):
     """Bounding rows and columns (r0, r1, c0, c1, inclusive) of mask block ``m[o:o + hh*ww]``;
-    r0 = -1 when empty."""
-    r0 = r1 = c1 = -1
-    c0 = ww
+    r0 = -1 when empty. ``colany``: (ww,) uint8 scratch."""
+    for c in range(ww):
+        colany[c] = 0
+    r0 = r1 = -1
     for r in range(hh):
-        base = o + r * ww
+        mr = m[o + r * ww:o + (r + 1) * ww]
+        row = np.uint8(0)
         for c in range(ww):
-            if m[base + c]:
-                if r0 < 0:
-                    r0 = r
-                r1 = r
-                c0 = min(c0, c)
-                c1 = max(c1, c)
+            j = _U(c)
+            v = mr[j]
+            row |= v
+            colany[j] |= v
+        if row:
+            if r0 < 0:
+                r0 = r
+            r1 = r
+    if r0 < 0:
+        return -1, -1, ww, -1
+    c0, c1 = 0, ww - 1
+    while not colany[c0]:
+        c0 += 1
+    while not colany[c1]:
+        c1 -= 1
     return r0, r1, c0, c1
 
 
 @numba.njit(cache=True, nogil=True)
-def _gauss(x, rows, out, h, w, k):
-    """``out`` (h*w) = the 9-tap Gaussian ``k`` of ``x`` ((h, w + 8), 4 zero columns each side),
-    rows first; ``rows`` ((h + 8) * w) scratch. Zero outside the box, as on empty belt.
-    (Unsigned indices here and below: numba then skips negative-index wrapping, and the
-    loops vectorize.)"""
+def _gauss(x, hr, out, n, wc, b0, nb, k):
+    """``out[b0:b0 + nb]`` = the 9-tap Gaussian ``k`` of the canvas ``x`` (``n`` values, rows of
+    ``wc``, zero outside the rock with >= RB zero rows and columns around the box), rows
+    first; ``hr`` (n) scratch. Zero outside the box, as on empty belt. (Unsigned indices
+    here and below: numba then skips negative-index wrapping, and the loops vectorize.)"""
     k0, k1, k2, k3, k4 = k[0], k[1], k[2], k[3], k[4]
-    wp = w + 2 * RB
-    for i in range(RB * w):
-        rows[i] = 0.0
-        rows[(h + RB) * w + i] = 0.0
-    for r in range(h):
-        xs = x[r * wp:(r + 1) * wp]
-        rs = rows[(r + RB) * w:(r + RB + 1) * w]
-        for c in range(w):
-            j = _U(c)
-            rs[j] = (k0 * (xs[j] + xs[j + _U(8)]) + k1 * (xs[j + _U(1)] + xs[j + _U(7)])
-                     + k2 * (xs[j + _U(2)] + xs[j + _U(6)]) + k3 * (xs[j + _U(3)] + xs[j + _U(5)]) + k4 * xs[j + _U(4)])
-    uw = _U(w)
-    for r in range(h):
-        rs = rows[r * w:(r + 2 * RB + 1) * w]
-        os = out[r * w:(r + 1) * w]
-        for c in range(w):
-            j = _U(c)
-            os[j] = (k0 * (rs[j] + rs[j + _U(8) * uw]) + k1 * (rs[j + uw] + rs[j + _U(7) * uw])
-                     + k2 * (rs[j + _U(2) * uw] + rs[j + _U(6) * uw]) + k3 * (rs[j + _U(3) * uw] + rs[j + _U(5) * uw])
-                     + k4 * rs[j + _U(4) * uw])
+    # along the rows: at a pad column the taps run into the neighbouring row's pad columns,
+    # zero as beyond the box's edge
+    xs, hs = x[:n], hr[RB:n - RB]
+    for i in range(n - 2 * RB):
+        j = _U(i)
+        hs[j] = (k0 * (xs[j] + xs[j + _U(8)]) + k1 * (xs[j + _U(1)] + xs[j + _U(7)])
+                 + k2 * (xs[j + _U(2)] + xs[j + _U(6)]) + k3 * (xs[j + _U(3)] + xs[j + _U(5)]) + k4 * xs[j + _U(4)])
+    for i in range(RB):
+        hr[i] = hr[n - 1 - i] = 0.0
+    rs = hr[b0 - RB * wc:b0 + nb + RB * wc]
+    os = out[b0:b0 + nb]
+    uw = _U(wc)
+    for i in range(nb):
+        j = _U(i)
+        os[j] = (k0 * (rs[j] + rs[j + _U(8) * uw]) + k1 * (rs[j + uw] + rs[j + _U(7) * uw])
+                 + k2 * (rs[j + _U(2) * uw] + rs[j + _U(6) * uw]) + k3 * (rs[j + _U(3) * uw] + rs[j + _U(5) * uw])
+                 + k4 * rs[j + _U(4) * uw])
 
 
 @numba.njit(cache=True, nogil=True)
-def _bilinear(flat, n_r, n_a, y, x):
-    """Exact bilinear reading of the (n_r, n_a, 2) table ``flat`` (raveled) at row ``y``, column
-    ``x`` (float32 in [-1, n_r], [-1, n_a]), edges replicated: both channels, float32."""
-    xi = int(x + _F1)  # floor(x) + 1: x >= -1
-    yi = int(y + _F1)
-    fx = float(x) - (xi - 1)
-    fy = float(y) - (yi - 1)
-    ix0 = min(max(xi - 1, 0), n_a - 1)
-    ix1 = min(xi, n_a - 1)
-    row0 = min(max(yi - 1, 0), n_r - 1) * n_a
-    row1 = min(yi, n_r - 1) * n_a
-    a00, a01, a10, a11 = _U(2 * (row0 + ix0)), _U(2 * (row0 + ix1)), _U(2 * (row1 + ix0)), _U(2 * (row1 + ix1))
-    gx, gy = 1.0 - fx, 1.0 - fy
-    p = gy * (gx * flat[a00] + fx * flat[a01]) + fy * (gx * flat[a10] + fx * flat[a11])
-    q = (gy * (gx * flat[a00 + _U(1)] + fx * flat[a01 + _U(1)])
-         + fy * (gx * flat[a10 + _U(1)] + fx * flat[a11 + _U(1)]))
-    return np.float32(p), np.float32(q)
-
-
-@numba.njit(cache=True, nogil=True)
-def _interior(mp, hz, core, h, w):
-    """``core`` (h*w) = the interior: the mask eroded by a radius-2 disk (OpenCV's 5 x 5
+def _interior(mb, hz, core, wc, b0, nb):
+    """``core[b0:b0 + nb]`` = the interior: the mask eroded by a radius-2 disk (OpenCV's 5 x 5
     ellipse: rows -1..1 five wide, rows -2 and 2 the centre only), else by radius 1 (a
-    cross), else the whole mask. ``mp``: the mask with 2 zero rows and columns around it,
-    (h + 4, w + 4); ``hz``: scratch of its size."""
-    wp = w + 4
-    uwp = _U(wp)
-    for r in range(h + 4):
-        ms = mp[r * wp:(r + 1) * wp]
-        hs = hz[r * wp:(r + 1) * wp]
-        for c in range(w):
-            j = _U(c)  # 5 wide, centred on column c
-            hs[j] = ms[j] & ms[j + _U(1)] & ms[j + _U(2)] & ms[j + _U(3)] & ms[j + _U(4)]
+    cross), else the whole mask. ``mb``: the mask canvas (>= 3 zero rows and columns around
+    the box); ``hz``: scratch of its size."""
+    uw = _U(wc)
+    ms = mb[b0 - wc - 2:b0 + nb + wc + 2]
+    hs = hz[b0 - wc:b0 + nb + wc]
+    for i in range(nb + 2 * wc):
+        j = _U(i)  # 5 wide, centred on ms[j + 2]
+        hs[j] = ms[j] & ms[j + _U(1)] & ms[j + _U(2)] & ms[j + _U(3)] & ms[j + _U(4)]
+    ms = mb[b0 - 2 * wc:b0 + nb + 2 * wc]
+    cs = core[b0:b0 + nb]
     n = 0
-    for r in range(h):
-        hs = hz[(r + 1) * wp:(r + 4) * wp]
-        ms = mp[r * wp + 2:(r + 5) * wp]
-        cs = core[r * w:(r + 1) * w]
-        for c in range(w):
-            j = _U(c)
-            e = hs[j] & hs[j + uwp] & hs[j + _U(2) * uwp] & ms[j] & ms[j + _U(4) * uwp]
-            cs[j] = e
-            n += e
+    for i in range(nb):
+        j = _U(i)  # centre at hs[j + wc], ms[j + 2 wc]
+        e = hs[j] & hs[j + uw] & hs[j + _U(2) * uw] & ms[j] & ms[j + _U(4) * uw]
+        cs[j] = e
+        n += e
     if n:
         return
-    for r in range(h):
-        ms = mp[(r + 1) * wp + 1:(r + 4) * wp]
-        cs = core[r * w:(r + 1) * w]
-        for c in range(w):
-            j = _U(c)  # centre at ms[j + wp + 1]
-            e = ms[j + _U(1)] & ms[j + uwp] & ms[j + uwp + _U(1)] & ms[j + uwp + _U(2)] & ms[j + _U(2) * uwp + _U(1)]
-            cs[j] = e
-            n += e
+    ms = mb[b0 - wc - 1:b0 + nb + wc + 1]
+    for i in range(nb):
+        j = _U(i)  # centre at ms[j + wc + 1]
+        e = ms[j + _U(1)] & ms[j + uw] & ms[j + uw + _U(1)] & ms[j + uw + _U(2)] & ms[j + _U(2) * uw + _U(1)]
+        cs[j] = e
+        n += e
     if n:
         return
-    for r in range(h):
-        for c in range(w):
-            core[r * w + c] = mp[(r + 2) * wp + c + 2]
+    ms = mb[b0:b0 + nb]
+    for i in range(nb):
+        cs[i] = ms[i]
 
 
 @numba.njit(cache=True, nogil=True)
-def _box_mean(v, core, local, h, w, bx, by, pad, rows, acc):
-    """``local`` (h*w) = the mean of ``v`` over the ``core`` pixels in the (2 by + 1, 2 bx + 1)
-    window around each pixel (0 where there are none), by float32 box sums in rows then
-    columns. Scratch: ``pad`` (2, h (w + 2 bx)), ``rows`` (2, (h + 2 by) w), ``acc`` (2, w)."""
-    wp = w + 2 * bx
-    ubx = _U(bx)
-    for r in range(h):
-        p0, p1 = pad[0, r * wp:(r + 1) * wp], pad[1, r * wp:(r + 1) * wp]
-        for c in range(bx):
-            p0[c] = p1[c] = p0[w + bx + c] = p1[w + bx + c] = 0.0
-        vr, cr = v[r * w:(r + 1) * w], core[r * w:(r + 1) * w]
-        for c in range(w):
-            j = _U(c)
-            inside = cr[j] != 0
-            p0[j + ubx] = vr[j] if inside else _F0
-            p1[j + ubx] = _F1 if inside else _F0
-    for i in range(by * w):
-        rows[0, i] = rows[1, i] = rows[0, (h + by) * w + i] = rows[1, (h + by) * w + i] = 0.0
-    for r in range(h):
-        p0, p1 = pad[0, r * wp:(r + 1) * wp], pad[1, r * wp:(r + 1) * wp]
-        o0, o1 = rows[0, (r + by) * w:(r + by + 1) * w], rows[1, (r + by) * w:(r + by + 1) * w]
-        for c in range(w):
-            o0[c] = o1[c] = 0.0
-        for d in range(2 * bx + 1):
-            ud = _U(d)
-            for c in range(w):
-                j = _U(c)
-                o0[j] += p0[j + ud]
-                o1[j] += p1[j + ud]
-    a0, a1 = acc[0, :w], acc[1, :w]
-    for r in range(h):
-        for c in range(w):
-            a0[c] = a1[c] = 0.0
-        for d in range(2 * by + 1):
-            r0, r1 = rows[0, (r + d) * w:(r + d + 1) * w], rows[1, (r + d) * w:(r + d + 1) * w]
-            for c in range(w):
-                j = _U(c)
-                a0[j] += r0[j]
-                a1[j] += r1[j]
-        lr = local[r * w:(r + 1) * w]
-        for c in range(w):
-            j = _U(c)
-            lr[j] = a0[j] / max(a1[j], _F1)
+def _box_mean(v, core, local, wc, b0, nb, bx, by, p0, p1, h0, h1):
+    """``local[b0:b0 + nb]`` = the mean of ``v`` over the ``core`` pixels in the
+    (2 by + 1, 2 bx + 1) window around each pixel (0 where there are none), by float32 box
+    sums along the rows then down the columns. ``core`` is 0 outside the box and the canvas
+    has more than max(bx, by) zero rows and columns around it. Scratch: ``p0``, ``p1``,
+    ``h0``, ``h1``, canvas-sized float32."""
+    lo, hi = b0 - by * wc, b0 + nb + by * wc  # the rows the column sums read
+    for i in range(lo, b0):
+        p0[i] = p1[i] = 0.0
+    for i in range(b0 + nb, hi):
+        p0[i] = p1[i] = 0.0
+    vs, cs, q0, q1 = v[b0:b0 + nb], core[b0:b0 + nb], p0[b0:b0 + nb], p1[b0:b0 + nb]
+    for i in range(nb):
+        j = _U(i)
+        inside = cs[j] != 0
+        q0[j] = vs[j] if inside else _F0
+        q1[j] = _F1 if inside else _F0
+    n = hi - lo
+    s0, s1 = p0[lo - bx:hi + bx], p1[lo - bx:hi + bx]
+    o0, o1 = h0[lo:hi], h1[lo:hi]
+    for i in range(n):
+        j = _U(i)
+        o0[j] = s0[j]
+        o1[j] = s1[j]
+    for d in range(1, 2 * bx + 1):
+        ud = _U(d)
+        for i in range(n):
+            j = _U(i)
+            o0[j] += s0[j + ud]
+            o1[j] += s1[j + ud]
+    s0, s1 = h0[lo:hi], h1[lo:hi]
+    o0, o1 = p0[b0:b0 + nb], p1[b0:b0 + nb]  # the inputs are no longer needed
+    for i in range(nb):
+        j = _U(i)
+        o0[j] = s0[j]
+        o1[j] = s1[j]
+    for d in range(1, 2 * by + 1):
+        ud = _U(d * wc)
+        for i in range(nb):
+            j = _U(i)
+            o0[j] += s0[j + ud]
+            o1[j] += s1[j + ud]
+    ls = local[b0:b0 + nb]
+    for i in range(nb):
+        j = _U(i)
+        ls[j] = o0[j] / max(o1[j], _F1)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _thickness_sums(mask, thick, n):
+    """Over the mask pixels of the first ``n``: the sums of ``thick`` and of max(thick, 0)."""
+    s = sp = 0.0
+    for i in range(n):
+        j = _U(i)
+        t = float(thick[j]) if mask[j] != 0 else 0.0
+        s += t
+        sp += max(t, 0.0)
+    return s, sp
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -333,6 +335,13 @@ def _spread(wts, maf, fe, local, n, mean_maf, mean_fe, fay_level, oxide_level):
 
 # ---------------------------------------------------------------- the batch
 @numba.njit(cache=True, nogil=True)
+def _pad(bx, by):
+    """Zero rows and columns around the box on the canvas: the blur's radius, and more than
+    the texture window's half-widths (its sums read one row and column further)."""
+    return max(RB, max(bx, by) + 1)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # no zero-division branch: the pixel loops vectorize
 def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
     """Features of every particle of a batch.
 
@@ -356,32 +365,37 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
     for k in range(n):
         mh = max(mh, boxes[k, 1])
         mw = max(mw, boxes[k, 2])
-    npx = mh * mw
     bx, by = win[0] // 2, win[1] // 2
-    mb = np.empty(npx, np.uint8)  # the mask in the box
-    mp = np.zeros((mh + 4) * (mw + 4), np.uint8)  # ... with 2 empty rows and columns around it
-    hz = np.empty((mh + 4) * (mw + 4), np.uint8)
-    core = np.empty(npx, np.uint8)
+    pad = _pad(bx, by)
+    npx = (mh + 2 * pad) * (mw + 2 * pad)
+    # (allocated here, not passed in: LLVM then knows the arrays do not overlap and
+    # vectorizes without run-time overlap checks)
+    colany = np.empty(mw, np.uint8)
+    mb = np.empty(npx, np.uint8)  # the mask
+    hz = np.empty(npx, np.uint8)  # ... eroded across the rows
+    core = np.empty(npx, np.uint8)  # the interior
     stv = np.empty(npx, np.uint8)  # starved
-    a_in = np.empty((2, npx), np.float32)  # attenuation (NaN, inf: 0)
-    x = np.empty((3, mh * (mw + 2 * RB)), np.float32)  # T_low, T_high, mask with 4 empty columns each side
-    rows = np.empty((mh + 2 * RB) * mw, np.float32)
-    bl = np.empty((3, npx), np.float32)  # blurred
+    a0 = np.empty(npx, np.float32)  # attenuation (NaN, inf: 0)
+    a1 = np.empty(npx, np.float32)
+    x0 = np.empty(npx, np.float32)  # T_low, T_high, mask: zero outside the rock
+    x1 = np.empty(npx, np.float32)
+    x2 = np.empty(npx, np.float32)
+    hr = np.empty(npx, np.float32)
+    b0s = np.empty(npx, np.float32)  # blurred
+    b1s = np.empty(npx, np.float32)
+    b2s = np.empty(npx, np.float32)
     al = np.empty(npx, np.float32)  # smoothed attenuation low, high
     ah = np.empty(npx, np.float32)
+    t_pom = np.empty(npx, np.float32)
+    t_fe = np.empty(npx, np.float32)
+    local = np.empty(npx, np.float32)  # texture: the local mean of mafic_frac
     thick = np.empty(npx, np.float32)
     maf = np.empty(npx, np.float32)
     fe = np.empty(npx, np.float32)
     wts = np.empty(npx, np.float64)
-    cell = np.empty((4, npx), np.int32)  # the basis table cells around each pixel
-    wx = np.empty(npx, np.float64)  # ... and the bilinear weights
+    wx = np.empty(npx, np.float64)  # the bilinear weights of each pixel's table cell
     wy = np.empty(npx, np.float64)
-    t_pom = np.zeros(npx, np.float32)
-    t_fe = np.zeros(npx, np.float32)
-    local = np.empty(npx, np.float32)  # texture: the local mean of mafic_frac
-    pad = np.empty((2, mh * (mw + 2 * bx)), np.float32)
-    rows_box = np.empty((2, (mh + 2 * by) * mw), np.float32)
-    acc = np.empty((2, mw), np.float32)
+    cell = np.empty((4, npx), np.int32)  # ... and the cell's corners
     nb = edges.size - 1
     hist = np.empty(nb + 1, np.float64)
     res = np.empty(len(OUTPUTS), np.float64)
@@ -395,21 +409,33 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
     top_x, top_y = np.float32(n_a), np.float32(n_r)
     for k in range(n):
         o, hh, ww = boxes[k, 0], boxes[k, 1], boxes[k, 2]
-        r0, r1, c0, c1 = _bounds(m, o, hh, ww)
+        r0, r1, c0, c1 = _bounds(m, o, hh, ww, colany)
         if r0 < 0:
             for j in range(f.shape[1]):
                 f[k, j] = 0.0
             continue
         h, w = r1 - r0 + 1, c1 - c0 + 1
-        hw = h * w
-        wp = w + 2 * RB
+        wc = w + 2 * pad  # canvas row
+        cn = (h + 2 * pad) * wc  # canvas
+        b0 = pad * wc  # the box's rows: canvas[b0:b0 + bn]
+        bn = h * wc
         # --- the box: mask, moments, attenuation, starved pixels
+        for i in range(b0):
+            mb[i] = 0
+            x0[i] = x1[i] = x2[i] = 0.0
+        for i in range(b0 + bn, cn):
+            mb[i] = 0
+            x0[i] = x1[i] = x2[i] = 0.0
         area = n_starved = m10 = m01 = m20 = m02 = m11 = 0  # exact in integers
         for r in range(h):
             src = o + (r + r0) * ww + c0
             mr = m[src:src + w]
             ar = a[2 * src:2 * (src + w)]
-            mo, so, a0, a1 = mb[r * w:(r + 1) * w], stv[r * w:(r + 1) * w], a_in[0, r * w:], a_in[1, r * w:]
+            dst = b0 + r * wc
+            for c in range(pad):
+                mb[dst + c] = mb[dst + pad + w + c] = 0
+            dst += pad
+            mo, so, d0, d1 = mb[dst:dst + w], stv[dst:dst + w], a0[dst:dst + w], a1[dst:dst + w]
             cnt = c_r = cc_r = s_r = 0
             for c in range(w):
                 j = _U(c)
@@ -422,8 +448,8 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
                 ins = np.uint8(inside)
                 mo[j] = ins
                 so[j] = s
-                a0[j] = lo
-                a1[j] = hi
+                d0[j] = lo
+                d1[j] = hi
                 cnt += ins
                 s_r += s
                 c_r += c * ins
@@ -451,36 +477,32 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
         res[_LENGTH], res[_WIDTH] = length, width
         res[_ELONG] = length / max(width, 1e-6)
         # --- smoothing inside the rock: normalized Gaussian of the transmission
-        for r in range(h):
-            s = r * wp
-            for c in range(RB):
-                for j in range(3):
-                    x[j, s + c] = 0.0
-                    x[j, s + RB + w + c] = 0.0
-            x0, x1, x2 = x[0, s + RB:s + RB + w], x[1, s + RB:s + RB + w], x[2, s + RB:s + RB + w]
-            a0, a1, mr = a_in[0, r * w:(r + 1) * w], a_in[1, r * w:(r + 1) * w], mb[r * w:(r + 1) * w]
-            for c in range(w):
-                j = _U(c)
-                inside = mr[j] != 0
-                t_low, t_high = _exp(-a0[j]), _exp(-a1[j])  # unconditional: the loop vectorizes
-                x0[j] = t_low if inside else _F0
-                x1[j] = t_high if inside else _F0
-                x2[j] = _F1 if inside else _F0
-        for j in range(3):
-            _gauss(x[j], rows, bl[j], h, w, taps)
-        b0, b1, b2 = bl[0], bl[1], bl[2]
-        for i in range(hw):
+        ms, e0, e1, y0, y1, y2 = mb[b0:b0 + bn], a0[b0:b0 + bn], a1[b0:b0 + bn], x0[b0:b0 + bn], x1[b0:b0 + bn], x2[b0:b0 + bn]
+        for i in range(bn):
             j = _U(i)
-            den = max(b2[j], _DEN_FLOOR)
-            al[j] = -_ln(max(b0[j] / den, _TINY))
-            ah[j] = -_ln(max(b1[j] / den, _TINY))
+            inside = ms[j] != 0
+            t_low, t_high = _exp(-e0[j]), _exp(-e1[j])  # unconditional: the loop vectorizes
+            y0[j] = t_low if inside else _F0
+            y1[j] = t_high if inside else _F0
+            y2[j] = _F1 if inside else _F0
+        _gauss(x0, hr, b0s, cn, wc, b0, bn, taps)
+        _gauss(x1, hr, b1s, cn, wc, b0, bn, taps)
+        _gauss(x2, hr, b2s, cn, wc, b0, bn, taps)
+        g0, g1, g2, sl, sh = b0s[b0:b0 + bn], b1s[b0:b0 + bn], b2s[b0:b0 + bn], al[b0:b0 + bn], ah[b0:b0 + bn]
+        for i in range(bn):
+            j = _U(i)
+            den = max(g2[j], _DEN_FLOOR)
+            sl[j] = -_ln(max(g0[j] / den, _TINY))
+            sh[j] = -_ln(max(g1[j] / den, _TINY))
         # --- per rock pixel: basis thickness, mafic line
         # table coordinates as normalize.basis_thickness forms them (NaN reads the edge); the
         # table lookups in a loop of their own, so many are in flight at once (its cache misses
         # are most of their cost), the arithmetic around them in loops that vectorize
-        for i in range(hw):
+        cl0, cl1, cl2, cl3 = cell[0, b0:b0 + bn], cell[1, b0:b0 + bn], cell[2, b0:b0 + bn], cell[3, b0:b0 + bn]
+        vx, vy = wx[b0:b0 + bn], wy[b0:b0 + bn]
+        for i in range(bn):
             j = _U(i)
-            lo, hi = al[j], ah[j]
+            lo, hi = sl[j], sh[j]
             map_x = hi * x_scale
             map_x = min(map_x, top_x) if map_x >= -1.0 else np.float32(-1.0)
             map_y = lo / max(hi, _A_FLOOR)
@@ -489,89 +511,84 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
             map_y = min(map_y, top_y) if map_y >= -1.0 else np.float32(-1.0)
             xi = int(map_x + _F1)  # floor + 1: the coordinates are >= -1
             yi = int(map_y + _F1)
-            wx[j] = float(map_x) - (xi - 1)
-            wy[j] = float(map_y) - (yi - 1)
+            vx[j] = float(map_x) - (xi - 1)
+            vy[j] = float(map_y) - (yi - 1)
             ix0 = min(max(xi - 1, 0), n_a - 1)
             ix1 = min(xi, n_a - 1)
             row0 = min(max(yi - 1, 0), n_r - 1) * n_a
             row1 = min(yi, n_r - 1) * n_a
-            cell[0, j] = 2 * (row0 + ix0)
-            cell[1, j] = 2 * (row0 + ix1)
-            cell[2, j] = 2 * (row1 + ix0)
-            cell[3, j] = 2 * (row1 + ix1)
-        for i in range(hw):
+            cl0[j] = 2 * (row0 + ix0)
+            cl1[j] = 2 * (row0 + ix1)
+            cl2[j] = 2 * (row1 + ix0)
+            cl3[j] = 2 * (row1 + ix1)
+        tp_s, tf_s = t_pom[b0:b0 + bn], t_fe[b0:b0 + bn]
+        for i in range(bn):
             j = _U(i)
-            if not mb[j]:
+            if not ms[j]:
+                tp_s[j] = tf_s[j] = _F0
                 continue
-            fx, fy = wx[j], wy[j]
+            fx, fy = vx[j], vy[j]
             gx, gy = 1.0 - fx, 1.0 - fy
-            a00, a01, a10, a11 = _U(cell[0, j]), _U(cell[1, j]), _U(cell[2, j]), _U(cell[3, j])
-            t_pom[j] = gy * (gx * flat_table[a00] + fx * flat_table[a01]) + fy * (gx * flat_table[a10]
-                                                                                  + fx * flat_table[a11])
-            t_fe[j] = (gy * (gx * flat_table[a00 + _U(1)] + fx * flat_table[a01 + _U(1)])
+            a00, a01, a10, a11 = _U(cl0[j]), _U(cl1[j]), _U(cl2[j]), _U(cl3[j])
+            tp_s[j] = gy * (gx * flat_table[a00] + fx * flat_table[a01]) + fy * (gx * flat_table[a10]
+                                                                                 + fx * flat_table[a11])
+            tf_s[j] = (gy * (gx * flat_table[a00 + _U(1)] + fx * flat_table[a01 + _U(1)])
                        + fy * (gx * flat_table[a10 + _U(1)] + fx * flat_table[a11 + _U(1)]))
-        sum_t = sum_tp = 0.0
-        for i in range(hw):
+        th_s, mf_s, fe_s = thick[b0:b0 + bn], maf[b0:b0 + bn], fe[b0:b0 + bn]
+        for i in range(bn):
             j = _U(i)
-            tp, tf = t_pom[j], t_fe[j]
+            tp, tf = tp_s[j], tf_s[j]
             total = max(tp + tf, floor)
-            fe[j] = tf / total
+            fe_s[j] = tf / total
             syenite = inv00 * tp + inv01 * tf
             mafic = inv10 * tp + inv11 * tf
             t = syenite + mafic
-            thick[j] = t
-            maf[j] = mafic / max(t, floor)
-        for i in range(hw):
-            j = _U(i)
-            if mb[j]:
-                t = thick[j]
-                sum_t += t
-                sum_tp += max(t, _F0)
+            th_s[j] = t
+            mf_s[j] = mafic / max(t, floor)
+        sum_t, sum_tp = _thickness_sums(ms, th_s, bn)
         res[_THICK] = sum_t / area
         res[_VOLUME] = sum_tp * (px_area * 1e-3)
         res[_STARVED] = n_starved / area
         # --- which pixels enter the material statistics
-        wm = w + 4
-        for r in range(h):
-            mp[(r + 2) * wm + 2:(r + 2) * wm + 2 + w] = mb[r * w:(r + 1) * w]
-        _interior(mp, hz, core, h, w)
-        for r in range(h):  # leave mp empty for the next particle
-            mp[(r + 2) * wm + 2:(r + 2) * wm + 2 + w] = 0
+        _interior(mb, hz, core, wc, b0, bn)
+        cs, ss = core[b0:b0 + bn], stv[b0:b0 + bn]
         if n_starved:
             # the interior's unstarved pixels; else the unstarved rim; else the interior all the same
             n_ok = 0
-            for i in range(hw):
-                n_ok += core[i] & (1 - stv[i])
+            for i in range(bn):
+                n_ok += cs[i] & (1 - ss[i])
             if n_ok:
-                for i in range(hw):
-                    core[i] &= 1 - stv[i]
+                for i in range(bn):
+                    cs[i] &= 1 - ss[i]
             elif n_starved < area:
-                for i in range(hw):
-                    core[i] = mb[i] & (1 - stv[i])
+                for i in range(bn):
+                    cs[i] = ms[i] & (1 - ss[i])
         # --- material statistics over the core, thickness-weighted
-        n_core, s_low, s_high, total_w = _core_sums(core, al, ah, thick, wts, hw)
+        ws = wts[b0:b0 + bn]
+        n_core, s_low, s_high, total_w = _core_sums(cs, sl, sh, th_s, ws, bn)
         res[_INTERIOR] = n_core / area
         res[_A_LOW] = s_low / n_core
         res[_A_HIGH] = s_high / n_core
         res[_R] = s_low / max(s_high, 1e-3 * n_core)
         if not total_w > 0:  # a noise-level rock: weight its pixels equally
-            for i in range(hw):
-                wts[i] = 1.0 if core[i] else 0.0
+            for i in range(bn):
+                ws[i] = 1.0 if cs[i] else 0.0
             total_w = float(n_core)
-        s_maf, s_fe = _weighted_sums(wts, maf, fe, hw)
+        s_maf, s_fe = _weighted_sums(ws, mf_s, fe_s, bn)
         mean_maf, mean_fe = s_maf / total_w, s_fe / total_w
         # texture: mafic_frac minus its mean over the core pixels in the window around the pixel
-        _box_mean(maf, core, local, h, w, bx, by, pad, rows_box, acc)
-        v_maf, v_fe, tex, fay, oxide = _spread(wts, maf, fe, local, hw, mean_maf, mean_fe, fay_level, oxide_level)
+        _box_mean(maf, core, local, wc, b0, bn, bx, by, x0, x1, x2, hr)  # the blur's scratch, done with
+        v_maf, v_fe, tex, fay, oxide = _spread(ws, mf_s, fe_s, local[b0:b0 + bn], bn, mean_maf, mean_fe, fay_level,
+                                               oxide_level)
         for b in range(nb):
             hist[b] = 0.0
-        for i in range(hw):
+        for i in range(bn):
             j = _U(i)
-            if core[j]:
-                hv = maf[j] * h_scale
+            if cs[j]:
+                hv = mf_s[j] * h_scale
                 hv += h_shift
                 hv = min(max(hv, _F0), h_top)
-                hist[_U(int(hv))] += wts[j]
+                hist[_U(int(hv))] += ws[j]
         res[_MAFIC], res[_MAFIC_STD] = mean_maf, math.sqrt(max(v_maf / total_w, 0.0))
         res[_FE], res[_FE_STD] = mean_fe, math.sqrt(max(v_fe / total_w, 0.0))
         res[_FAYALITE] = fay / total_w
