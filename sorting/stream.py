@@ -148,8 +148,11 @@ class Pipeline:
             attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
             raw.flags.writeable = False  # a replayed recording's lines are read-only: another type
         mask = segment.foreground(a, self.cal, self.x0, self.seg, out=np.empty((2, self.pixels), bool))
-        AirTracker(self.cal, x0=self.x0, width=self.pixels).update(a, mask, np.zeros(2, bool),
-                                                                    np.zeros(self.pixels, bool))
+        air = AirTracker(self.cal, x0=self.x0, width=self.pixels)
+        bad_lines, bad_cols = np.zeros(2, bool), np.zeros(self.pixels, bool)
+        air.update(a, mask, bad_lines, bad_cols)  # the flags of a faulty chunk ...
+        bad_lines.flags.writeable = bad_cols.flags.writeable = False
+        air.update(a, mask, bad_lines, bad_cols)  # ... and a healthy one's, shared read-only arrays
         stitch_warm_up()
         one = np.zeros(1, np.int64)
         plan(one, one, one, one, self.sorter.ejector, self.timing)
