@@ -372,7 +372,7 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
     win : (2,) int64, texture box (columns, rows), odd
     pitch : (2,) float64, pixel and line pitch, mm
     cols : (len(OUTPUTS),) int64, column of ``f`` for each output
-    f : (n, F) float64, written (an empty mask gives zeros; non-finite values become 0)
+    f : (n, F) float32 C-contiguous, written (an empty mask gives zeros; non-finite values become 0)
     """
     n = boxes.shape[0]
     mh = mw = 1

@@ -147,13 +147,16 @@ class _Workspace:
     def __init__(self) -> None:
         self.a = np.empty(0, np.float32)
         self.m = np.empty(0, np.uint8)
+        self.m_bool = self.m.view(np.bool_)
 
-    def buffers(self, n_px: int) -> tuple[np.ndarray, np.ndarray]:
+    def buffers(self, n_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(attenuation, mask as uint8, the same mask memory as bool: masks copy without a cast)."""
         if n_px > self.m.size:
             size = max(n_px, 2 * self.m.size, 1 << 15)
             self.a = np.empty(2 * size, np.float32)
             self.m = np.empty(size, np.uint8)
-        return self.a, self.m
+            self.m_bool = self.m.view(np.bool_)
+        return self.a, self.m, self.m_bool
 
 
 _LOCAL = threading.local()
@@ -215,19 +218,22 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
         while i1 < n and (i1 == i0 or n_px + checked[i1][1].size <= _BATCH_PIXELS):
             n_px += checked[i1][1].size
             i1 += 1
-        a_buf, m_buf = _workspace().buffers(n_px)
+        a_buf, m_buf, m_bool = _workspace().buffers(n_px)
         boxes = []
         o = 0
         for a, mask in checked[i0:i1]:
             h, w = mask.shape
             a_buf[2 * o:2 * (o + h * w)].reshape(h, w, 2)[...] = a
-            m_buf[o:o + h * w].reshape(h, w)[...] = mask
+            m_bool[o:o + h * w].reshape(h, w)[...] = mask
             boxes.append((o, h, w))
             o += h * w
-        f = np.empty((i1 - i0, N_FEATURES), np.float64)
+        f = out[i0:i1]
+        if not f.flags.c_contiguous:  # the kernel writes C-ordered rows (one compiled signature)
+            f = np.empty((i1 - i0, N_FEATURES), np.float32)
         kernel.particles(a_buf, m_buf, np.array(boxes, np.int64), _TAPS, table, p32, _HIST_EDGES, _Q, win, pitch,
                          _COLS, f)
-        out[i0:i1] = f
+        if f.base is None:
+            out[i0:i1] = f
         i0 = i1
     return out
 
