@@ -304,6 +304,11 @@ class LineHealth:
         self._active[kind] = bool(flags[-1])
 
     # ------------------------------------------------------------ per particle
+    @property
+    def last_bad_line(self) -> int:
+        """The last stream line on which some column was stuck (a large negative number: never)."""
+        return self._last_bad_line
+
     def suspect(self, line0: int, line1: int, col0: int, col1: int) -> bool:
         """Whether a particle (window columns) borders a column that was stuck while it passed:
         it may be a fragment of a rock cut by the frozen module (pass it, do not eject)."""

@@ -48,6 +48,15 @@ class LatencyHistogram:
         self.max_ms = max(self.max_ms, latency_ms)
         self.n += 1
 
+    def add_many(self, latency_ms: np.ndarray) -> None:
+        """:meth:`add` for each value of a (n,) float array (one chunk's particles)."""
+        if latency_ms.size == 0:
+            return
+        i = np.clip((latency_ms / self.BIN_MS).astype(np.int64), 0, self.BINS - 1)
+        np.add.at(self.counts, i, 1)
+        self.max_ms = max(self.max_ms, float(latency_ms.max()))
+        self.n += latency_ms.size
+
     def percentile(self, q: float) -> float:
         if self.n == 0:
             return 0.0
@@ -293,7 +302,7 @@ class Pipeline:
         lo_l, hi_l, xmin_l, xmax_l = ej.valve_lo.tolist(), ej.valve_hi.tolist(), xmin.tolist(), xmax.tolist()
         latency = (t_out - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
         slack = (ej.open_s - resp_s - last / self.timing.line_rate_hz) * 1000.0 - latency
-        latency_l, slack_l = latency.tolist(), slack.tolist()
+        slack_l = slack.tolist()
         # the column centroid from its integer sum, shifted to detector columns before the one
         # division: a lane (x0 > 0) then rounds a tie exactly as one worker does
         cx = (np.rint(cents[:, 1] * area_px) + self.x0 * area_px) / np.maximum(area_px, 1)
@@ -301,10 +310,12 @@ class Pipeline:
                       np.round(area_px * px_area, 2).tolist(), np.round(scores.astype(np.float64), 6).tolist(),
                       np.round(ej.open_s, 6).tolist(), np.round(ej.close_s, 6).tolist(),
                       np.round(latency, 3).tolist(), np.round(slack, 3).tolist())
+        # next to a frozen detector module a particle may be mis-read (it passes); none can be
+        # when no column froze since the chunk's earliest particle began
+        any_suspect = n > 0 and self.health.last_bad_line >= int(first.min())
         for i, (p, r) in enumerate(zip(done, rounded)):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
-            # next to a frozen detector module a particle may be mis-read: it passes too
-            suspect = self.health.suspect(p.line0, p.line1, p.col0, p.col1)
+            suspect = any_suspect and self.health.suspect(p.line0, p.line1, p.col0, p.col1)
             und = und_l[i]
             fire = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
                     and hi_l[i] >= lo_l[i])
@@ -330,10 +341,6 @@ class Pipeline:
                 "undecided": und,
             }
             self._next_id += 1
-            c.particles += 1
-            c.latency.add(latency_l[i])
-            c.cut += p.cut
-            c.too_long += p.too_long
             if fire:
                 c.ejected += 1
                 c.late += late
@@ -341,6 +348,10 @@ class Pipeline:
                 c.passed += 1
                 c.undecided += und
             events.append(ev)
+        c.particles += n
+        c.latency.add_many(latency)
+        c.cut += sum(p.cut for p in done)
+        c.too_long += sum(p.too_long for p in done)
         st = self.stage_s
         st["features"] += t1 - t0
         st["classify"] += t2 - t1

@@ -25,3 +25,17 @@ def test_empty_and_overflow():
     h.add(5000.0)  # beyond the last bin: the percentile is capped by the true maximum, not lost
     assert h.summary()["max"] == 5000.0
     assert h.percentile(50) <= 5000.0
+
+
+def test_add_many_is_add_for_each():
+    """A chunk's latencies added at once: the same bins, count and maximum as one by one."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.exponential(5.0, 500), [0.0, -1.0, 1e6, 0.005, 1999.999]])
+    one, many = LatencyHistogram(), LatencyHistogram()
+    for v in values.tolist():
+        one.add(v)
+    for part in np.array_split(values, 7):
+        many.add_many(part)
+    many.add_many(np.zeros(0))
+    np.testing.assert_array_equal(one.counts, many.counts)
+    assert (one.n, one.max_ms) == (many.n, many.max_ms)
