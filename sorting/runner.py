@@ -5,6 +5,7 @@ log is flushed every chunk and closed on the way out, whatever happened.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import cv2
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -58,6 +60,17 @@ class _Stop:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def _opencv_threads(n: int):
+    """OpenCV's own thread pool (not a BLAS one: threadpoolctl does not see it) at ``n``."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
 def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None = None,
              valves: UDPValveSink | None = None, keep_events: bool = True, total_lines: int | None = None,
              progress: bool = False, on_signal: Callable[[], None] | None = None) -> RunResult:
@@ -84,7 +97,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
             if keep_events:
                 kept.extend(events)
 
-        with _Stop(on_signal) as stop, threadpool_limits(limits=1, user_api="blas"):
+        with _Stop(on_signal) as stop, threadpool_limits(limits=1, user_api="blas"), _opencv_threads(1):
             for first, raw, t_in in chunks:
                 deliver(pipeline.step(first, raw, t_in))
                 bar.update(raw.shape[0])
