@@ -210,7 +210,9 @@ def _finish(runs, sc, emit, n_emit, gate):
         n_runs = np.zeros(n_rows, np.int64)
         i = emit[k, E_HEAD]
         last = -1
+        n_back = 0
         while i >= 0:
+            n_back += 1
             if off >= 0:
                 row = off + (runs[i, R_LINE] - line0) * w - col0
                 for c in range(runs[i, R_C0], runs[i, R_C1] + 1):
@@ -225,6 +227,7 @@ def _finish(runs, sc, emit, n_emit, gate):
         if last >= 0:
             runs[last, R_NEXT] = sc[S_FREE_RUN]
             sc[S_FREE_RUN] = emit[k, E_HEAD]
+            sc[S_NFREE_RUN] += n_back
         if gated:
             # a line's runs are maximal, so one run per row is the mask's one-interval rows
             simple = True
@@ -251,6 +254,7 @@ def _free_runs(parts, runs, sc, s):
     if last >= 0:
         runs[last, R_NEXT] = sc[S_FREE_RUN]
         sc[S_FREE_RUN] = parts[s, HEAD]
+        sc[S_NFREE_RUN] += n
     return n
 
 

@@ -303,3 +303,35 @@ def test_stream_gate_matches_the_batch_steps():
             assert g.centroid_line == pytest.approx(e.centroid_line, abs=1e-9)
             assert g.centroid_px == pytest.approx(e.centroid_px, abs=1e-9)
             assert np.array_equal(g.mask, e.mask)
+
+
+def test_runs_of_finished_particles_are_reused():
+    """A long stream of rocks in bounded memory: every run of a finished particle (whole, speck
+    or too long) goes back to the free list, whose counted length is its walked length, so the
+    run table never grows past what the open particles need at once."""
+    import sorting.stitch_kernels as K
+
+    rng = np.random.default_rng(8)
+    seg = StreamSegmenter(64, None, PITCH, PITCH, SegmentConfig(min_area_mm2=2.0), max_particle_lines=30)
+    size = seg._runs.shape[0]
+    yy, xx = np.mgrid[:12, :12]
+    disc = (yy - 5.5) ** 2 + (xx - 5.5) ** 2 < 30
+    for first in range(0, 20_000, 16):
+        chunk = np.zeros((16, 64), bool)
+        for _ in range(2):  # discs (some cut across chunks, some touching), specks, long bars
+            r, c = rng.integers(0, 8), rng.integers(0, 52)
+            chunk[r:r + 8, c:c + 12] |= disc[:8]
+        chunk[rng.integers(0, 16), rng.integers(0, 64)] = True
+        if first % 640 < 160:
+            chunk[:, 60:62] = True
+        seg.push(first, chunk)
+    seg.flush()
+
+    def walked() -> int:
+        n, i = 0, seg._sc[K.S_FREE_RUN]
+        while i >= 0:
+            n, i = n + 1, seg._runs[i, K.R_NEXT]
+        return n
+
+    assert seg._runs.shape[0] == size  # ~150,000 runs went through a table of this size
+    assert seg._sc[K.S_NFREE_RUN] == walked() == size  # all free after the flush
