@@ -164,6 +164,10 @@ class Pipeline:
         bad_lines.flags.writeable = bad_cols.flags.writeable = False
         air.update(a, mask, bad_lines, bad_cols)  # ... and a healthy one's, shared read-only arrays
         stitch_warm_up()
+        # the touching-rock split's first call imports and sets up scikit-image's watershed (~25 ms)
+        yy, xx = np.mgrid[:24, :44]
+        discs = ((yy - 12) ** 2 + (xx - 11) ** 2 < 100) | ((yy - 12) ** 2 + (xx - 29) ** 2 < 100)  # a neck
+        segment.split_touching(discs, self.timing.pixel_pitch_mm, self.line_pitch_mm, self.seg)
         one = np.zeros(1, np.int64)
         plan(one, one, one, one, self.sorter.ejector, self.timing)
 
