@@ -77,6 +77,13 @@ def _claim_rule(lane: Lane, pixels: int):
     return claim
 
 
+def _arrivals(pipe, events: list[dict]) -> list[float]:
+    """Acquisition time of each event's last line, as Python floats (numpy scalars cost the
+    parent ~10 us each to unpickle)."""
+    last = np.array([e["last_line"] for e in events], np.int64) & (pipe.ring_lines - 1)
+    return pipe._arrival[last].tolist()
+
+
 def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: str, chunk_lines: int,
             realtime: bool, go, t0_shared, queue, flush_s: float) -> None:
     from .config import load_sorter
@@ -106,16 +113,14 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
                                                           t0=t0)):
             events = pipe.step(first, raw, t_in)
             if events:
-                pending.append((chunk, events, [pipe._arrival[e["last_line"] & (pipe.ring_lines - 1)]
-                                                for e in events]))
+                pending.append((chunk, events, _arrivals(pipe, events)))
             now = time.perf_counter()
             if now - last_send >= flush_s:
                 queue.put((k, chunk, pending))
                 pending, last_send = [], now
         events = pipe.finish()
         if events:
-            pending.append((chunk + 1, events, [pipe._arrival[e["last_line"] & (pipe.ring_lines - 1)]
-                                                for e in events]))
+            pending.append((chunk + 1, events, _arrivals(pipe, events)))
         queue.put((k, chunk + 1, pending))
         queue.put((k, None, {"stage_s": pipe.stage_s, "counters": pipe.counters.summary(),
                              "alarms": dict(pipe.health.episodes), "fault_lines": dict(pipe.health.lines),

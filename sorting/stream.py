@@ -210,6 +210,7 @@ class Pipeline:
         self._expected = first_line + n
         # garbage lines (saturated, tube trip) never reach segmentation; a frozen module's
         # columns never hold a particle; the air level follows drift from empty belt
+        raw = np.ascontiguousarray(raw)  # a lane's columns are a strided view: copy them once, here
         health = self.health.check(raw, first_line)
         i0 = first_line & (self.ring_lines - 1)
         if i0 + n <= self.ring_lines:
