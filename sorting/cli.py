@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sorter", type=Path, default=None, help="default: configs/sorter_reference.yaml")
     bench.add_argument("--chunk-lines", type=int, default=32)
     bench.add_argument("--no-paced", action="store_true", help="skip the paced (latency) run")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="unpaced and lane runs each (the median is reported; default 3)")
     bench.add_argument("--dense-seconds", type=float, default=8.0,
                        help="belt seconds of the paced run at twice the occupancy, on a simulated belt "
                        "(0: skip; default 8)")

@@ -638,6 +638,7 @@ OPTION_CASES = {
     "bench_not_onnx": (lambda fx, tmp: ["bench", "--model", SORTER, "--quiet"],
                        ["sorter_reference.yaml", "not an ONNX model"]),
     "bench_chunk_lines": (lambda fx, tmp: ["bench", "--chunk-lines", "0", "--quiet"], ["--chunk-lines"]),
+    "bench_repeats": (lambda fx, tmp: ["bench", "--repeats", "0", "--quiet"], ["--repeats"]),
     "unknown_verb": (lambda fx, tmp: ["sortify"], ["sortify"]),
     "missing_required": (lambda fx, tmp: ["run", fx["belt"], "--model", fx["model"]], ["--sorter"]),
 }

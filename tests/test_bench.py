@@ -13,7 +13,7 @@ from sorting.formats import read_belt_recording
 def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--recording", str(small_belt), "--model", str(small_model), "--workers", "1",
-                 "--json", str(out), "--quiet"]) == 0
+                 "--repeats", "3", "--json", str(out), "--quiet"]) == 0
     r = json.loads(out.read_text())
     rec = read_belt_recording(small_belt)
     for key in ("line_rate_hz", "pixels", "lines", "particles", "throughput_lines_s", "realtime_factor",
@@ -24,6 +24,10 @@ def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
     assert r["line_rate_hz"] == pytest.approx(rec.line_rate_hz)
     assert r["realtime_factor"] == pytest.approx(r["throughput_lines_s"] / r["line_rate_hz"])
     assert r["pipeline_over_floor"] == pytest.approx(r["throughput_lines_s"] / r["floor_throughput_lines_s"])
+    # the reported run is the median of the three
+    runs = sorted(r["realtime_factor_runs"])
+    assert len(runs) == 3 and r["realtime_factor"] == pytest.approx(runs[1], abs=1e-3)
+    assert r["floor_realtime_factor"] == pytest.approx(sorted(r["floor_realtime_factor_runs"])[1], abs=1e-2)
     lat = r["latency_ms"]
     assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"] + 0.01
     # every rock of the recording is a particle, paced or not (the twin lays them apart)
