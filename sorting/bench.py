@@ -67,14 +67,16 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
         floor = floor_throughput(rec.lines, pipe.cal, chunk_lines)
         fast = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, False), pipe, keep_events=False,
                         total_lines=rec.n_lines, progress=progress)
-        runs.append((fast.summary["throughput_lines_s"], floor, fast.summary, pipe))
+        stages = {k: round(v * 1000.0 / max(pipe.counters.chunks, 1), 4) for k, v in pipe.stage_s.items()}
+        per_particle_us = {k: round(pipe.stage_s[k] * 1e6 / max(pipe.counters.particles, 1), 1)
+                           for k in ("features", "classify", "decide")}
+        runs.append((fast.summary["throughput_lines_s"], floor, fast.summary, stages, per_particle_us))
+        del pipe  # one ring buffer at a time
     order = sorted(range(len(runs)), key=lambda i: runs[i][0])
-    throughput, floor, s, pipe = runs[order[len(order) // 2]]  # the median run (the lower middle of an even count)
+    # the median run (the lower middle of an even count), with its own stage times
+    throughput, floor, s, stages, per_particle_us = runs[order[len(order) // 2]]
     floors = sorted(r[1] for r in runs)
     floor = floors[len(floors) // 2]
-    stages = {k: round(v * 1000.0 / max(pipe.counters.chunks, 1), 4) for k, v in pipe.stage_s.items()}
-    per_particle_us = {k: round(pipe.stage_s[k] * 1e6 / max(pipe.counters.particles, 1), 1)
-                       for k in ("features", "classify", "decide")}
     result = {
         "machine": machine_description(),
         "line_rate_hz": timing.line_rate_hz,
