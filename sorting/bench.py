@@ -139,6 +139,10 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
         "late_ejects": p["late"],
         "undecided": p["undecided"],
         "cpu_fraction": p["cpu_fraction"],
+        # latency = intake lag + the wait for the chunk to fill + the step: a slow wake-up of
+        # the process (scheduling, a shared machine) shows in the first, the pipeline in the last
+        "intake_lag_ms": p["intake_lag_ms"],
+        "step_ms": p["step_ms"],
     }
 
 

@@ -25,7 +25,7 @@ from .errors import InputError
 from .model import OnnxModel
 from .sinks import EventLog, UDPValveSink
 from .sources import Chunk
-from .stream import Pipeline
+from .stream import LatencyHistogram, Pipeline
 
 
 @dataclass
@@ -76,6 +76,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
              progress: bool = False, on_signal: Callable[[], None] | None = None) -> RunResult:
     """Drive ``pipeline`` over ``chunks``; returns the summary and (optionally) the events."""
     kept: list[dict] = []
+    intake, step = LatencyHistogram(), LatencyHistogram()
     gc.collect()
     gc.freeze()  # start-up objects never need another full GC pass (DESIGN.md section 6)
     # the clocks start with the belt, after start-up (as the pipeline's warm-up)
@@ -99,7 +100,13 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
 
         with _Stop(on_signal) as stop, threadpool_limits(limits=1, user_api="blas"), _opencv_threads(1):
             for first, raw, t_in in chunks:
-                deliver(pipeline.step(first, raw, t_in))
+                t_step = time.perf_counter()
+                # how long after its last line was acquired the loop took the chunk up (paced:
+                # the wake-up's lateness plus any backlog), and how long the pipeline then took
+                intake.add((t_step - t_in) * 1000.0)
+                events = pipeline.step(first, raw, t_in)
+                step.add((time.perf_counter() - t_step) * 1000.0)
+                deliver(events)
                 bar.update(raw.shape[0])
                 if stop.requested:
                     stopped = True
@@ -121,6 +128,8 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     stream_s = c.lines / pipeline.timing.line_rate_hz
     summary.update({
         "stopped_by_signal": stopped,
+        "intake_lag_ms": intake.summary(),
+        "step_ms": step.summary(),
         "wall_s": wall,
         "stream_s": stream_s,
         "throughput_lines_s": c.lines / wall if wall > 0 else None,

@@ -33,4 +33,7 @@ def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
     # every rock of the recording is a particle, paced or not (the twin lays them apart)
     assert r["particles"] == r["paced_particles"] == len(rec.truth)
     assert r["late"] == r["late_ejects"] + r["undecided"]
+    # the paced run's decomposition: intake lag and step time, each a distribution
+    for key in ("intake_lag_ms", "step_ms"):
+        assert 0 <= r[key]["p50"] <= r[key]["p999"] <= r[key]["max"] + 0.01
     assert "dense" not in r  # only on a belt the bench simulates itself
