@@ -23,6 +23,8 @@ import numpy as np
 from .errors import InputError
 from .stream import LatencyHistogram
 
+#: the calibration :func:`run_lanes` makes in the parent just before the lane processes fork
+_SHARED: dict = {}
 #: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
 DEFAULT_OVERLAP_MM = 200.0
 
@@ -86,20 +88,23 @@ def _arrivals(pipe, events: list[dict]) -> list[float]:
 
 def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: str, chunk_lines: int,
             realtime: bool, go, t0_shared, queue, flush_s: float) -> None:
+    from threadpoolctl import threadpool_limits
+
     from .config import load_sorter
     from .formats import read_belt_recording
     from .model import load_model
     from .runner import build_pipeline, timing_of
     from .sources import replay
 
-    from threadpoolctl import threadpool_limits
-
     threadpool_limits(limits=1, user_api="blas")  # one core per lane
     try:
         rec = read_belt_recording(Path(recording))
         timing = timing_of(rec.meta)
         sorter = load_sorter(sorter_path)
-        pipe = build_pipeline(rec.calibration, load_model(model_path), sorter, timing, sorter_path, chunk_lines,
+        # the parent's calibration, inherited through fork: one physical copy of the 8 MB basis
+        # table for all lanes, not one per lane fighting over the shared cache
+        cal = _SHARED.get("calibration", rec.calibration)
+        pipe = build_pipeline(cal, load_model(model_path), sorter, timing, sorter_path, chunk_lines,
                               x0=lane.lo, width=lane.hi - lane.lo, claim=_claim_rule(lane, timing.pixels),
                               shed_late=realtime)
         window = rec.lines[:, lane.lo:lane.hi]
@@ -142,6 +147,11 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     sorter = load_sorter(sorter_path)
     overlap_px = int(np.ceil(overlap_mm / timing.pixel_pitch_mm))
     lanes = lane_windows(timing.pixels, workers, overlap_px)
+    from .calibrate import calibrate
+    from .normalize import _basis_table
+
+    _SHARED["calibration"] = cal = calibrate(rec.calibration)
+    _basis_table(cal)  # built once, here, before the lanes fork
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     t_setup = time.perf_counter()

@@ -18,7 +18,7 @@ import cv2
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from .calibrate import calibrate
+from .calibrate import Calibration, calibrate
 from .config import SorterConfig
 from .eject import Timing, check_geometry
 from .errors import InputError
@@ -158,12 +158,14 @@ def check_chunk_lines(chunk_lines: int) -> None:
 
 def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,
                    chunk_lines: int = 32, **window) -> Pipeline:
-    """Calibrate from ``scans`` and set up the loop; ``window`` = Pipeline's x0, width, claim (lanes)."""
+    """Calibrate from ``scans`` (or take a ready Calibration) and set up the loop; ``window`` =
+    Pipeline's x0, width, claim (lanes)."""
     check_geometry(sorter.ejector, timing, sorter_path)
     check_chunk_lines(chunk_lines)
-    cal = calibrate(scans)
+    cal = scans if isinstance(scans, Calibration) else calibrate(scans)
     if cal.pixels != timing.pixels:
-        raise InputError(scans.source, f"calibration has {cal.pixels} pixels, the stream {timing.pixels}")
+        raise InputError(getattr(scans, "source", "calibration"),
+                         f"calibration has {cal.pixels} pixels, the stream {timing.pixels}")
     return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines, **window)
 
 
