@@ -134,26 +134,10 @@ class StreamSegmenter:
         """Room for ``slots`` more particles and ``runs`` more runs (free lists extended)."""
         sc = self._sc
         if sc[K.S_NFREE_SLOT] < slots:
-            old = self._parts.shape[0]
-            new = max(2 * old, old + slots)
-            parts = np.zeros((new, K.N_PART_COLS), np.int64)
-            parts[:old] = self._parts
-            parts[old:, K.HEAD] = np.arange(old + 1, new + 1)
-            parts[new - 1, K.HEAD] = sc[K.S_FREE_SLOT]
-            sc[K.S_FREE_SLOT] = old
-            sc[K.S_NFREE_SLOT] += new - old
-            self._parts = parts
-            self._emit_rows = np.zeros((new, K.N_EMIT_COLS), np.int64)
+            self._parts = _extended(self._parts, slots, K.HEAD, sc, K.S_FREE_SLOT, K.S_NFREE_SLOT)
+            self._emit_rows = np.zeros((self._parts.shape[0], K.N_EMIT_COLS), np.int64)
         if sc[K.S_NFREE_RUN] < runs:
-            old = self._runs.shape[0]
-            new = max(2 * old, old + runs)
-            r = np.zeros((new, 4), np.int64)
-            r[:old] = self._runs
-            r[old:, K.R_NEXT] = np.arange(old + 1, new + 1)
-            r[new - 1, K.R_NEXT] = sc[K.S_FREE_RUN]
-            sc[K.S_FREE_RUN] = old
-            sc[K.S_NFREE_RUN] += new - old
-            self._runs = r
+            self._runs = _extended(self._runs, runs, K.R_NEXT, sc, K.S_FREE_RUN, K.S_NFREE_RUN)
 
     def _completed(self, n_emit: int, flat: np.ndarray) -> list[Completed]:
         # the kernel has dropped specks and settled the touching-rock gate of most rocks
@@ -210,3 +194,18 @@ def warm_up() -> None:
     seg.gap(20)
     seg.push(20, mask)
     seg.flush()
+
+
+def _extended(table: np.ndarray, more: int, next_col: int, sc: np.ndarray, free: int, n_free: int) -> np.ndarray:
+    """``table`` grown to at least ``more`` more rows (doubling), the new rows chained in front of
+    its free list (column ``next_col`` links a row to the next free one; ``sc[free]`` is the
+    list's head, ``sc[n_free]`` its length)."""
+    old = table.shape[0]
+    new = max(2 * old, old + more)
+    grown = np.zeros((new, table.shape[1]), table.dtype)
+    grown[:old] = table
+    grown[old:, next_col] = np.arange(old + 1, new + 1)
+    grown[new - 1, next_col] = sc[free]
+    sc[free] = old
+    sc[n_free] += new - old
+    return grown
