@@ -504,6 +504,10 @@ class AirTracker:
         if a.shape[1:] != self.log_flat.shape or mask.shape != a.shape[:2]:
             raise ValueError(f"`a` (shape {a.shape}) and `mask` (shape {mask.shape}) must be "
                              f"(L, {self.log_flat.shape[0]}, 2) and (L, {self.log_flat.shape[0]})")
+        if bad_lines is not None and np.shape(bad_lines) != (n,) or \
+                bad_cols is not None and np.shape(bad_cols) != (self.log_flat.shape[0],):
+            raise ValueError(f"`bad_lines` (shape {np.shape(bad_lines)}) and `bad_cols` (shape "
+                             f"{np.shape(bad_cols)}) must be ({n},) and ({self.log_flat.shape[0]},)")
         if n == 0:
             return
         _accumulate_empty(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(mask, dtype=bool),
@@ -531,7 +535,7 @@ def _accumulate_empty(a: np.ndarray, mask: np.ndarray, bad_lines: np.ndarray, ba
     (``bad_lines`` (L,) or empty: none) and good columns. Line by line, in stream order, so
     the sums are the same however the stream is chunked."""
     n, w = mask.shape
-    check_lines = bad_lines.size == n
+    check_lines = bad_lines.size == n  # empty: no line is bad (shapes checked by the caller)
     for i in range(n):
         if check_lines and bad_lines[i]:
             continue

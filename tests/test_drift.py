@@ -204,3 +204,12 @@ def test_tracker_sums_match_dilated_mask(margin):
     empty[:, bad_cols] = False
     np.testing.assert_array_equal(t._count, empty.sum(axis=0))
     np.testing.assert_allclose(t._sum, (a * empty[..., None]).sum(axis=0, dtype=np.float64), rtol=0, atol=1e-12)
+
+
+def test_tracker_refuses_flags_of_another_shape():
+    t = AirTracker(_cal(50))
+    a, mask = np.zeros((8, 50, 2), np.float32), np.zeros((8, 50), bool)
+    with pytest.raises(ValueError, match="bad_lines"):
+        t.update(a, mask, np.zeros(7, bool), None)
+    with pytest.raises(ValueError, match="bad_cols"):
+        t.update(a, mask, None, np.zeros(49, bool))

@@ -1,50 +1,75 @@
 """The loop compiles nothing on the belt: every compiled kernel it calls is loaded (or
 compiled) while the pipeline is built, before the first line arrives, so no rock's deadline
 pays seconds of JIT compilation, nor a lazy import (scikit-image's watershed: ~25 ms).
-Checked on the kernels' own records of compiled signatures and on the modules loaded."""
+
+Checked on the kernels' own records of compiled signatures and on the modules loaded, in a
+fresh interpreter (dispatchers are per process: in this one, other tests have compiled
+their own signatures already), over three kinds of input: a replayed recording (read-only
+lines), a stream of copied lines (writable, as a TCP source or a lane gives them) and a
+stream with faults (the faulty path's flags)."""
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import pkgutil
+import subprocess
 import sys
-from pathlib import Path
+import textwrap
 
-from numba.core.registry import CPUDispatcher
+SCRIPT = textwrap.dedent('''
+    import dataclasses, importlib, pkgutil, sys
+    from pathlib import Path
+    from numba.core.registry import CPUDispatcher
+    import sorting
+    from sorting.config import CONFIG_DIR, load_sorter
+    from sorting.faults import FaultSpec, inject
+    from sorting.formats import read_belt_recording
+    from sorting.model import load_model
+    from sorting.runner import build_pipeline, run_loop, timing_of
+    from sorting.sources import replay
 
-import sorting
-from sorting.config import load_sorter
-from sorting.formats import read_belt_recording
-from sorting.model import load_model
-from sorting.runner import build_pipeline, run_loop, timing_of
-from sorting.sources import replay
-
-SORTER_YAML = Path(__file__).resolve().parents[1] / "configs" / "sorter_reference.yaml"
-
-
-def _kernels() -> dict[str, CPUDispatcher]:
-    found = {}
+    kernels = {}
     for info in pkgutil.walk_packages(sorting.__path__, "sorting."):
         module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if isinstance(obj, CPUDispatcher) and obj.__module__ == info.name:
-                found[f"{info.name}.{name}"] = obj
-    return found
-
-
-def test_no_compilation_on_the_belt(small_belt, small_model):
-    rec = read_belt_recording(small_belt)
-    ref = load_sorter(SORTER_YAML)
-    sorter = dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=0.5))
-    kernels = _kernels()
+                kernels[info.name + "." + name] = obj
     assert kernels, "the loop's compiled kernels were not found"
-    pipe = build_pipeline(rec.calibration, load_model(small_model), sorter, timing_of(rec.meta),
-                          str(SORTER_YAML), 32)
-    before = {name: len(k.signatures) for name, k in kernels.items()}
-    modules = set(sys.modules)
-    # odd chunks, so a chunk also ends off the air tracker's epochs and mid-particle
-    out = run_loop(replay(rec.lines, timing_of(rec.meta).line_rate_hz, 37, False), pipe, keep_events=False)
-    assert out.summary["particles"] > 50
-    after = {name: len(k.signatures) for name, k in kernels.items()}
-    assert after == before, {n: (before[n], after[n]) for n in after if after[n] != before[n]}
-    assert set(sys.modules) == modules, sorted(set(sys.modules) - modules)[:10]
+    rec = read_belt_recording(Path(sys.argv[1]))
+    timing = timing_of(rec.meta)
+    ref = load_sorter(CONFIG_DIR / "sorter_reference.yaml")
+    sorter = dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=0.5))
+
+    def pipe():
+        return build_pipeline(rec.calibration, load_model(sys.argv[2]), sorter, timing, "sorter", 32)
+
+    streams = {
+        # odd chunks: chunks also end off the air tracker's epochs and mid-particle
+        "replayed": lambda p: replay(rec.lines, timing.line_rate_hz, 37, False),
+        "copied": lambda p: ((f, raw.copy(), t) for f, raw, t in replay(rec.lines, timing.line_rate_hz, 32, False)),
+        "faulty": lambda p: inject(replay(rec.lines, timing.line_rate_hz, 32, False),
+                                   [FaultSpec("stuck_module", 900, 200, col0=300, n_cols=64),
+                                    FaultSpec("saturated", 2000, 40), FaultSpec("dark", 3000, 60)], p.cal),
+    }
+    # run_loop's start-up makes a (disabled) progress bar, whose first use imports a lock
+    # module: before the first line, not on the belt
+    from tqdm import tqdm
+    tqdm(disable=True).close()
+    for name, stream in streams.items():
+        p = pipe()
+        before = {k: len(d.signatures) for k, d in kernels.items()}
+        modules = set(sys.modules)
+        out = run_loop(stream(p), p, keep_events=False)
+        assert out.summary["particles"] > 50, (name, out.summary["particles"])
+        grew = {k: (before[k], len(d.signatures)) for k, d in kernels.items() if len(d.signatures) != before[k]}
+        assert not grew, (name, "compiled on the belt", grew)
+        new = sorted(set(sys.modules) - modules)
+        assert not new, (name, "imported on the belt", new[:10])
+        if name == "faulty":
+            assert out.summary["alarms"]["stuck_module"] >= 1 and out.summary["alarms"]["dark"] >= 1, out.summary
+    print("ok", len(kernels), "kernels")
+''')
+
+
+def test_no_compilation_or_import_on_the_belt(small_belt, small_model):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(small_belt), str(small_model)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok"), proc.stdout
