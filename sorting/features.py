@@ -307,7 +307,7 @@ def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] |
     pp, lp = float(ds.pixel_pitch_mm), float(ds.line_pitch_mm)
     pending: list[int] = []
     crops: list[tuple[np.ndarray, np.ndarray]] = []
-    for k, i in enumerate(tqdm(idx, desc="features", unit="rock", disable=not progress)):
+    for k, i in enumerate(tqdm(idx, desc="features", unit="rock", disable=None if progress else True)):
         row = ds.rows[i]
         a = attenuation(ds.crop(i), cal, row.x0)
         mask, problem = segment_crop(a, cal, row.x0, pp, lp, config)

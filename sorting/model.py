@@ -237,7 +237,7 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
     # One OpenMP thread: on a busy 2-core box the spin-waiting team of the boosting
     # fit made it 30x slower; one thread is also deterministic.
     with threadpool_limits(1):
-        for name, clf in tqdm(cands.items(), desc="cross-validation", unit="model", disable=not progress):
+        for name, clf in tqdm(cands.items(), desc="cross-validation", unit="model", disable=None if progress else True):
             oof[name] = _oof_scores(clf, X, p, folds)
             cv_auc[name] = roc_auc(oof[name], y)
         best = max(cv_auc, key=lambda k: cv_auc[k])

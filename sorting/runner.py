@@ -82,7 +82,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     # the clocks start with the belt, after start-up (as the pipeline's warm-up)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    bar = tqdm(total=total_lines, unit="line", unit_scale=True, desc="sorting", disable=not progress,
+    bar = tqdm(total=total_lines, unit="line", unit_scale=True, desc="sorting", disable=None if progress else True,
                mininterval=0.5)
     stopped = False
     try:

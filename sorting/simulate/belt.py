@@ -312,7 +312,8 @@ def simulate_belt(out: Path, seconds: float, seed: int, machine: MachineConfig, 
     """Write an ``xrt-belt/1`` recording with ``truth.csv`` (chunk by chunk, bounded memory).
     ``drift``: relative change of the air level over the run (see :func:`drift_factors`)."""
     twin = BeltTwin(seconds, seed, machine, ore, library, occupancy, touching, drift=drift)
-    with tqdm(total=twin.n_lines, desc="belt", unit="line", unit_scale=True, disable=not progress) as bar, \
+    bar_off = None if progress else True  # None: tqdm shows the bar on a terminal only
+    with tqdm(total=twin.n_lines, desc="belt", unit="line", unit_scale=True, disable=bar_off) as bar, \
             BeltRecordingWriter(out, twin.meta, twin.calibration_scans(), truth_columns=EXTRA_TRUTH) as writer:
         for _, block in twin.chunks():
             writer.append(block)

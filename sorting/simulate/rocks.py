@@ -71,7 +71,7 @@ def simulate_rocks(out: Path, n: int, seed: int, machine: MachineConfig, ore: Or
     }
     with RockDatasetWriter(out, meta, scans, extra_columns=("lithotype", "size_mm")) as writer, \
             threadpool_limits(limits=1, user_api="blas"):  # small products: threads only spin
-        for i, seq in enumerate(tqdm(rock_seq.spawn(n), desc="rocks", unit="rock", disable=not progress)):
+        for i, seq in enumerate(tqdm(rock_seq.spawn(n), desc="rocks", unit="rock", disable=None if progress else True)):
             rng = np.random.default_rng(seq)
             rock = make_rock(ore, machine, rho, rng)
             mean, var = crop_signal(renderer, rock.image, CROP_MARGIN_PX)
