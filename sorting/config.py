@@ -331,5 +331,16 @@ def load_ore(path: str | Path | None = None, library: Any = None) -> OreConfig:
 
 
 def load_sorter(path: str | Path | None = None) -> SorterConfig:
+    """The sorter config at ``path``, every key stated: valve geometry, timing and the class to
+    eject belong to the sorter at hand, so none falls back silently to the reference sorter's."""
     path = _resolve(path, "sorter_reference.yaml")
-    return load(SorterConfig, path)
+    data = read_yaml(path)
+    cfg = build(SorterConfig, data, str(path))
+    for section in dataclasses.fields(SorterConfig):
+        if section.name not in data:
+            _fail(str(path), section.name, "is missing (a sorter states every key of CONTRACT.md section 5)")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            if f.name not in data[section.name]:
+                _fail(str(path), f"{section.name}.{f.name}", "is missing (a sorter states every key of "
+                                                              "CONTRACT.md section 5)")
+    return cfg
