@@ -1,6 +1,6 @@
 """A cheap upper bound on the deepest convexity defect of a particle's outer contour.
 
-The touching-rock gate (:func:`sorting.segment._may_split`) traces the contour with OpenCV
+The touching-rock gate (:func:`sorting.split._may_split`) traces the contour with OpenCV
 and measures its convexity defects (~35 us per particle). Most rocks are HV-convex (every
 row and every column one run), and for those the bound below settles the gate in a few
 microseconds: it is never below OpenCV's depth, so a particle it clears would also have

@@ -186,7 +186,7 @@ def _finish(runs, sc, emit, n_emit, gate):
     runs, into one flat buffer (offsets in E_OFFSET; specks get none); the runs go back to the
     free list. The concavity bound is read off the runs: the same value
     :func:`sorting.concavity.defect_depth_bound_px` gives on the mask, and the same test as
-    :func:`sorting.segment._surely_shallow`."""
+    :func:`sorting.split._surely_shallow`."""
     split = gate[G_SPLIT] != 0
     pixels = int(gate[G_PIXELS])
     total = 0
