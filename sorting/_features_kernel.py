@@ -415,7 +415,8 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
     hist4 = np.zeros((4, nb), np.float64)
     res = np.empty(len(OUTPUTS), np.float64)
     pp, lp = pitch[0], pitch[1]
-    floor, starved_a, x_scale, r_min, y_scale = p32[P_FLOOR], p32[P_STARVED], p32[P_X_SCALE], p32[P_R_MIN], p32[P_Y_SCALE]
+    floor, starved_a = p32[P_FLOOR], p32[P_STARVED]
+    x_scale, r_min, y_scale = p32[P_X_SCALE], p32[P_R_MIN], p32[P_Y_SCALE]
     inv00, inv01, inv10, inv11 = p32[P_INV00], p32[P_INV01], p32[P_INV10], p32[P_INV11]
     fay_level, oxide_level = p32[P_FAYALITE], p32[P_OXIDE]
     h_scale, h_shift, h_top = p32[P_HIST_SCALE], p32[P_HIST_SHIFT], p32[P_HIST_TOP]
@@ -492,7 +493,8 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
         res[_LENGTH], res[_WIDTH] = length, width
         res[_ELONG] = length / max(width, 1e-6)
         # --- smoothing inside the rock: normalized Gaussian of the transmission
-        ms, e0, e1, y0, y1, y2 = mb[b0:b0 + bn], a0[b0:b0 + bn], a1[b0:b0 + bn], x0[b0:b0 + bn], x1[b0:b0 + bn], x2[b0:b0 + bn]
+        ms, e0, e1 = mb[b0:b0 + bn], a0[b0:b0 + bn], a1[b0:b0 + bn]
+        y0, y1, y2 = x0[b0:b0 + bn], x1[b0:b0 + bn], x2[b0:b0 + bn]
         for i in range(bn):
             j = _U(i)
             inside = ms[j] != 0

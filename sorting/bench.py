@@ -168,7 +168,8 @@ def cli_bench(args) -> int:
         recording = args.recording
         if recording is None:
             recording = Path(tmp) / "belt"
-            print(f"simulating {args.seconds:g} s of reference belt at {args.occupancy:.0%} occupancy (seed {args.seed})")
+            print(f"simulating {args.seconds:g} s of reference belt at {args.occupancy:.0%} occupancy "
+                  f"(seed {args.seed})")
             simulate_belt(recording, args.seconds, args.seed, load_machine(args.machine), load_ore(),
                           load_materials(), occupancy=args.occupancy, progress=not args.quiet)
         result = run_bench(recording, Path(model), Path(sorter), args.chunk_lines, paced=not args.no_paced,

@@ -182,7 +182,8 @@ class Completed:
     mask : (line1 - line0 + 1, col1 - col0 + 1) bool, the particle's pixels in its box.
     centroid_line, centroid_px : unweighted mask centroid (line / column index units).
     cut : it may be incomplete: it touches the first line of the stream or the first line
-        after a gap, or was still open at a gap or at the end of the stream. too_long : emitted after ``max_particle_lines`` without ending.
+        after a gap, or was still open at a gap or at the end of the stream.
+    too_long : emitted after ``max_particle_lines`` without ending.
     touches_border : it reaches detector column 0 or P-1 (the belt edge may hide part).
     split : it was split off a touching neighbour.
     """
