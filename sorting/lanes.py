@@ -239,7 +239,8 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     wall = time.perf_counter() - t_start
     lines = rec.n_lines
     stream_s = lines / timing.line_rate_hz
-    cpu = sum(f["cpu_s"] for f in finished) + (time.process_time() - cpu_start)
+    merge_cpu = time.process_time() - cpu_start
+    cpu = sum(f["cpu_s"] for f in finished) + merge_cpu
     workers_c = [f["counters"] for f in finished]
     # every lane sees every line: stream-level counters agree across lanes; take the worst
     alarms = {kind: max(f["alarms"][kind] for f in finished) for kind in finished[0]["alarms"]}
@@ -257,6 +258,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         "wall_s": wall, "setup_s": t_start - t_setup, "stream_s": stream_s,
         "line_rate_hz": timing.line_rate_hz, "pixels": timing.pixels,
         "throughput_lines_s": lines / wall, "realtime_factor": lines / wall / timing.line_rate_hz,
-        "cpu_s": cpu, "cpu_fraction": cpu / stream_s,
+        "cpu_s": cpu, "cpu_fraction": cpu / stream_s, "merge_cpu_s": merge_cpu,
+        "lane_cpu_s": [f["cpu_s"] for f in finished],
     }
     return {"summary": summary, "events": merged}
