@@ -347,6 +347,27 @@ def _spread(wts, maf, fe, local, n, mean_maf, mean_fe, fay_level, oxide_level):
     return v_maf, v_fe, tex, fay, oxide
 
 
+@numba.njit(cache=True, nogil=True)
+def gather_ring(ring, boxes, layout, a):
+    """Copy each box of the ring buffer ``ring`` (R, W, 2), R a power of two (stream line i in
+    row i % R), one after the other into ``a`` (2 * the total pixels, or more); ``boxes``
+    (n, 4) int64: first line, first column, height, width. ``layout`` (n, 3) int64 is
+    written: per box the offset of its first pixel, height, width (the ``boxes`` argument of
+    :func:`particles`). Returns the total pixels."""
+    rows = ring.shape[0]
+    o = 0
+    for k in range(boxes.shape[0]):
+        line0, col0, h, w = boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3]
+        layout[k, 0], layout[k, 1], layout[k, 2] = o, h, w
+        for r in range(h):
+            src = ring[(line0 + r) & (rows - 1)].reshape(-1)[2 * col0:2 * (col0 + w)]
+            dst = a[2 * (o + w * r):2 * (o + w * (r + 1))]
+            for j in range(2 * w):
+                dst[j] = src[j]
+        o += h * w
+    return o
+
+
 # ---------------------------------------------------------------- the batch
 @numba.njit(cache=True, nogil=True)
 def _pad(bx, by):

@@ -7,9 +7,9 @@ pixels: the thin rim reads noise-dominated material values, a starved pixel none
 Distributions are thickness-weighted where that is the physical quantity (the share of the
 rock's volume, not of its projected pixels).
 
-The batch path (:func:`dataset_features`) and the belt (the streaming loop cutting each
-``Completed`` box out of its ring buffer) both call :func:`features_batch` on the
-particles' boxes, so a model trained on rock crops sees the numbers the belt produces.
+The batch path (:func:`dataset_features`, :func:`features_batch` on rock crops) and the
+belt (:func:`features_from_ring`, each ``Completed`` box read from the stream's ring buffer)
+run the same kernel on the particles' boxes, so a model trained on rock crops sees the numbers the belt produces.
 One compiled kernel (:mod:`sorting._features_kernel`) computes a whole batch: each
 particle alone in its own bounding box, so its numbers do not depend on its neighbours in
 the batch nor on a margin around its box, and :func:`particle_features` (a batch of one)
@@ -207,7 +207,8 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
         if type(mask) is not np.ndarray or mask.dtype != np.bool_:
             mask = np.asarray(mask, dtype=bool)
         if a.ndim != 3 or a.shape[2] != 2 or mask.shape != a.shape[:2]:
-            raise ValueError(f"crop {i}: `a` (shape {a.shape}) must be (h, w, 2) and `mask` (shape {mask.shape}) (h, w)")
+            raise ValueError(f"crop {i}: `a` (shape {a.shape}) must be (h, w, 2) and `mask` (shape {mask.shape}) "
+                             "(h, w)")
         checked.append((a, mask))
     table, p32, win, pitch = _constants(cal, pixel_pitch_mm, line_pitch_mm)
     i0 = 0
@@ -235,6 +236,36 @@ def features_batch(crops: Sequence[tuple[np.ndarray, np.ndarray]], cal: Calibrat
         if f.base is None:
             out[i0:i1] = f
         i0 = i1
+    return out
+
+
+def features_from_ring(ring: np.ndarray, boxes: np.ndarray, masks: Sequence[np.ndarray], cal: Calibration,
+                       pixel_pitch_mm: float, line_pitch_mm: float, *, out: np.ndarray) -> np.ndarray:
+    """:func:`features_batch` of particles whose attenuation lies in the stream's ring buffer
+    (trusted inputs: the streaming loop's own; the same kernel, so the same numbers).
+
+    Parameters
+    ----------
+    ring : (R, W, 2) float32 C-contiguous, R a power of two; stream line ``i`` is row ``i % R``.
+    boxes : (n, 4) int64, per particle: first line (stream index), first column, height, width.
+    masks : n C-contiguous bool arrays, (height, width) each.
+    out : (n, F) float32 C-contiguous, written and returned.
+
+    The boxes are gathered from the ring (wrapping around its end) by one compiled copy,
+    instead of two numpy assignments per particle.
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return out
+    n_px = 0
+    for m in masks:
+        n_px += m.size
+    a_buf, m_buf, m_bool = _workspace().buffers(n_px)
+    np.concatenate([m.reshape(-1) for m in masks], out=m_bool[:n_px])
+    layout = np.empty((n, 3), np.int64)
+    kernel.gather_ring(ring, boxes, layout, a_buf)
+    table, p32, win, pitch = _constants(cal, pixel_pitch_mm, line_pitch_mm)
+    kernel.particles(a_buf, m_buf, layout, _TAPS, table, p32, _HIST_EDGES, _Q, win, pitch, _COLS, out)
     return out
 
 

@@ -18,7 +18,7 @@ from .calibrate import Calibration
 from .config import SorterConfig
 from .eject import Timing, plan
 from .faults import AirTracker, LineHealth, good_runs
-from .features import FEATURE_NAMES, features_batch, particle_features
+from .features import FEATURE_NAMES, features_from_ring, particle_features
 from .model import OnnxModel
 from .normalize import attenuation_into
 from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
@@ -167,6 +167,8 @@ class Pipeline:
         mask[4:12, 4:12] = True
         particle_features(a, mask, self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=self._x[0])
         np.nan_to_num(self._x[:1], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        features_from_ring(self._ring, np.array([[self.ring_lines - 1, 0, 2, 2]], np.int64), [np.ones((2, 2), bool)],
+                           self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=self._x[1:2])
         self.model.scores_f32(self._x[:1])
         # the compiled kernels load from their cache (or compile, on a fresh install: ~seconds)
         # at their first call: make it here, on throwaway state, with the loop's argument types
@@ -270,14 +272,6 @@ class Pipeline:
         return self._decide(self.segmenter.flush())
 
     # ------------------------------------------------------------ decisions
-    def _crop(self, p: Completed) -> tuple[np.ndarray, np.ndarray]:
-        """The particle's box of attenuation (a view of the ring unless it wraps) and its mask."""
-        i0, i1 = p.line0 & (self.ring_lines - 1), p.line1 & (self.ring_lines - 1)
-        cols = slice(p.col0, p.col1 + 1)
-        if i0 <= i1:
-            return self._ring[i0:i1 + 1, cols], p.mask
-        return np.concatenate((self._ring[i0:, cols], self._ring[:i1 + 1, cols])), p.mask
-
     def _decide(self, done: list[Completed]) -> list[dict]:
         # by last line: the order in which the stream completes them, whatever the chunk size
         done.sort(key=lambda p: (p.line1, p.line0, p.col0))
@@ -287,11 +281,11 @@ class Pipeline:
             self._round_buf = np.empty((len(_LOG_DECIMALS), 2 * n), np.float64)
         x = self._x[:n]
         t0 = time.perf_counter()
-        # per particle: first and last line, first and last column, area (px); centroid line, column
-        ints = np.array([(p.line0, p.line1, p.col0, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
+        # per particle: first line, first column, last line, last column, area (px); centroid line, column
+        ints = np.array([(p.line0, p.col0, p.line1, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
         cents = np.array([(p.centroid_line, p.centroid_px) for p in done], np.float64).reshape(n, 2)
-        first, last, area_px = ints[:, 0], ints[:, 1], ints[:, 4]
-        xmin, xmax = ints[:, 2] + self.x0, ints[:, 3] + self.x0
+        first, last, area_px = ints[:, 0], ints[:, 2], ints[:, 4]
+        xmin, xmax = ints[:, 1] + self.x0, ints[:, 3] + self.x0
         ej = plan(first, last, xmin, xmax, self.sorter.ejector, self.timing)
         # overload: a particle whose command is already due cannot be ejected any more;
         # it is not classified (that time goes to the particles still in time), passes and is
@@ -300,15 +294,18 @@ class Pipeline:
         # deciding this chunk's particles takes about n times the running cost of one
         busy_ms = SHED_MARGIN_MS + self._cost_ms * n
         undecided = (age_ms + busy_ms > ej.deadline_ms) if self.shed_late else np.zeros(n, bool)
-        # every particle of the chunk in one pass (the same code as training)
+        # every particle of the chunk in one pass (the same kernel as training), its box read
+        # from the ring: first line, first column, height, width
+        boxes = ints[:, :4].copy()
+        boxes[:, 2:] -= ints[:, :2] - 1
+        pp, lp = self.timing.pixel_pitch_mm, self.line_pitch_mm
         if undecided.any():
             x[undecided] = 0.0
             keep = np.flatnonzero(~undecided)
-            x[keep] = features_batch([self._crop(done[i]) for i in keep], self.cal, self.timing.pixel_pitch_mm,
-                                     self.line_pitch_mm)
+            x[keep] = features_from_ring(self._ring, boxes[keep], [done[i].mask for i in keep], self.cal, pp, lp,
+                                         out=np.empty((keep.size, x.shape[1]), np.float32))
         elif n:
-            features_batch([self._crop(p) for p in done], self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm,
-                           out=x)
+            features_from_ring(self._ring, boxes, [p.mask for p in done], self.cal, pp, lp, out=x)
         t1 = time.perf_counter()
         if n > undecided.sum():
             self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - undecided.sum()) - self._cost_ms)

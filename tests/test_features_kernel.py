@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from sorting import _features_kernel as kernel
 from sorting.features import (FAYALITE_LEVEL, FEATURE_NAMES, N_FEATURES, OXIDE_LEVEL, TEXTURE_WINDOW_MM,
-                              features_batch, particle_features)
+                              features_batch, features_from_ring, particle_features)
 
 #: kernel vs reference: float32 maps (blur sums in another order, exp/ln to < 1 ulp), float64
 #: statistics ...
@@ -283,6 +283,27 @@ def test_margin_views_and_neighbours_change_nothing(rocks):
     np.testing.assert_array_equal(out[0], particle_features(*crops[0], cal, pp, lp))
     strided_out = np.zeros((3, 2 * N_FEATURES), np.float32)[:, ::2]
     np.testing.assert_array_equal(features_batch(batch, cal, pp, lp, out=strided_out), out)
+
+
+def test_features_from_the_ring_are_the_crops_features(rocks):
+    """The belt's path (boxes gathered from the ring buffer by a compiled copy, wrapping around
+    its end) gives bit for bit what the crops give through :func:`features_batch`."""
+    cal, pp, lp, crops = rocks
+    picked = crops[:7]
+    rows = 1 << int(np.ceil(np.log2(sum(a.shape[0] for a, _ in picked) + 8)))
+    ring = np.full((rows, 1250, 2), np.nan, np.float32)  # NaN: any pixel read outside a box shows
+    boxes, line = [], rows - picked[0][0].shape[0] // 2  # the first box wraps around the ring's end
+    for k, (a, m) in enumerate(picked):
+        col0 = 37 * k + 3
+        for r in range(a.shape[0]):
+            ring[(line + r) % rows, col0:col0 + a.shape[1]] = a[r]
+        boxes.append((line, col0, a.shape[0], a.shape[1]))
+        line += a.shape[0] + 1
+    out = np.full((len(picked), N_FEATURES), np.nan, np.float32)
+    got = features_from_ring(ring, np.array(boxes, np.int64), [np.ascontiguousarray(m) for _, m in picked], cal, pp,
+                             lp, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, features_batch(picked, cal, pp, lp))
 
 
 def test_one_compiled_version_serves_every_layout(rocks):
