@@ -432,18 +432,23 @@ def test_overload_sheds_late_particles_and_never_blocks(rec, model, sorter, monk
     pipe = _pipeline(rec, model, sorter, shed_late=True)
     classified = [0]
 
-    def slow(fn, per_call):
+    def slow(fn, count):
         def wrapper(*args, **kwargs):
-            k = len(args[0]) if not per_call else 1
+            k = count(args)
             classified[0] += k
             time.sleep(DELAY_S * k)
             return fn(*args, **kwargs)
         return wrapper
 
-    # the stage as it is called now (one batch per chunk) and as it was (one call per particle)
-    for name, per_call in (("features_batch", False), ("particle_features", True)):
+    # the stage as it is called now (one batch per chunk, the boxes read from the ring) and as
+    # it was (a batch of crops; one call per particle)
+    patched = 0
+    for name, count in (("features_from_ring", lambda args: len(args[2])),
+                        ("features_batch", lambda args: len(args[0])), ("particle_features", lambda args: 1)):
         if hasattr(stream, name):
-            monkeypatch.setattr(stream, name, slow(getattr(stream, name), per_call))
+            monkeypatch.setattr(stream, name, slow(getattr(stream, name), count))
+            patched += 1
+    assert patched
     stamps = []
 
     def source():
