@@ -290,16 +290,19 @@ class Pipeline:
         # overload: a particle whose command is already due cannot be ejected any more;
         # it is not classified (that time goes to the particles still in time), passes and is
         # logged late and undecided
-        age_ms = (t0 - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
-        # deciding this chunk's particles takes about n times the running cost of one
-        busy_ms = SHED_MARGIN_MS + self._cost_ms * n
-        undecided = (age_ms + busy_ms > ej.deadline_ms) if self.shed_late else np.zeros(n, bool)
+        n_und = 0
+        if self.shed_late:
+            age_ms = (t0 - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
+            # deciding this chunk's particles takes about n times the running cost of one
+            busy_ms = SHED_MARGIN_MS + self._cost_ms * n
+            undecided = age_ms + busy_ms > ej.deadline_ms
+            n_und = int(np.count_nonzero(undecided))
         # every particle of the chunk in one pass (the same kernel as training), its box read
         # from the ring: first line, first column, height, width
         boxes = ints[:, :4].copy()
         boxes[:, 2:] -= ints[:, :2] - 1
         pp, lp = self.timing.pixel_pitch_mm, self.line_pitch_mm
-        if undecided.any():
+        if n_und:
             x[undecided] = 0.0
             keep = np.flatnonzero(~undecided)
             x[keep] = features_from_ring(self._ring, boxes[keep], [done[i].mask for i in keep], self.cal, pp, lp,
@@ -307,11 +310,12 @@ class Pipeline:
         elif n:
             features_from_ring(self._ring, boxes, [p.mask for p in done], self.cal, pp, lp, out=x)
         t1 = time.perf_counter()
-        if n > undecided.sum():
-            self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - undecided.sum()) - self._cost_ms)
+        if n > n_und:
+            self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - n_und) - self._cost_ms)
         x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
         scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)
-        scores[undecided] = 0.0
+        if n_und:
+            scores[undecided] = 0.0
         t2 = time.perf_counter()
         is_sc = scores >= self.threshold
         eject = is_sc if self.eject_sc else ~is_sc
@@ -322,7 +326,8 @@ class Pipeline:
         resp_s = self.sorter.ejector.response_ms / 1000.0
         # Python scalars once per chunk, not numpy scalars per particle and field; rounded for
         # the log once per chunk (decisions use the unrounded numbers)
-        eject_l, sc_l, und_l = eject.tolist(), is_sc.tolist(), undecided.tolist()
+        eject_l, sc_l = eject.tolist(), is_sc.tolist()
+        und_l = undecided.tolist() if n_und else [False] * n
         lo_l, hi_l, xmin_l, xmax_l = ej.valve_lo.tolist(), ej.valve_hi.tolist(), xmin.tolist(), xmax.tolist()
         latency = (t_out - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
         slack = (ej.open_s - resp_s - last / self.timing.line_rate_hz) * 1000.0 - latency
@@ -334,7 +339,8 @@ class Pipeline:
                                 _LOG_SCALE, self._round_buf))
         # next to a frozen detector module a particle may be mis-read (it passes); none can be
         # when no column froze since the chunk's earliest particle began
-        any_suspect = n > 0 and self.health.last_bad_line >= int(first.min())
+        last_bad = self.health.last_bad_line
+        any_suspect = n > 0 and last_bad >= 0 and last_bad >= int(first.min())
         for i, (p, r) in enumerate(zip(done, rounded)):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
             suspect = any_suspect and self.health.suspect(p.line0, p.line1, p.col0, p.col1)
