@@ -515,8 +515,7 @@ class AirTracker:
         _accumulate_empty(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(mask, dtype=bool),
                           self._no_lines if bad_lines is None else np.ascontiguousarray(bad_lines, dtype=bool),
                           self._no_cols if bad_cols is None else np.ascontiguousarray(bad_cols, dtype=bool),
-                          self.margin_px, self._sum, self._count, self._near,
-                          self._keep)
+                          self.margin_px, self._sum, self._count, self._near, self._keep)
 
     def end_epoch(self) -> None:
         """Move the level by ``alpha`` of the epoch's mean empty-belt A, and start a new epoch."""

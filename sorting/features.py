@@ -9,7 +9,8 @@ rock's volume, not of its projected pixels).
 
 The batch path (:func:`dataset_features`, :func:`features_batch` on rock crops) and the
 belt (:func:`features_from_ring`, each ``Completed`` box read from the stream's ring buffer)
-run the same kernel on the particles' boxes, so a model trained on rock crops sees the numbers the belt produces.
+run the same kernel on the particles' boxes, so a model trained on rock crops sees the
+numbers the belt produces.
 One compiled kernel (:mod:`sorting._features_kernel`) computes a whole batch: each
 particle alone in its own bounding box, so its numbers do not depend on its neighbours in
 the batch nor on a margin around its box, and :func:`particle_features` (a batch of one)
