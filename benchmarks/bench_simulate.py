@@ -38,7 +38,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                    f"Python {platform.python_version()}"),
         "rocks": args.rocks,
         "rocks_seconds": round(t_rocks, 2),
         "belt_seconds_simulated": args.seconds,

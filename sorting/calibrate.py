@@ -425,7 +425,8 @@ def calibrate(scans: CalibrationScans, *, library: MaterialLibrary | None = None
         u = cells_t[used[:, c]]
         if u.shape[0] < 6 or np.unique(u[:, 0]).size < 3 or np.unique(u[:, 1]).size < 3:
             raise InputError(where, f"wedges.csv: the wedge grid is too small: {u.shape[0]} usable cells in the "
-                                    f"{name} channel over POM {_listing(cells_t[:, 0])} mm x Fe {_listing(cells_t[:, 1])} mm; "
+                                    f"{name} channel over POM {_listing(cells_t[:, 0])} mm x Fe "
+                                    f"{_listing(cells_t[:, 1])} mm; "
                                     "need at least 3 POM and 3 Fe thicknesses")
     model, rms = _fit_forward(cells_t, cells_a, cells_sd, used, library)
     t_pom, t_fe, a_step, r_min, r_step = _build_lut(model, cells_t[:, 0].max(), cells_t[:, 1].max())

@@ -296,7 +296,8 @@ def load_machine(path: str | Path | None = None, library: Any = None) -> Machine
         _check_materials(path, [(f"tube.filters[{i}].material", f.material) for i, f in enumerate(cfg.tube.filters)]
                          + [("detector.front.material", det.front.material),
                             ("detector.back.material", det.back.material)]
-                         + [(f"detector.interlayer[{i}].material", l.material) for i, l in enumerate(det.interlayer)]
+                         + [(f"detector.interlayer[{i}].material", layer.material)
+                            for i, layer in enumerate(det.interlayer)]
                          + [("belt.material", cfg.belt.material)], library)
     return cfg
 
@@ -310,7 +311,7 @@ def load_ore(path: str | Path | None = None, library: Any = None) -> OreConfig:
             raise InputError(path, f"mineral_sc2o3_ppm.{name}: must be >= 0, got {ppm:g}")
     if not cfg.lithotypes:
         raise InputError(path, "lithotypes: at least one lithotype is required")
-    if sum(l.proportion for l in cfg.lithotypes) <= 0:
+    if sum(lith.proportion for lith in cfg.lithotypes) <= 0:
         raise InputError(path, "lithotypes: proportions sum to zero")
     if cfg.size_min_mm >= cfg.size_max_mm:
         raise InputError(path, "size_min_mm must be below size_max_mm")

@@ -106,7 +106,8 @@ def summary_lines(metrics: dict) -> list[str]:
     lines = [f"rocks: {metrics['n']} ({metrics['n_sc']} sc), threshold {metrics['threshold']:.4f}, "
              f"mass basis {op['mass_basis']}, recovery basis {op['recovery_basis']}",
              f"AUC: model {_fmt(metrics['auc'], False)}"
-             + (f", baseline (mean attenuation) {_fmt(metrics['baseline']['auc'], False)}" if "baseline" in metrics else ""),
+             + (f", baseline (mean attenuation) {_fmt(metrics['baseline']['auc'], False)}"
+                if "baseline" in metrics else ""),
              f"operating point: Sc recovery {_fmt(op['sc_recovery'])}, mass pull {_fmt(op['mass_pull'])}, "
              f"waste rejection {_fmt(op['waste_rejection'])}"]
     if op["product_grade_ppm"] is not None:
@@ -118,7 +119,8 @@ def summary_lines(metrics: dict) -> list[str]:
     lines.append(f"confusion (positive = sc): tp {c['tp']}  fp {c['fp']}  fn {c['fn']}  tn {c['tn']}")
     for name in ("baseline", "oracle"):
         if name in metrics:
-            lines.append(f"Sc recovery at the same mass pull: {name} {_fmt(metrics[name]['sc_recovery_at_model_pull'])}")
+            at_pull = _fmt(metrics[name]["sc_recovery_at_model_pull"])
+            lines.append(f"Sc recovery at the same mass pull: {name} {at_pull}")
     if "lithotypes" in metrics:
         parts = []
         for lith, d in metrics["lithotypes"].items():

@@ -113,7 +113,10 @@ def test_tracker_follows_the_drift_and_keeps_the_calibration(drifted):
     # tracked it stays at the undrifted start's level
     head = slice(0, n // 3)
     belt_head = _truth_belt(twin, n)[head] & ~cal.bad
-    false_fg = lambda m, rows, b: m[rows][b].mean()
+
+    def false_fg(m, rows, b):
+        return m[rows][b].mean()
+
     start = false_fg(mask_tracked, head, belt_head)
     assert false_fg(mask_tracked, tail, belt) < 2 * start + 1e-4
     assert false_fg(mask_fixed, tail, belt) > 5 * false_fg(mask_tracked, tail, belt) + 1e-4

@@ -110,7 +110,8 @@ def test_offset_shifts_the_valve_row():
     e = _plan(1000, 1074, 100, 174, ej)
     assert (e.valve_lo[0], e.valve_hi[0]) == (5, 11)
     # timing does not depend on the valve row's position
-    assert (e.open_s[0], e.close_s[0]) == (_plan(1000, 1074, 100, 174).open_s[0], _plan(1000, 1074, 100, 174).close_s[0])
+    moved = _plan(1000, 1074, 100, 174)
+    assert (e.open_s[0], e.close_s[0]) == (moved.open_s[0], moved.close_s[0])
 
 
 def test_particle_outside_a_narrow_valve_row_gets_no_valve():

@@ -195,5 +195,8 @@ def test_stream_partitions_foreground(data):
     expected = kept[labels].astype(np.int32)
     np.testing.assert_array_equal(hits, expected)
     whole = _stream(mask, [mask.shape[0]], config, first)
-    key = lambda ps: sorted((p.line0, p.col0, p.line1, p.col1, p.area_px, p.mask.tobytes()) for p in ps)
+
+    def key(ps):
+        return sorted((p.line0, p.col0, p.line1, p.col1, p.area_px, p.mask.tobytes()) for p in ps)
+
     assert key(parts) == key(whole)

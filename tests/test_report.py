@@ -117,8 +117,8 @@ def test_evaluate_with_baseline_oracle_and_lithotypes(tmp_path):
     lines = summary_lines(m)
     assert any("oracle" in ln for ln in lines) and any("b: 0.0 %" in ln for ln in lines)
     paths = write_report(tmp_path, m, curves, SCORES, IS_SC)
-    assert {p.name for p in paths} >= {"metrics.json", "curves.json", "grade_recovery.png", "scores.png", "confusion.png",
-                                        "lithotypes.png"}
+    assert {p.name for p in paths} >= {"metrics.json", "curves.json", "grade_recovery.png", "scores.png",
+                                        "confusion.png", "lithotypes.png"}
     doc = json.loads((tmp_path / "curves.json").read_text())
     assert doc["model"]["threshold"][0] is None  # +inf is not JSON
     assert doc["oracle"]["sc_recovery"] == [0, pytest.approx(50 / 113), pytest.approx(110 / 113), 1, 1]

@@ -52,7 +52,7 @@ def test_belt_same_seed_same_bytes(tmp_path, cfg):
 def test_composition_within_modal_ranges(cfg):
     _, ore, _ = cfg
     rng = np.random.default_rng(3)
-    liths = {l.name: l for l in ore.lithotypes}
+    liths = {lith.name: lith for lith in ore.lithotypes}
     for _ in range(200):
         comp = sample_composition(ore, rng)
         assert comp.volume_fraction.sum() == pytest.approx(1.0)

@@ -292,7 +292,10 @@ def test_stream_gate_matches_the_batch_steps():
         sub = lab[rows, cols] == k
         cut = rows.start == 0 or rows.stop == mask.shape[0]
         expect += _pieces(sub, rows.start, cols.start, PITCH, PITCH, cfg, cut=cut, pixels=mask.shape[1])
-    key = lambda c: (c.line0, c.col0, c.line1, c.col1)
+
+    def key(c):
+        return (c.line0, c.col0, c.line1, c.col1)
+
     fields = ("line0", "line1", "col0", "col1", "area_px", "cut", "too_long", "touches_border", "split")
     for chunk in (1, 13, 32):
         got = _run(mask, chunk, config=cfg)

@@ -100,7 +100,8 @@ def _cell(path: Path, line: int, row: dict, key: str, kind: str, *, optional: bo
     try:
         value = _parse_int(text) if kind.endswith("int") else float(text)
     except ValueError:
-        raise InputError(path, f"line {line}: {key} is {text!r}; expected {'an integer' if kind.endswith('int') else 'a number'}") from None
+        expected = "an integer" if kind.endswith("int") else "a number"
+        raise InputError(path, f"line {line}: {key} is {text!r}; expected {expected}") from None
     if not math.isfinite(value) or (kind.startswith("nonneg") and value < 0):
         raise InputError(path, f"line {line}: {key} is {text!r}; expected a finite number >= 0")
     return value

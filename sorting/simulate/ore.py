@@ -36,7 +36,7 @@ def sample_composition(ore: OreConfig, rng: np.random.Generator) -> RockComposit
     """Draw a lithotype by its proportion, then each mineral uniformly in its modal range,
     renormalised to 100 %."""
     minerals = mineral_list(ore)
-    props = np.array([l.proportion for l in ore.lithotypes], dtype=float)
+    props = np.array([lith.proportion for lith in ore.lithotypes], dtype=float)
     lith = ore.lithotypes[rng.choice(len(props), p=props / props.sum())]
     frac = np.zeros(len(minerals))
     lo = np.array([lith.minerals[m].min_pct if m in lith.minerals else 0.0 for m in minerals])
