@@ -63,41 +63,49 @@ def plan(first_line: np.ndarray, last_line: np.ndarray, x_min_px: np.ndarray, x_
     n = first.size
     lo, hi = np.empty(n, np.int64), np.empty(n, np.int64)
     out = np.empty((4, n))
-    # one compiled pass: ~25 numpy calls on a handful of particles cost ~40 us a chunk
     _plan(first, np.ascontiguousarray(last_line, dtype=np.float64), np.ascontiguousarray(x_min_px, dtype=np.float64),
-          np.ascontiguousarray(x_max_px, dtype=np.float64), timing.line_rate_hz, timing.flight_s_per_mm,
-          timing.pixel_pitch_mm, float(ejector.distance_mm), float(ejector.margin_mm), float(ejector.min_pulse_ms),
-          float(ejector.offset_mm), float(ejector.valve_pitch_mm), int(ejector.valves), float(ejector.response_ms),
-          lo, hi, out)
+          np.ascontiguousarray(x_max_px, dtype=np.float64), plan_parameters(ejector, timing), lo, hi, out)
     return Ejection(lo, hi, out[0], out[1], out[2], out[3])
 
 
-@numba.njit(cache=True, nogil=True)
-def _plan(first, last, x_min, x_max, f, per_mm, pitch_mm, distance_mm, margin_mm, min_pulse_ms, offset_mm,
-          valve_pitch_mm, valves, response_ms, lo, hi, out) -> None:
+def plan_parameters(ejector: EjectorConfig, timing: Timing) -> np.ndarray:
+    """The scalars of :func:`plan_one`, in its order, as one float64 array (set once per belt)."""
+    return np.array([timing.line_rate_hz, timing.flight_s_per_mm, timing.pixel_pitch_mm, ejector.distance_mm,
+                     ejector.margin_mm, ejector.min_pulse_ms, ejector.offset_mm, ejector.valve_pitch_mm,
+                     ejector.valves, ejector.response_ms], np.float64)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def plan_one(first, last, x_min, x_max, p):
+    """One particle's (valve_lo, valve_hi, open_s, close_s, command_s, deadline_ms), float64
+    lines and columns; ``p`` from :func:`plan_parameters`. (Compiled code calls it per
+    particle: :func:`plan` here, the streaming loop's per-chunk kernel.)"""
+    f, per_mm, pitch_mm, distance_mm, margin_mm = p[0], p[1], p[2], p[3], p[4]
+    min_pulse_ms, offset_mm, valve_pitch_mm, valves, response_ms = p[5], p[6], p[7], p[8], p[9]
     flight = distance_mm * per_mm
     margin = margin_mm * per_mm
+    open_s = first / f + flight - margin
+    close_s = (last + 1.0) / f + flight + margin
+    short = min_pulse_ms / 1000.0 - (close_s - open_s)
+    stretch = max(short, 0.0) / 2.0  # a short pulse grows on both sides, centred on the particle
+    open_s = open_s - stretch
+    close_s = close_s + stretch
+    left_mm = x_min * pitch_mm - margin_mm - offset_mm
+    right_mm = (x_max + 1.0) * pitch_mm + margin_mm - offset_mm
+    lo = int(min(max(math.floor(left_mm / valve_pitch_mm), 0.0), valves - 1.0))
+    hi = int(min(max(math.ceil(right_mm / valve_pitch_mm) - 1.0, 0.0), valves - 1.0))
+    if right_mm <= 0:
+        hi = -1
+    if left_mm >= valves * valve_pitch_mm:
+        lo = int(valves)
+    command_s = open_s - response_ms / 1000.0
+    return lo, hi, open_s, close_s, command_s, (command_s - last / f) * 1000.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _plan(first, last, x_min, x_max, p, lo, hi, out) -> None:
     for i in range(first.size):
-        open_s = first[i] / f + flight - margin
-        close_s = (last[i] + 1.0) / f + flight + margin
-        short = min_pulse_ms / 1000.0 - (close_s - open_s)
-        stretch = max(short, 0.0) / 2.0  # a short pulse grows on both sides, centred on the particle
-        open_s = open_s - stretch
-        close_s = close_s + stretch
-        left_mm = x_min[i] * pitch_mm - margin_mm - offset_mm
-        right_mm = (x_max[i] + 1.0) * pitch_mm + margin_mm - offset_mm
-        lo[i] = int(min(max(math.floor(left_mm / valve_pitch_mm), 0.0), valves - 1.0))
-        # a valve whose span only touches the particle's right edge stays closed
-        hi[i] = int(min(max(math.ceil(right_mm / valve_pitch_mm) - 1.0, 0.0), valves - 1.0))
-        if right_mm <= 0:
-            hi[i] = -1
-        if left_mm >= valves * valve_pitch_mm:
-            lo[i] = valves
-        command_s = open_s - response_ms / 1000.0
-        out[0, i] = open_s
-        out[1, i] = close_s
-        out[2, i] = command_s
-        out[3, i] = (command_s - last[i] / f) * 1000.0
+        lo[i], hi[i], out[0, i], out[1, i], out[2, i], out[3, i] = plan_one(first[i], last[i], x_min[i], x_max[i], p)
 
 
 def covers(centroid_line: np.ndarray, centroid_px: np.ndarray, valve_lo: np.ndarray, valve_hi: np.ndarray,

@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from . import segment
 from .calibrate import Calibration
 from .config import SorterConfig
-from .eject import Timing, plan
+from .eject import Timing, plan_one, plan_parameters
 from .faults import AirTracker, LineHealth, good_runs
 from .features import FEATURE_NAMES, features_from_ring, particle_features
 from .model import OnnxModel
@@ -32,20 +33,59 @@ CROP_MARGIN_PX = 4
 
 #: decimals of the logged centroid line, centroid column, area, score, open, close, latency, slack
 _LOG_DECIMALS = (3, 3, 2, 6, 6, 6, 3, 3)
-_LOG_SCALE = np.array([10.0 ** d for d in _LOG_DECIMALS])[:, None]
+_LOG_SCALE = np.array([10.0 ** d for d in _LOG_DECIMALS])
+N_LOGGED = len(_LOG_DECIMALS)
 
 
-def _rounded(columns: tuple[np.ndarray, ...], scale: np.ndarray, buf: np.ndarray) -> list[list[float]]:
-    """Each (n,) column rounded to its number of decimals as ``np.round`` does it (scale, round
-    half to even, unscale), all in one pass: per column, the list of Python floats."""
-    n = columns[0].shape[0]
-    out = buf[:, :n]
-    for row, col in zip(out, columns):
-        row[...] = col
-    out *= scale
-    np.rint(out, out=out)
-    out /= scale
-    return out.tolist()
+@numba.njit(cache=True, nogil=True)
+def _chunk_plan(ints, x0, p):
+    """Per particle of a chunk (``ints`` rows: first line, first column, last line, last
+    column (window), area px): its valve plan (:func:`sorting.eject.plan_one`, in detector
+    columns) and its box in the ring. Returns valve_lo, valve_hi, times (4, n: open, close,
+    command, deadline_ms) and boxes (n, 4: first line, first column, height, width)."""
+    n = ints.shape[0]
+    lo, hi = np.empty(n, np.int64), np.empty(n, np.int64)
+    times = np.empty((4, n), np.float64)
+    boxes = np.empty((n, 4), np.int64)
+    for i in range(n):
+        line0, col0, line1, col1 = ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3]
+        lo[i], hi[i], times[0, i], times[1, i], times[2, i], times[3, i] = plan_one(
+            float(line0), float(line1), float(col0 + x0), float(col1 + x0), p)
+        boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3] = line0, col0, line1 - line0 + 1, col1 - col0 + 1
+    return lo, hi, times, boxes
+
+
+@numba.njit(cache=True, nogil=True)
+def _round_rows(values, scale):
+    """Row r of ``values`` rounded in place to ``scale[r]`` (10 ** decimals) as ``np.round``
+    does it: scale, round half to even, unscale."""
+    for r in range(scale.size):
+        for i in range(values.shape[1]):
+            values[r, i] = np.rint(values[r, i] * scale[r]) / scale[r]
+
+
+@numba.njit(cache=True, nogil=True)
+def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, resp_s, rate, px_area, scale):
+    """A chunk's logged numbers, (N_LOGGED + 2, n): rows 0..7 rounded (:data:`_LOG_DECIMALS`):
+    centroid line, centroid column (detector), area mm2, score, open s, close s, latency ms
+    (last line -> decision at ``t_out``), slack ms; rows 8, 9: latency and slack unrounded."""
+    n = ints.shape[0]
+    out = np.empty((N_LOGGED + 2, n), np.float64)
+    for i in range(n):
+        area, last = ints[i, 4], ints[i, 2]
+        latency = (t_out - arrival[last & ring_mask]) * 1000.0
+        slack = (times[0, i] - resp_s - last / rate) * 1000.0 - latency
+        out[0, i] = cents[i, 0]
+        # the column centroid from its integer sum, shifted to detector columns before the one
+        # division: a lane (x0 > 0) then rounds a tie exactly as one worker does
+        out[1, i] = (np.rint(cents[i, 1] * area) + x0 * area) / max(area, 1)
+        out[2, i] = area * px_area
+        out[3, i] = scores[i]
+        out[4, i], out[5, i] = times[0, i], times[1, i]
+        out[6, i], out[7, i] = latency, slack
+        out[8, i], out[9, i] = latency, slack
+    _round_rows(out, scale)
+    return out
 
 
 class LatencyHistogram:
@@ -146,7 +186,7 @@ class Pipeline:
         self._mask = np.empty((chunk_lines, self.pixels), bool)
         self._line_lag = np.arange(max(chunk_lines, 1) - 1, -1, -1) / timing.line_rate_hz
         self._x = np.empty((64, len(FEATURE_NAMES)), np.float32)
-        self._round_buf = np.empty((len(_LOG_DECIMALS), 64), np.float64)
+        self._plan_p = plan_parameters(sorter.ejector, timing)
         self.counters = Counters()
         self._next_id = 0
         self._expected: int | None = None
@@ -190,8 +230,10 @@ class Pipeline:
         yy, xx = np.mgrid[:24, :44]
         discs = ((yy - 12) ** 2 + (xx - 11) ** 2 < 100) | ((yy - 12) ** 2 + (xx - 29) ** 2 < 100)  # a neck
         segment.split_touching(discs, self.timing.pixel_pitch_mm, self.line_pitch_mm, self.seg)
-        one = np.zeros(1, np.int64)
-        plan(one, one, one, one, self.sorter.ejector, self.timing)
+        ints, cents = np.zeros((1, 5), np.int64), np.zeros((1, 2), np.float64)
+        lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
+        _chunk_numbers(ints, cents, self.x0, np.zeros(1, np.float32), times, self._arrival, self.ring_lines - 1, 0.0,
+                       0.0, self.timing.line_rate_hz, 1.0, _LOG_SCALE)
 
     # ------------------------------------------------------------ input side
     def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,29 +320,25 @@ class Pipeline:
         n = len(done)
         if n > self._x.shape[0]:
             self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
-            self._round_buf = np.empty((len(_LOG_DECIMALS), 2 * n), np.float64)
         x = self._x[:n]
         t0 = time.perf_counter()
         # per particle: first line, first column, last line, last column, area (px); centroid line, column
         ints = np.array([(p.line0, p.col0, p.line1, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
         cents = np.array([(p.centroid_line, p.centroid_px) for p in done], np.float64).reshape(n, 2)
-        first, last, area_px = ints[:, 0], ints[:, 2], ints[:, 4]
-        xmin, xmax = ints[:, 1] + self.x0, ints[:, 3] + self.x0
-        ej = plan(first, last, xmin, xmax, self.sorter.ejector, self.timing)
+        # the valve plan, and each box (first line, first column, height, width) in the ring
+        lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
         # overload: a particle whose command is already due cannot be ejected any more;
         # it is not classified (that time goes to the particles still in time), passes and is
         # logged late and undecided
         n_und = 0
         if self.shed_late:
-            age_ms = (t0 - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
+            age_ms = (t0 - self._arrival[ints[:, 2] & (self.ring_lines - 1)]) * 1000.0
             # deciding this chunk's particles takes about n times the running cost of one
             busy_ms = SHED_MARGIN_MS + self._cost_ms * n
-            undecided = age_ms + busy_ms > ej.deadline_ms
+            undecided = age_ms + busy_ms > times[3]
             n_und = int(np.count_nonzero(undecided))
         # every particle of the chunk in one pass (the same kernel as training), its box read
-        # from the ring: first line, first column, height, width
-        boxes = ints[:, :4].copy()
-        boxes[:, 2:] -= ints[:, :2] - 1
+        # from the ring
         pp, lp = self.timing.pixel_pitch_mm, self.line_pitch_mm
         if n_und:
             x[undecided] = 0.0
@@ -323,24 +361,21 @@ class Pipeline:
         px_area = self.timing.pixel_pitch_mm * self.line_pitch_mm
         events = []
         c = self.counters
-        resp_s = self.sorter.ejector.response_ms / 1000.0
+        x0 = self.x0
         # Python scalars once per chunk, not numpy scalars per particle and field; rounded for
         # the log once per chunk (decisions use the unrounded numbers)
+        numbers = _chunk_numbers(ints, cents, x0, scores, times, self._arrival, self.ring_lines - 1, t_out,
+                                 self.sorter.ejector.response_ms / 1000.0, self.timing.line_rate_hz, px_area,
+                                 _LOG_SCALE)
+        rounded = zip(*numbers[:N_LOGGED].tolist())
+        slack_l = numbers[N_LOGGED + 1].tolist()
         eject_l, sc_l = eject.tolist(), is_sc.tolist()
         und_l = undecided.tolist() if n_und else [False] * n
-        lo_l, hi_l, xmin_l, xmax_l = ej.valve_lo.tolist(), ej.valve_hi.tolist(), xmin.tolist(), xmax.tolist()
-        latency = (t_out - self._arrival[last & (self.ring_lines - 1)]) * 1000.0
-        slack = (ej.open_s - resp_s - last / self.timing.line_rate_hz) * 1000.0 - latency
-        slack_l = slack.tolist()
-        # the column centroid from its integer sum, shifted to detector columns before the one
-        # division: a lane (x0 > 0) then rounds a tie exactly as one worker does
-        cx = (np.rint(cents[:, 1] * area_px) + self.x0 * area_px) / np.maximum(area_px, 1)
-        rounded = zip(*_rounded((cents[:, 0], cx, area_px * px_area, scores, ej.open_s, ej.close_s, latency, slack),
-                                _LOG_SCALE, self._round_buf))
+        lo_l, hi_l = lo.tolist(), hi.tolist()
         # next to a frozen detector module a particle may be mis-read (it passes); none can be
         # when no column froze since the chunk's earliest particle began
         last_bad = self.health.last_bad_line
-        any_suspect = n > 0 and last_bad >= 0 and last_bad >= int(first.min())
+        any_suspect = n > 0 and last_bad >= 0 and last_bad >= int(ints[:, 0].min())
         for i, (p, r) in enumerate(zip(done, rounded)):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
             suspect = any_suspect and self.health.suspect(p.line0, p.line1, p.col0, p.col1)
@@ -351,7 +386,7 @@ class Pipeline:
             ev = {
                 "particle": self._next_id,
                 "first_line": int(p.line0), "last_line": int(p.line1),
-                "x_min_px": xmin_l[i], "x_max_px": xmax_l[i],
+                "x_min_px": p.col0 + x0, "x_max_px": p.col1 + x0,
                 "centroid_line": r[0],
                 "centroid_px": r[1],
                 "area_mm2": r[2],
@@ -377,7 +412,7 @@ class Pipeline:
                 c.undecided += und
             events.append(ev)
         c.particles += n
-        c.latency.add_many(latency)
+        c.latency.add_many(numbers[N_LOGGED])
         c.cut += sum(p.cut for p in done)
         c.too_long += sum(p.too_long for p in done)
         st = self.stage_s

@@ -42,15 +42,16 @@ def test_add_many_is_add_for_each():
 
 
 def test_event_rounding_is_numpy_round():
-    """The event log's numbers are rounded all columns at once: the same floats as np.round
-    column by column, ties (half to even) and large and tiny values included."""
-    from sorting.stream import _LOG_DECIMALS, _LOG_SCALE, _rounded
+    """The event log's numbers are rounded all columns at once, compiled: the same floats as
+    np.round column by column, ties (half to even) and large and tiny values included."""
+    from sorting.stream import _LOG_DECIMALS, _LOG_SCALE, _round_rows
 
     rng = np.random.default_rng(5)
     n = 4000
-    cols = [rng.normal(0.0, 1.0, n) * rng.choice([1e-4, 1.0, 1e3, 1e6], n) for _ in _LOG_DECIMALS]
+    cols = np.array([rng.normal(0.0, 1.0, n) * rng.choice([1e-4, 1.0, 1e3, 1e6], n) for _ in _LOG_DECIMALS])
     for col, d in zip(cols, _LOG_DECIMALS):
         col[:200] = (np.arange(200) + 0.5) / 10.0**d  # exact ties where binary allows
-    got = _rounded(tuple(cols), _LOG_SCALE, np.empty((len(_LOG_DECIMALS), n)))
+    got = cols.copy()
+    _round_rows(got, _LOG_SCALE)
     for col, d, row in zip(cols, _LOG_DECIMALS, got):
-        np.testing.assert_array_equal(np.array(row), np.round(col, d))
+        np.testing.assert_array_equal(row, np.round(col, d))
