@@ -517,6 +517,12 @@ class AirTracker:
                           self._no_cols if bad_cols is None else np.ascontiguousarray(bad_cols, dtype=bool),
                           self.margin_px, self._sum, self._count, self._near, self._keep)
 
+    def accumulators(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(margin_px, sums (2W,) float64, counts, and the two scratch arrays) for a compiled
+        caller of :func:`accumulate_empty_line` (the streaming loop's fused line pass): what
+        :meth:`update` adds up, on the same arrays."""
+        return self.margin_px, self._sum.reshape(-1), self._count, self._near, self._keep
+
     def end_epoch(self) -> None:
         """Move the level by ``alpha`` of the epoch's mean empty-belt A, and start a new epoch."""
         count = self._count
@@ -544,36 +550,44 @@ def _accumulate_empty(a: np.ndarray, mask: np.ndarray, bad_lines: np.ndarray, ba
     then skips negative-index wrapping.)"""
     n, w = mask.shape
     check_lines = bad_lines.size == n  # empty: no line is bad (shapes checked by the caller)
-    m = min(margin, w - 1)
     m8 = mask.view(np.uint8)
     bad8 = bad_cols.view(np.uint8)
     flat_total = total.reshape(-1)
     for i in range(n):
         if check_lines and bad_lines[i]:
             continue
-        row = m8[i]
-        for jj in range(w):
+        accumulate_empty_line(m8[i], bad8, margin, a[i].reshape(-1), flat_total, count, near, keep)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def accumulate_empty_line(row: np.ndarray, bad8: np.ndarray, margin: int, line: np.ndarray, flat_total: np.ndarray,
+                          count: np.ndarray, near: np.ndarray, keep: np.ndarray) -> None:
+    """One good line of :func:`_accumulate_empty`: ``row`` (W,) uint8 foreground, ``bad8`` (W,)
+    uint8 bad columns, ``line`` (2W,) its attenuation, ``flat_total`` (2W,) float64 (compiled
+    callers: the streaming loop's fused line pass)."""
+    w = row.size
+    m = min(margin, w - 1)
+    for jj in range(w):
+        j = _U(jj)
+        near[j] = row[j] | bad8[j]
+    for d in range(1, m + 1):
+        right = row[d:]
+        for jj in range(w - d):  # foreground d columns to the right
             j = _U(jj)
-            near[j] = row[j] | bad8[j]
-        for d in range(1, m + 1):
-            right = row[d:]
-            for jj in range(w - d):  # foreground d columns to the right
-                j = _U(jj)
-                near[j] |= right[j]
-            shifted = near[d:]
-            for jj in range(w - d):  # ... and to the left
-                j = _U(jj)
-                shifted[j] |= row[j]
-        for jj in range(w):
+            near[j] |= right[j]
+        shifted = near[d:]
+        for jj in range(w - d):  # ... and to the left
             j = _U(jj)
-            e = near[j] == 0
-            count[j] += e
-            keep[_U(2) * j] = e
-            keep[_U(2) * j + _U(1)] = e
-        line = a[i].reshape(-1)
-        for kk in range(2 * w):
-            k = _U(kk)
-            flat_total[k] += line[k] if keep[k] else 0.0
+            shifted[j] |= row[j]
+    for jj in range(w):
+        j = _U(jj)
+        e = near[j] == 0
+        count[j] += e
+        keep[_U(2) * j] = e
+        keep[_U(2) * j + _U(1)] = e
+    for kk in range(2 * w):
+        k = _U(kk)
+        flat_total[k] += line[k] if keep[k] else 0.0
 
 
 @numba.njit(cache=True, nogil=True)

@@ -126,12 +126,33 @@ def _from_log(log_flat: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, right
     """out = log_flat - out (out (L, 2W) holds ln(I - dark), log_flat (2W,)), then bad columns
     interpolated from their good neighbours, as :func:`repair_columns`."""
     for i in range(out.shape[0]):
-        row = out[i]
-        for k in range(out.shape[1]):
-            row[k] = log_flat[k] - row[k]
-        for b in range(bad_idx.size):
-            for c in range(2):
-                row[2 * bad_idx[b] + c] = row[2 * left[b] + c] * w_left[b] + row[2 * right[b] + c] * w_right[b]
+        from_log_row(log_flat, bad_idx, left, right, w_left, w_right, out[i])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def from_log_row(log_flat: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, right: np.ndarray,
+                 w_left: np.ndarray, w_right: np.ndarray, row: np.ndarray) -> None:
+    """One line of :func:`_from_log` (compiled callers: the streaming loop's fused line pass)."""
+    for k in range(row.size):
+        row[k] = log_flat[k] - row[k]
+    for b in range(bad_idx.size):
+        for c in range(2):
+            row[2 * bad_idx[b] + c] = row[2 * left[b] + c] * w_left[b] + row[2 * right[b] + c] * w_right[b]
+
+
+def counts_log_into(raw: np.ndarray, dark: np.ndarray, out: np.ndarray) -> None:
+    """out = ln(max(raw - dark, SIGNAL_FLOOR_ADU)): the first half of :func:`attenuation_into`
+    (trusted inputs: raw (L, 2W) uint16, dark (2W,) float32, out (L, 2W) float32, all C order);
+    :func:`from_log_row` per line is the second."""
+    _above_dark(raw, dark, np.float32(SIGNAL_FLOOR_ADU), out)
+    cv2.log(out, dst=out)
+
+
+def repair_plan(bad: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The bad-column repair of :func:`from_log_row` for these columns: (bad columns, left and
+    right good neighbours, their weights); empty arrays when there is nothing to repair."""
+    plan = _repair_plan(bad)
+    return _NO_REPAIR if plan is None else plan
 
 
 def _check_block(raw: np.ndarray, cal: Calibration, x0: int, name: str = "raw") -> np.ndarray:

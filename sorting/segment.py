@@ -165,12 +165,25 @@ def _detect(a: np.ndarray, w_low: np.ndarray, w_high: np.ndarray, thr: np.ndarra
     ``bad_idx[k]`` takes the AND of its good neighbours ``left[k]``, ``right[k]`` (-1: none;
     with neither, False). ~5x faster than numpy's temporaries and fancy indexing."""
     for i in range(a.shape[0]):
-        row, o = a[i], out[i]
-        for j in range(o.size):
-            o[j] = row[2 * j] * w_low[j] + row[2 * j + 1] * w_high[j] > thr[j]
-        for k in range(bad_idx.size):
-            lo, hi = left[k], right[k]
-            o[bad_idx[k]] = (lo >= 0 or hi >= 0) and (lo < 0 or o[lo]) and (hi < 0 or o[hi])
+        detect_row(a[i], w_low, w_high, thr, bad_idx, left, right, out[i])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def detect_row(row: np.ndarray, w_low: np.ndarray, w_high: np.ndarray, thr: np.ndarray, bad_idx: np.ndarray,
+               left: np.ndarray, right: np.ndarray, o: np.ndarray) -> None:
+    """One line of :func:`_detect` (compiled callers: the streaming loop's fused line pass)."""
+    for j in range(o.size):
+        o[j] = row[2 * j] * w_low[j] + row[2 * j + 1] * w_high[j] > thr[j]
+    for k in range(bad_idx.size):
+        lo, hi = left[k], right[k]
+        o[bad_idx[k]] = (lo >= 0 or hi >= 0) and (lo < 0 or o[lo]) and (hi < 0 or o[hi])
+
+
+def detector_arrays(cal: Calibration, x0: int, width: int, config: SegmentConfig) -> tuple[np.ndarray, ...]:
+    """What :func:`detect_row` needs for this column window: w_low, w_high, thr, and the bad
+    columns with their good neighbours (computed once per calibration and window)."""
+    det = _detector(cal, x0, width, config)
+    return (det.w_low, det.w_high, det.thr, *det.bad)
 
 
 # ---------------------------------------------------------------- particles

@@ -18,11 +18,11 @@ from . import segment
 from .calibrate import Calibration
 from .config import SorterConfig
 from .eject import Timing, plan_one, plan_parameters
-from .faults import AirTracker, LineHealth, good_runs
+from .faults import AirTracker, ChunkHealth, LineHealth, accumulate_empty_line, good_runs
 from .features import FEATURE_NAMES, features_from_ring, particle_features
 from .model import OnnxModel
-from .normalize import attenuation_into
-from .segment import Completed, SegmentConfig, StreamSegmenter, foreground
+from .normalize import attenuation_into, counts_log_into, from_log_row, repair_plan
+from .segment import Completed, SegmentConfig, StreamSegmenter, detect_row, detector_arrays, foreground
 from .stitch import warm_up as stitch_warm_up
 
 #: a particle is left undecided when less than this remains before its command is due
@@ -86,6 +86,34 @@ def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, re
         out[8, i], out[9, i] = latency, slack
     _round_rows(out, scale)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _line_pass(flat, log_flat, r_idx, r_left, r_right, r_wl, r_wr, w_low, w_high, thr, d_idx, d_left, d_right,
+               bad_cols, bad_lines, margin, total, count, near, keep, mask):
+    """A chunk line by line, each line's steps while it is in cache: its attenuation from
+    ln(counts - dark) in ``flat`` (L, 2W) (:func:`sorting.normalize.from_log_row`), its
+    foreground into ``mask`` (L, W) (:func:`sorting.segment.detect_row`), a frozen module's
+    columns cleared, and on a good line the air tracker's empty-belt sums
+    (:func:`sorting.faults.accumulate_empty_line`). The same per-line code as those stages'
+    own passes, so the same numbers."""
+    n, w = mask.shape
+    check_lines = bad_lines.size == n  # empty: no line is bad
+    bad8 = bad_cols.view(np.uint8)
+    m8 = mask.view(np.uint8)
+    any_bad = False
+    for j in range(w):
+        any_bad |= bad_cols[j]
+    for i in range(n):
+        row = flat[i]
+        from_log_row(log_flat, r_idx, r_left, r_right, r_wl, r_wr, row)
+        detect_row(row, w_low, w_high, thr, d_idx, d_left, d_right, mask[i])
+        if any_bad:
+            o = m8[i]
+            for j in range(w):
+                o[j] &= 1 - bad8[j]
+        if not (check_lines and bad_lines[i]):
+            accumulate_empty_line(m8[i], bad8, margin, row, total, count, near, keep)
 
 
 class LatencyHistogram:
@@ -195,6 +223,12 @@ class Pipeline:
         self.air = AirTracker(cal, x0=self.x0, width=self.pixels)
         self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
         self._bad_w = np.ascontiguousarray(cal.bad[self.x0:self.x0 + self.pixels])
+        # the fused line pass (uint16 counts, float32 calibration: every real stream) and its
+        # arguments, prepared once
+        self._fused = self._dark_w.dtype == np.float32 and self.air.log_flat.dtype == np.float32
+        self._dark_flat = self._dark_w.reshape(-1)
+        self._repair = repair_plan(self._bad_w)
+        self._det = detector_arrays(cal, self.x0, self.pixels, seg)
         # wall seconds per stage, for the benchmark's "where the time goes"
         self.stage_s = dict.fromkeys(("normalize", "segment", "features", "classify", "decide"), 0.0)
         self._warm_up()
@@ -214,17 +248,26 @@ class Pipeline:
         # at their first call: make it here, on throwaway state, with the loop's argument types
         raw = np.zeros((2, self.pixels, 2), np.uint16)
         a = np.zeros((2, self.pixels, 2), np.float32)
+        mask = np.empty((2, self.pixels), bool)
         health = LineHealth(self.cal, self.x0, self.pixels)
+        acc = AirTracker(self.cal, x0=self.x0, width=self.pixels).accumulators()  # throwaway sums
+        # a faulty chunk's own flags, and a healthy chunk's shared read-only ones (another type)
+        faulty = ChunkHealth(np.zeros(2, bool), np.zeros(self.pixels, bool), {})
+        healthy = ChunkHealth(np.zeros(2, bool), np.zeros(self.pixels, bool), {})
+        healthy.bad_lines.flags.writeable = healthy.bad_cols.flags.writeable = False
         for first in (0, 2):
             health.check(raw, first)
-            attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+            for flags in (faulty, healthy):
+                if self._fused:
+                    self._normalize_lines(raw, flags, a, mask, acc)
+                else:
+                    attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
             raw.flags.writeable = False  # a replayed recording's lines are read-only: another type
-        mask = segment.foreground(a, self.cal, self.x0, self.seg, out=np.empty((2, self.pixels), bool))
-        air = AirTracker(self.cal, x0=self.x0, width=self.pixels)
-        bad_lines, bad_cols = np.zeros(2, bool), np.zeros(self.pixels, bool)
-        air.update(a, mask, bad_lines, bad_cols)  # the flags of a faulty chunk ...
-        bad_lines.flags.writeable = bad_cols.flags.writeable = False
-        air.update(a, mask, bad_lines, bad_cols)  # ... and a healthy one's, shared read-only arrays
+        if not self._fused:
+            segment.foreground(a, self.cal, self.x0, self.seg, out=mask)
+            air = AirTracker(self.cal, x0=self.x0, width=self.pixels)
+            for flags in (faulty, healthy):
+                air.update(a, mask, flags.bad_lines, flags.bad_cols)
         stitch_warm_up()
         # the touching-rock split's first call imports and sets up scikit-image's watershed (~25 ms)
         yy, xx = np.mgrid[:24, :44]
@@ -277,25 +320,29 @@ class Pipeline:
         raw = np.ascontiguousarray(raw)  # a lane's columns are a strided view: copy them once, here
         health = self.health.check(raw, first_line)
         i0 = first_line & (self.ring_lines - 1)
-        if i0 + n <= self.ring_lines:
-            # straight into the ring (whole lines: a C-contiguous block), no second copy
-            a = self._ring[i0:i0 + n]
-            attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
-            # each line's own acquisition time (t_in is the chunk's last line): the wait for the
-            # chunk to fill is part of a particle's latency, as the valves see it
-            self._arrival[i0:i0 + n] = t_in - self._line_lag[-n:]
+        wraps = i0 + n > self.ring_lines
+        if not wraps:
+            a = self._ring[i0:i0 + n]  # straight into the ring (whole lines: a C-contiguous block)
+        if self._fused and raw.dtype == np.uint16:
+            # attenuation, foreground, a frozen module's columns, the air tracker's sums: line by line
+            self._normalize_lines(raw, health, a, mask, self.air.accumulators())
         else:
             attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+            foreground(a, self.cal, self.x0, self.seg, out=mask)
+            if health.bad_cols.any():
+                mask[:, health.bad_cols] = False
+            self.air.update(a, mask, health.bad_lines, health.bad_cols)
+        # each line's own acquisition time (t_in is the chunk's last line): the wait for the
+        # chunk to fill is part of a particle's latency, as the valves see it
+        if wraps:
             idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
             self._ring[idx] = a
             self._arrival[idx] = t_in - self._line_lag[-n:]
+        else:
+            self._arrival[i0:i0 + n] = t_in - self._line_lag[-n:]
         t1 = time.perf_counter()
-        foreground(a, self.cal, self.x0, self.seg, out=mask)
         c.chunks += 1
         c.lines += n
-        if health.bad_cols.any():
-            mask[:, health.bad_cols] = False
-        self.air.update(a, mask, health.bad_lines, health.bad_cols)
         if health.bad_lines.any():
             done = []
             # bad lines act as a gap: what was open comes out cut, and so does what starts
@@ -308,6 +355,16 @@ class Pipeline:
         st["normalize"] += t1 - t0
         st["segment"] += time.perf_counter() - t1
         return self._decide(done) if done else []
+
+    def _normalize_lines(self, raw: np.ndarray, health: ChunkHealth, a: np.ndarray, mask: np.ndarray,
+                         acc: tuple) -> None:
+        """:func:`_line_pass` on a chunk of uint16 counts into ``a`` (L, W, 2) and ``mask``, with
+        the air tracker's accumulators ``acc``."""
+        n = raw.shape[0]
+        flat = a.reshape(n, -1)
+        counts_log_into(raw.reshape(n, -1), self._dark_flat, flat)
+        _line_pass(flat, self.air.log_flat.reshape(-1), *self._repair, *self._det, health.bad_cols, health.bad_lines,
+                   *acc, mask)
 
     def finish(self) -> list[dict]:
         """End of stream: particles still open are cut."""
