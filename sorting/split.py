@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import cv2
+import numba
 import numpy as np
 from scipy import ndimage
 
@@ -159,15 +160,13 @@ def _raster_order(labels: np.ndarray) -> np.ndarray:
 
 def _watershed_by_dynamics(dist: np.ndarray, mask: np.ndarray, depth_mm: float,
                            min_area_px: float) -> np.ndarray:
-    from skimage.segmentation import watershed
-
     peaks = mask & (dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8)))
     n, markers = cv2.connectedComponents(peaks.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     peak = np.zeros(n)
     np.maximum.at(peak, markers[peaks], dist[peaks])
     # flood from every peak, highest first; every component holds a peak (its maximum),
     # so every mask pixel ends up in a basin
-    basins = watershed(-dist, markers, mask=mask, connectivity=2)
+    basins = flood(-dist, markers, mask)
     area = np.bincount(basins.ravel(), minlength=n).astype(np.float64)
     # necks: for each pair of 8-adjacent basins, the highest crossing min(d_p, d_q)
     h, w = basins.shape
@@ -204,3 +203,109 @@ def _watershed_by_dynamics(dist: np.ndarray, mask: np.ndarray, depth_mm: float,
         root[i] = _find(parent, i)
     # raster order: the result does not depend on marker numbering
     return _raster_order(root[basins])
+
+
+@numba.njit(cache=True, nogil=True)
+def flood(image: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.watershed(image, markers, mask=mask, connectivity=2)`` for a 2-D
+    image, the same labels (tests compare them), without its ~0.4 ms of set-up per call on a
+    small particle: priority flooding from the markers over the 8-neighbourhood, lowest value
+    first, ties by push order (skimage's binary heap, the same sift steps, so ties resolve the
+    same way); a pixel takes its label when it is pushed. Inputs are padded by one pixel
+    (out of the mask) as skimage pads them; markers outside the mask are dropped.
+    """
+    h, w = image.shape
+    wp = w + 2
+    size = (h + 2) * wp
+    img = np.zeros(size, np.float64)
+    inside = np.zeros(size, np.uint8)
+    out = np.zeros(size, markers.dtype)
+    for r in range(h):
+        for c in range(w):
+            k = (r + 1) * wp + c + 1
+            img[k] = image[r, c]
+            if mask[r, c]:
+                inside[k] = 1
+                out[k] = markers[r, c]
+    # skimage's neighbour order: the 4 edge neighbours, then the 4 corners
+    offsets = np.array([-wp, -1, 1, wp, -wp - 1, -wp + 1, wp - 1, wp + 1], np.int64)
+    value = np.empty(size + 1, np.float64)  # the heap: every pixel is pushed at most once
+    age = np.empty(size + 1, np.int64)
+    where = np.empty(size + 1, np.int64)
+    n = 0
+    for k in range(size):  # the markers in raster order, age 0
+        if out[k]:
+            n = _push(value, age, where, n, img[k], 0, k)
+    count = 1
+    while n > 0:
+        k = where[0]
+        n = _pop(value, age, where, n)
+        label = out[k]
+        for j in range(8):
+            nb = k + offsets[j]
+            if not inside[nb] or out[nb]:
+                continue
+            count += 1
+            out[nb] = label
+            n = _push(value, age, where, n, img[nb], count, nb)
+    result = np.empty((h, w), markers.dtype)
+    for r in range(h):
+        for c in range(w):
+            result[r, c] = out[(r + 1) * wp + c + 1]
+    return result
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _smaller(value, age, a, b):
+    if value[a] != value[b]:
+        return value[a] < value[b]
+    return age[a] < age[b]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _swap(value, age, where, a, b):
+    value[a], value[b] = value[b], value[a]
+    age[a], age[b] = age[b], age[a]
+    where[a], where[b] = where[b], where[a]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _push(value, age, where, n, v, a, k):
+    """skimage's heappush: append, then sift up while strictly smaller than the parent."""
+    child = n
+    value[child], age[child], where[child] = v, a, k
+    n += 1
+    while child > 0:
+        parent = (child + 1) // 2 - 1
+        if _smaller(value, age, child, parent):
+            _swap(value, age, where, parent, child)
+            child = parent
+        else:
+            break
+    return n
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pop(value, age, where, n):
+    """skimage's heappop (the top was read by the caller): the last item to the top, then sift
+    down to the strictly smaller child (the left one on a tie)."""
+    n -= 1
+    if n == 0:
+        return n
+    _swap(value, age, where, 0, n)
+    i = 0
+    smallest = i
+    while True:
+        left, right = 2 * i + 1, 2 * i + 2
+        if left < n:
+            if _smaller(value, age, left, i):
+                smallest = left
+            if right < n and _smaller(value, age, right, smallest):
+                smallest = right
+        else:
+            break
+        if smallest == i:
+            break
+        _swap(value, age, where, i, smallest)
+        i = smallest
+    return n

@@ -269,7 +269,7 @@ class Pipeline:
             for flags in (faulty, healthy):
                 air.update(a, mask, flags.bad_lines, flags.bad_cols)
         stitch_warm_up()
-        # the touching-rock split's first call imports and sets up scikit-image's watershed (~25 ms)
+        # the touching-rock split: its compiled flooding, and the gate's OpenCV calls
         yy, xx = np.mgrid[:24, :44]
         discs = ((yy - 12) ** 2 + (xx - 11) ** 2 < 100) | ((yy - 12) ** 2 + (xx - 29) ** 2 < 100)  # a neck
         segment.split_touching(discs, self.timing.pixel_pitch_mm, self.line_pitch_mm, self.seg)

@@ -128,6 +128,37 @@ def test_split_keeps_separate_components_and_can_be_off():
     assert split_touching(touching, PITCH, PITCH, SegmentConfig(split_touching=False)).max() == 1
 
 
+def test_flood_is_skimage_watershed():
+    """The split's compiled flooding gives scikit-image's watershed labels (connectivity 2,
+    markers, mask), ties included: on random blobs of touching discs, with the exact
+    distance (the split's own input), with an L1 distance full of plateaus, and with stray
+    markers inside and outside the mask."""
+    import cv2
+    from skimage.segmentation import watershed
+
+    from sorting.split import flood
+
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(8, 70, 2))
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 5))):
+            cv2.circle(m, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(3, 18)), 1, -1)
+        if trial % 3 == 0:
+            d = cv2.distanceTransform(m, cv2.DIST_L1, 3).astype(np.float32)
+        else:
+            d = cv2.distanceTransform(m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        mask = m.astype(bool)
+        peaks = mask & (d >= cv2.dilate(d, np.ones((3, 3), np.uint8)))
+        _, markers = cv2.connectedComponents(peaks.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        if trial % 5 == 0:
+            markers[rng.random(markers.shape) < 0.01] = 7
+        want = watershed(-d, markers, mask=mask, connectivity=2)
+        got = flood(-d, markers, mask)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+
+
 def test_split_anisotropic_pitch():
     # lines twice as long as pixels: circles of 16 mm radius are ellipses of 20 x 10 px
     shape = (60, 120)
