@@ -95,13 +95,14 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
     from .config import load_sorter
     from .formats import read_belt_recording
     from .model import load_model
-    from .runner import build_pipeline, timing_of
+    from .runner import build_pipeline, hold_freed_memory, timing_of
     from .sources import replay
 
     # one core per lane, as run_loop holds the single loop: BLAS and OpenCV thread pools would
     # only spin against the other lanes
     threadpool_limits(limits=1, user_api="blas")
     cv2.setNumThreads(1)
+    hold_freed_memory()  # as run_loop
     try:
         rec = read_belt_recording(Path(recording))
         timing = timing_of(rec.meta)
