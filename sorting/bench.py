@@ -52,15 +52,13 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
     from .formats import read_belt_recording
     from .model import load_model
     from .runner import build_pipeline, run_loop, timing_of
-    from .sources import replay
+    from .sources import prefault, replay
 
     rec = read_belt_recording(recording)
     model = load_model(model_path)
     sorter = load_sorter(sorter_path)
     timing = timing_of(rec.meta)
-    # map every page of the recording once, so no run measures the disk or first-touch faults
-    for first in range(0, rec.n_lines, 4096):
-        np.asarray(rec.lines[first:first + 4096]).sum()
+    prefault(rec.lines)  # no run measures the disk or first-touch faults
     runs = []
     for _ in range(max(repeats, 1)):
         pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines)
@@ -122,11 +120,11 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
     percentiles from a particle's last line to its decision, late count, CPU fraction."""
     from .formats import read_belt_recording
     from .runner import build_pipeline, run_loop, timing_of
-    from .sources import replay
+    from .sources import prefault, replay
 
     rec = read_belt_recording(recording)
     timing = timing_of(rec.meta)
-    np.asarray(rec.lines[:: max(rec.n_lines // 64, 1)]).sum()
+    prefault(rec.lines)
     pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines, shed_late=True)
     slow = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, True), pipe, keep_events=False,
                     total_lines=rec.n_lines, progress=progress)
