@@ -15,10 +15,16 @@ WALL_CLOCK = ("latency_ms", "slack_ms", "late")
 
 
 def test_windows_cover_the_belt_with_a_one_sided_overlap():
-    lanes = lane_windows(1250, 2, 250)
+    lanes = lane_windows(1250, 2, 250, owned_weight=0.0)
     # equal windows: own_0 + overlap == P - own_1 start  ->  b = (1250 - 250) / 2 = 500
     assert lanes == [Lane(0, 750, 0, 500), Lane(500, 1250, 500, 1250)]
-    three = lane_windows(1000, 3, 100)
+    # an owned column weighs 2 seen ones: (b + 250) + b == 2 (1250 - b)  ->  b = 562.5
+    assert lane_windows(1250, 2, 250, owned_weight=1.0) == [Lane(0, 812, 0, 562), Lane(562, 1250, 562, 1250)]
+    # three lanes, weight 4: 5 o + 250 for the first two, 5 o for the last, o summing to 1250
+    # -> work 2250, owned 400, 400, 450
+    assert [(lane.own_lo, lane.own_hi) for lane in lane_windows(1250, 3, 250, 4.0)] == [(0, 400), (400, 800),
+                                                                                          (800, 1250)]
+    three = lane_windows(1000, 3, 100, owned_weight=0.0)
     assert [lane.hi - lane.lo for lane in three] == [400, 400, 400]
     assert three[0].own_lo == 0 and three[-1].own_hi == 1000
     assert all(a.own_hi == b.own_lo for a, b in zip(three, three[1:]))
@@ -26,7 +32,7 @@ def test_windows_cover_the_belt_with_a_one_sided_overlap():
 
 
 def test_claim_rule_by_hand():
-    left, right = lane_windows(1250, 2, 250)
+    left, right = lane_windows(1250, 2, 250, owned_weight=0.0)
     own_left, own_right = _claim_rule(left, 1250), _claim_rule(right, 1250)
     # window columns: left lane 0..749 (absolute 0..749), right lane 0..749 (absolute 500..1249)
     assert own_left(10, 50)  # a plain rock in the left range
