@@ -58,7 +58,9 @@ def check_geometry(ejector: EjectorConfig, timing: Timing, where: str) -> None:
 
 def plan(first_line: np.ndarray, last_line: np.ndarray, x_min_px: np.ndarray, x_max_px: np.ndarray,
          ejector: EjectorConfig, timing: Timing) -> Ejection:
-    """Valves and air window for each particle (whether or not it will be ejected)."""
+    """Valves and air window for each particle (whether or not it will be ejected): the array
+    form of :func:`plan_one`, which the streaming loop calls per particle from its own
+    compiled chunk kernel (tests compare the two)."""
     first = np.ascontiguousarray(first_line, dtype=np.float64)
     n = first.size
     lo, hi = np.empty(n, np.int64), np.empty(n, np.int64)

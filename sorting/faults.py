@@ -546,8 +546,9 @@ def _accumulate_empty(a: np.ndarray, mask: np.ndarray, bad_lines: np.ndarray, ba
 
     Branch-free, so the column loops vectorize (3x faster than a sliding count with
     branches): the line's foreground is widened by shifted ORs, and a pixel that is not
-    empty belt adds +0.0, which leaves the float64 sum as it was. (Unsigned indices: numba
-    then skips negative-index wrapping.)"""
+    empty belt adds +0.0, which leaves any float64 sum but -0.0 as it was (these start at
+    +0.0 and cannot become -0.0). (Unsigned indices: numba then skips negative-index
+    wrapping.)"""
     n, w = mask.shape
     check_lines = bad_lines.size == n  # empty: no line is bad (shapes checked by the caller)
     m8 = mask.view(np.uint8)

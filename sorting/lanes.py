@@ -31,8 +31,8 @@ DEFAULT_OVERLAP_MM = 200.0
 #: a column a lane owns costs it about (1 + this) times a column it only sees: segmenting a
 #: column costs about as much as the features, scores and plans of the rocks starting in it.
 #: Measured on the reference belt (30 % occupancy, 2 lanes): lane CPU 1.22 / 1.40 s with equal
-#: windows (owned 500 + 750), 1.20 / 1.22 s at 560 + 690, and 14.2-15.9x against 12.8-14.2x
-#: in four alternating pairs
+#: windows (owned 500 + 750), 1.20 / 1.22 s at 560 + 690 (this weight gives 562 + 688), and
+#: 14.2-15.9x against 12.8-14.2x in four alternating pairs
 OWNED_WEIGHT = 1.0
 
 
@@ -107,14 +107,13 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
     from .config import load_sorter
     from .formats import read_belt_recording
     from .model import load_model
-    from .runner import build_pipeline, hold_freed_memory, timing_of
+    from .runner import build_pipeline, timing_of
     from .sources import replay
 
     # one core per lane, as run_loop holds the single loop: BLAS and OpenCV thread pools would
     # only spin against the other lanes
     threadpool_limits(limits=1, user_api="blas")
     cv2.setNumThreads(1)
-    hold_freed_memory()  # as run_loop
     try:
         rec = read_belt_recording(Path(recording))
         timing = timing_of(rec.meta)

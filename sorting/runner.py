@@ -6,8 +6,6 @@ log is flushed every chunk and closed on the way out, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import json
 import signal
@@ -73,29 +71,12 @@ def _opencv_threads(n: int):
         cv2.setNumThreads(before)
 
 
-def hold_freed_memory() -> bool:
-    """Real-time memory for this process: glibc's malloc stops handing the top of its heap
-    back to the kernel when it is freed. By default it trims it (past 128 KiB free), so the
-    compiled kernels' per-chunk scratch came back as fresh pages, faulted in, zeroed by the
-    kernel and cold in cache, chunk after chunk. A/B on the loop (issue 5): ~4-8 % faster,
-    within this VM's noise run to run but in the same direction pair after pair. The
-    process keeps its peak heap. Process-wide and permanent; True where it took effect
-    (glibc), False elsewhere."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
-        return False
-    m_trim_threshold = -1  # malloc.h
-    return bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None = None,
              valves: UDPValveSink | None = None, keep_events: bool = True, total_lines: int | None = None,
              progress: bool = False, on_signal: Callable[[], None] | None = None) -> RunResult:
     """Drive ``pipeline`` over ``chunks``; returns the summary and (optionally) the events."""
     kept: list[dict] = []
     intake, step = LatencyHistogram(), LatencyHistogram()
-    hold_freed_memory()
     gc.collect()
     gc.freeze()  # start-up objects never need another full GC pass (DESIGN.md section 6)
     # the clocks start with the belt, after start-up (as the pipeline's warm-up)

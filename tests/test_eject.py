@@ -215,3 +215,26 @@ def test_every_planned_pulse_covers_its_own_particle_centre():
             got = covers(cl[i:i + 1], cx[i:i + 1], e.valve_lo[i:i + 1], e.valve_hi[i:i + 1],
                          e.open_s[i:i + 1], e.close_s[i:i + 1], ej, T)
             assert got[0], (first[i], last[i], xmin[i], xmax[i])
+
+
+def test_the_loops_chunk_kernel_plans_as_plan_does():
+    """The streaming loop's per-chunk kernel (window columns + its x0) gives plan's valves and
+    times bit for bit, and each particle's box in the ring."""
+    from sorting.eject import plan_parameters
+    from sorting.stream import _chunk_plan
+
+    rng = np.random.default_rng(4)
+    n, x0 = 5000, 333
+    first = rng.integers(0, 10**7, n)
+    last = first + rng.integers(0, 300, n)
+    col0 = rng.integers(0, 900, n)
+    col1 = col0 + rng.integers(0, 200, n)
+    ints = np.column_stack((first, col0, last, col1, rng.integers(1, 5000, n))).astype(np.int64)
+    for timing in (T, Timing(1234.5, 1.7, 1.1, 1250)):
+        lo, hi, times, boxes = _chunk_plan(ints, x0, plan_parameters(REF, timing))
+        want = plan(first, last, col0 + x0, col1 + x0, REF, timing)
+        np.testing.assert_array_equal(lo, want.valve_lo)
+        np.testing.assert_array_equal(hi, want.valve_hi)
+        for row, name in enumerate(("open_s", "close_s", "command_s", "deadline_ms")):
+            np.testing.assert_array_equal(times[row], getattr(want, name))
+        np.testing.assert_array_equal(boxes, np.column_stack((first, col0, last - first + 1, col1 - col0 + 1)))

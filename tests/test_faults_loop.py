@@ -352,7 +352,7 @@ def _log(path: Path) -> list[dict]:
     return events
 
 
-CRASH_AT_CHUNK = 100  # the 100th call of the foreground stage raises (lines 3168-3199)
+CRASH_AT_CHUNK = 100  # the 100th chunk's normalization raises (lines 3168-3199)
 CRASH = """
 import sys
 import sorting.stream as stream
@@ -433,23 +433,15 @@ def test_overload_sheds_late_particles_and_never_blocks(rec, model, sorter, monk
     pipe = _pipeline(rec, model, sorter, shed_late=True)
     classified = [0]
 
-    def slow(fn, count):
-        def wrapper(*args, **kwargs):
-            k = count(args)
-            classified[0] += k
-            time.sleep(DELAY_S * k)
-            return fn(*args, **kwargs)
-        return wrapper
+    real = stream.features_from_ring
 
-    # the stage as it is called now (one batch per chunk, the boxes read from the ring) and as
-    # it was (a batch of crops; one call per particle)
-    patched = 0
-    for name, count in (("features_from_ring", lambda args: len(args[2])),
-                        ("features_batch", lambda args: len(args[0])), ("particle_features", lambda args: 1)):
-        if hasattr(stream, name):
-            monkeypatch.setattr(stream, name, slow(getattr(stream, name), count))
-            patched += 1
-    assert patched
+    def slow(ring, boxes, masks, *args, **kwargs):
+        # the features stage as the belt calls it: one batch per chunk, the boxes read from the ring
+        classified[0] += len(masks)
+        time.sleep(DELAY_S * len(masks))
+        return real(ring, boxes, masks, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "features_from_ring", slow)
     stamps = []
 
     def source():

@@ -132,7 +132,8 @@ def test_flood_is_skimage_watershed():
     """The split's compiled flooding gives scikit-image's watershed labels (connectivity 2,
     markers, mask), ties included: on random blobs of touching discs, with the exact
     distance (the split's own input), with an L1 distance full of plateaus, and with stray
-    markers inside and outside the mask."""
+    markers inside and outside the mask; and on small random images of a few levels with
+    markers anywhere (a marker off a minimum floods uphill first: the order skimage keeps)."""
     import cv2
     from skimage.segmentation import watershed
 
@@ -157,6 +158,15 @@ def test_flood_is_skimage_watershed():
         got = flood(-d, markers, mask)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+    for trial in range(1000):
+        h, w = (int(v) for v in rng.integers(1, 12, 2))
+        image = rng.integers(0, 4, (h, w)).astype(np.float32)
+        mask = rng.random((h, w)) < 0.8
+        markers = np.zeros((h, w), np.int32)
+        for label in range(1, int(rng.integers(1, 5)) + 1):
+            markers[rng.integers(0, h), rng.integers(0, w)] = label
+        np.testing.assert_array_equal(flood(image, markers, mask), watershed(image, markers, mask=mask, connectivity=2),
+                                      err_msg=f"random image {trial}")
 
 
 def test_split_anisotropic_pitch():
