@@ -290,10 +290,13 @@ class Pipeline:
         """Process lines ``first_line ..`` (raw (L, P, 2) uint16) that entered at wall time ``t_in``.
 
         A chunk is cut at the air tracker's epoch boundaries (multiples of its epoch lines),
-        so the tracked air level a line is normalized with does not depend on chunking.
+        so the tracked air level a line is normalized with does not depend on chunking. A
+        chunk of no lines changes nothing.
         """
         epoch = self.air.epoch_lines
         n = raw.shape[0]
+        if n == 0:
+            return []
         boundary = (first_line // epoch + 1) * epoch
         if first_line + n > boundary:
             k = boundary - first_line

@@ -553,3 +553,15 @@ def test_tracked_air_keeps_detection_under_drift(drift_runs):
         assert abs(changes[True]) < 0.005
         assert np.sign(changes[False]) == -np.sign(drift) and abs(changes[False]) > 0.006
         assert abs(changes[True]) < abs(changes[False]) / 3
+
+
+def test_an_empty_chunk_changes_nothing(rec, model, sorter):
+    """A chunk of no lines (a source may flush one) decides nothing, counts nothing and leaves
+    the stream where it was: the next chunk is not a gap."""
+    pipe = _pipeline(rec, model, sorter)
+    pipe.step(0, rec.lines[:CHUNK], 0.0)
+    before = pipe.counters.summary()
+    assert pipe.step(CHUNK, rec.lines[CHUNK:CHUNK], 0.0) == []
+    assert pipe.counters.summary() == before
+    pipe.step(CHUNK, rec.lines[CHUNK:2 * CHUNK], 0.0)
+    assert pipe.counters.gaps == 0 and pipe.counters.lines == 2 * CHUNK
