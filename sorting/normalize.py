@@ -93,7 +93,7 @@ def attenuation_into(raw: np.ndarray, dark: np.ndarray, log_flat: np.ndarray, ba
         # the stream's case: one compiled pass each side of OpenCV's vectorised log
         lines = out.shape[0]
         _above_dark(np.ascontiguousarray(raw).reshape(lines, -1), dark.reshape(-1), np.float32(SIGNAL_FLOOR_ADU),
-                    flat)
+                    flat, 0)
         cv2.log(flat, dst=flat)
         _from_log(log_flat.reshape(-1), *(_NO_REPAIR if plan is None else plan), flat)
         return out
@@ -112,12 +112,14 @@ _NO_REPAIR = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64
 
 
 @numba.njit(cache=True, nogil=True)
-def _above_dark(raw: np.ndarray, dark: np.ndarray, floor: np.float32, out: np.ndarray) -> None:
-    """out = max(raw - dark, floor) in float32; raw (L, 2W) uint16, dark (2W,) float32, out
-    (L, 2W): a pixel's channels side by side (flat rows vectorise; (L, W, 2) loops do not)."""
-    for i in range(raw.shape[0]):
-        for k in range(raw.shape[1]):
-            out[i, k] = max(np.float32(raw[i, k]) - dark[k], floor)
+def _above_dark(raw: np.ndarray, dark: np.ndarray, floor: np.float32, out: np.ndarray, off: int) -> None:
+    """out = max(raw[:, off:off + 2W] - dark, floor) in float32; raw (L, >= off + 2W) uint16,
+    dark (2W,) float32, out (L, 2W): a pixel's channels side by side (flat rows vectorise;
+    (L, W, 2) loops do not). ``off`` > 0: a window of whole lines, read in place."""
+    for i in range(out.shape[0]):
+        row = raw[i, off:off + out.shape[1]]
+        for k in range(out.shape[1]):
+            out[i, k] = max(np.float32(row[k]) - dark[k], floor)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -140,11 +142,12 @@ def from_log_row(log_flat: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, ri
             row[2 * bad_idx[b] + c] = row[2 * left[b] + c] * w_left[b] + row[2 * right[b] + c] * w_right[b]
 
 
-def counts_log_into(raw: np.ndarray, dark: np.ndarray, out: np.ndarray) -> None:
+def counts_log_into(raw: np.ndarray, dark: np.ndarray, out: np.ndarray, x0: int = 0) -> None:
     """out = ln(max(raw - dark, SIGNAL_FLOOR_ADU)): the first half of :func:`attenuation_into`
-    (trusted inputs: raw (L, 2W) uint16, dark (2W,) float32, out (L, 2W) float32, all C order);
+    (trusted inputs: raw (L, 2W) uint16, or whole lines (L, 2P) of which the window from pixel
+    ``x0`` is read; dark (2W,) float32, out (L, 2W) float32, all C order);
     :func:`from_log_row` per line is the second."""
-    _above_dark(raw, dark, np.float32(SIGNAL_FLOOR_ADU), out)
+    _above_dark(raw, dark, np.float32(SIGNAL_FLOOR_ADU), out, 2 * x0)
     cv2.log(out, dst=out)
 
 

@@ -287,7 +287,9 @@ class Pipeline:
         return self._a[:n], self._mask[:n]
 
     def step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
-        """Process lines ``first_line ..`` (raw (L, P, 2) uint16) that entered at wall time ``t_in``.
+        """Process lines ``first_line ..`` that entered at wall time ``t_in``: raw (L, W, 2)
+        uint16, the window's columns; a window narrower than the detector (a lane) also takes
+        whole lines (L, P, 2) and reads its columns in place.
 
         A chunk is cut at the air tracker's epoch boundaries (multiples of its epoch lines),
         so the tracked air level a line is normalized with does not depend on chunking. A
@@ -320,16 +322,19 @@ class Pipeline:
         self._expected = first_line + n
         # garbage lines (saturated, tube trip) never reach segmentation; a frozen module's
         # columns never hold a particle; the air level follows drift from empty belt
-        raw = np.ascontiguousarray(raw)  # a lane's columns are a strided view: copy them once, here
+        raw = np.ascontiguousarray(raw)  # a recording's or the wire's lines already are: no copy
         health = self.health.check(raw, first_line)
+        # whole detector lines (a lane fed from the shared line stream): its window is read in place
+        x0 = self.x0 if raw.shape[1] != self.pixels else 0
         i0 = first_line & (self.ring_lines - 1)
         wraps = i0 + n > self.ring_lines
         if not wraps:
             a = self._ring[i0:i0 + n]  # straight into the ring (whole lines: a C-contiguous block)
         if self._fused and raw.dtype == np.uint16:
             # attenuation, foreground, a frozen module's columns, the air tracker's sums: line by line
-            self._normalize_lines(raw, health, a, mask, self.air.accumulators())
+            self._normalize_lines(raw, health, a, mask, self.air.accumulators(), x0)
         else:
+            raw = raw[:, x0:x0 + self.pixels]
             attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
             foreground(a, self.cal, self.x0, self.seg, out=mask)
             if health.bad_cols.any():
@@ -360,12 +365,13 @@ class Pipeline:
         return self._decide(done) if done else []
 
     def _normalize_lines(self, raw: np.ndarray, health: ChunkHealth, a: np.ndarray, mask: np.ndarray,
-                         acc: tuple) -> None:
-        """:func:`_line_pass` on a chunk of uint16 counts into ``a`` (L, W, 2) and ``mask``, with
-        the air tracker's accumulators ``acc``."""
+                         acc: tuple, x0: int = 0) -> None:
+        """:func:`_line_pass` on a chunk of uint16 counts (the window's, or whole lines of which
+        the window starts at pixel ``x0``) into ``a`` (L, W, 2) and ``mask``, with the air
+        tracker's accumulators ``acc``."""
         n = raw.shape[0]
         flat = a.reshape(n, -1)
-        counts_log_into(raw.reshape(n, -1), self._dark_flat, flat)
+        counts_log_into(raw.reshape(n, -1), self._dark_flat, flat, x0)
         _line_pass(flat, self.air.log_flat.reshape(-1), *self._repair, *self._det, health.bad_cols, health.bad_lines,
                    *acc, mask)
 

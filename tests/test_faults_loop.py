@@ -357,12 +357,12 @@ CRASH = """
 import sys
 import sorting.stream as stream
 real, calls = stream.counts_log_into, [0]
-def failing(raw, dark, out):
+def failing(raw, dark, out, x0=0):
     if raw.shape[0] > 2:  # a chunk of the belt (the pipeline's warm-up passes 2 throwaway lines)
         calls[0] += 1
         if calls[0] == {n}:
             raise RuntimeError("injected stage failure")
-    return real(raw, dark, out)
+    return real(raw, dark, out, x0)
 stream.counts_log_into = failing
 from sorting.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -57,3 +57,38 @@ def test_lanes_give_the_same_events_as_one_worker(small_belt, small_model, worke
     assert strip(many["events"]) == strip(one.events)
     assert many["summary"]["particles"] == one.summary["particles"]
     assert many["summary"]["ejected"] == one.summary["ejected"]
+
+
+def test_a_window_reads_whole_lines_as_its_own_columns(small_belt, small_model):
+    """A lane is fed the detector's whole lines and reads its columns in place; the same
+    pipeline fed a copy of just its columns must decide and flag exactly the same, faults
+    included (a frozen module inside the window, saturated and dark lines, a gap)."""
+    import numpy as np
+
+    from sorting.calibrate import calibrate
+    from sorting.faults import FaultSpec, inject
+
+    rec = read_belt_recording(small_belt)
+    timing = timing_of(rec.meta)
+    cal = calibrate(rec.calibration)
+    model, sorter = load_model(small_model), load_sorter(SORTER)
+    x0, width = 300, 500
+    faults = [FaultSpec("dropped", 700, 20), FaultSpec("saturated", 1500, 10), FaultSpec("dark", 2500, 200),
+              FaultSpec("stuck_module", 3500, 600, col0=x0 + 100, n_cols=64), FaultSpec("dark", 5000, 1)]
+    chunks = list(inject(replay(rec.lines, timing.line_rate_hz, 32), faults, cal, seed=1))
+    runs = []
+    for cols in (slice(None), slice(x0, x0 + width)):
+        pipe = build_pipeline(cal, model, sorter, timing, str(SORTER), x0=x0, width=width)
+        events = []
+        for first, raw, t_in in chunks:
+            part = raw[:, cols]
+            if cols.start is not None:
+                part = np.ascontiguousarray(part)  # the window's own columns, as a copy
+            events += pipe.step(first, part, t_in)
+        events += pipe.finish()
+        runs.append((events, dict(pipe.health.lines), dict(pipe.health.episodes)))
+    (whole, lines_w, eps_w), (own, lines_o, eps_o) = runs
+    strip = lambda evs: [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in evs]  # noqa: E731
+    assert len(own) > 20 and lines_o["stuck_module"] > 0 and lines_o["saturated"] == 10
+    assert strip(whole) == strip(own)
+    assert (lines_w, eps_w) == (lines_o, eps_o)
