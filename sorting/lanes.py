@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import operator
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,10 @@ def _claim_rule(lane: Lane, pixels: int):
         return True
 
     return claim
+
+
+#: the single worker's order: the chunk that completed a particle, then its last line, first line, first column
+_merge_order = operator.itemgetter(0, 1, 2, 3)
 
 
 def _arrivals(pipe, events: list[dict]) -> list[float]:
@@ -210,28 +215,33 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         if not ready:
             return
         buffer = [b for b in buffer if b[0] > upto]
-        ready.sort(key=lambda b: b[:4])
-        now = time.perf_counter()
-        out = []
-        for *_, e, t_in in ready:
-            e["particle"] = len(merged) + len(out)
-            # paced, the lanes share the clock and latency runs to the merged release; unpaced, a
-            # lane may run ahead of the other, so the wait in the merge says nothing: the lane's own
-            lat = (now - t_in) * 1000.0 if realtime else e["_lat0"]
-            plan_open = e["open_s"]
-            e["latency_ms"] = round(float(lat), 3)
-            if plan_open is not None:
-                due_s = plan_open - resp_s - e["last_line"] / timing.line_rate_hz
-                e["slack_ms"] = round(float(due_s * 1000.0 - lat), 3)
-            else:
-                e["slack_ms"] = round(e["slack_ms"] + e.get("_lat0", 0.0) - lat, 3)
-            e.pop("_lat0", None)
-            e["late"] = bool(e["slack_ms"] < 0)
-            latency.add(lat)
+        ready.sort(key=_merge_order)
+        out = [b[4] for b in ready]
+        first = len(merged)
+        if realtime:
+            # paced, the lanes share the clock and latency runs to the merged release
+            now = time.perf_counter()
+            lats = []
+            for b in ready:
+                e, lat = b[4], (now - b[5]) * 1000.0
+                if e["open_s"] is not None:
+                    due_s = e["open_s"] - resp_s - e["last_line"] / timing.line_rate_hz
+                    e["slack_ms"] = round(due_s * 1000.0 - lat, 3)
+                else:
+                    e["slack_ms"] = round(e["slack_ms"] + e["latency_ms"] - lat, 3)
+                e["latency_ms"] = round(lat, 3)
+                e["late"] = e["slack_ms"] < 0 or e["undecided"]  # as the lane's (and the single loop's) rule
+                lats.append(lat)
+            latency.add_many(np.array(lats))
+        else:
+            # unpaced, a lane may run ahead of the other, so the wait in the merge says nothing:
+            # each event keeps its lane's own latency, slack and lateness
+            latency.add_many(np.array([e["latency_ms"] for e in out]))
+        for i, e in enumerate(out):
+            e["particle"] = first + i
             if e["decision"] == "eject":
                 ejected += 1
                 late += e["late"]
-            out.append(e)
         if valves is not None:
             valves.send(out)
         if log is not None:
@@ -248,9 +258,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
                 raise RuntimeError(f"lane {k} failed: {payload['error']}")
             continue
         for c, events, t_ins in payload:
-            for e, t_in in zip(events, t_ins):
-                e["_lat0"] = e["latency_ms"]
-                buffer.append((c, e["last_line"], e["first_line"], e["x_min_px"], e, t_in))
+            buffer += [(c, e["last_line"], e["first_line"], e["x_min_px"], e, t_in) for e, t_in in zip(events, t_ins)]
         done[k] = max(done[k], chunk)
         release(min(done))
     release(1 << 62)

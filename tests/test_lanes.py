@@ -92,3 +92,22 @@ def test_a_window_reads_whole_lines_as_its_own_columns(small_belt, small_model):
     assert len(own) > 20 and lines_o["stuck_module"] > 0 and lines_o["saturated"] == 10
     assert strip(whole) == strip(own)
     assert (lines_w, eps_w) == (lines_o, eps_o)
+
+
+def test_paced_lanes_decide_as_one_worker_and_time_from_the_merge(small_belt, small_model):
+    """Paced (1.5 s of belt in real time), the merged events re-time latency to the release:
+    decisions equal the single worker's, and each event's lateness follows its own slack."""
+    rec = read_belt_recording(small_belt)
+    timing = timing_of(rec.meta)
+    one = run_loop(replay(rec.lines, timing.line_rate_hz, 32),
+                   build_pipeline(rec.calibration, load_model(small_model), load_sorter(SORTER), timing, str(SORTER)))
+    paced = run_lanes(small_belt, small_model, SORTER, workers=2, realtime=True)
+    strip = lambda evs: [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in evs]  # noqa: E731
+    assert strip(paced["events"]) == strip(one.events)
+    s = paced["summary"]
+    assert s["wall_s"] >= 0.9 * rec.n_lines / timing.line_rate_hz  # it did keep to the line clock
+    for e in paced["events"]:
+        assert e["latency_ms"] > 0
+        assert e["late"] == (e["slack_ms"] < 0 or e["undecided"])
+    assert s["late"] == sum(e["late"] for e in paced["events"] if e["decision"] == "eject")
+    assert s["latency_ms"]["max"] >= max(e["latency_ms"] for e in paced["events"]) - 1e-3
