@@ -155,7 +155,7 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
         queue.put((k, chunk + 1, pending))
         queue.put((k, None, {"stage_s": pipe.stage_s, "counters": pipe.counters.summary(),
                              "alarms": dict(pipe.health.episodes), "fault_lines": dict(pipe.health.lines),
-                             "cpu_s": time.process_time() - cpu0}))
+                             "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - t0}))
     except BaseException as exc:  # noqa: BLE001 - report any worker failure to the parent
         queue.put((k, None, {"error": f"{type(exc).__name__}: {exc}"}))
 
@@ -262,14 +262,15 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         done[k] = max(done[k], chunk)
         release(min(done))
     release(1 << 62)
-    for p in procs:
-        p.join()
     if log is not None:
         log.close()
+    # every decision is out: the lanes' exit (unmapping the recording) is teardown, as after run_loop
     wall = time.perf_counter() - t_start
+    merge_cpu = time.process_time() - cpu_start
+    for p in procs:
+        p.join()
     lines = rec.n_lines
     stream_s = lines / timing.line_rate_hz
-    merge_cpu = time.process_time() - cpu_start
     cpu = sum(f["cpu_s"] for f in finished) + merge_cpu
     workers_c = [f["counters"] for f in finished]
     # every lane sees every line: stream-level counters agree across lanes; take the worst
@@ -290,6 +291,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         "throughput_lines_s": lines / wall, "realtime_factor": lines / wall / timing.line_rate_hz,
         # CPU seconds from the start of the stream (set-up excluded, as for the single loop)
         "cpu_s": cpu, "cpu_fraction": cpu / stream_s, "merge_cpu_s": merge_cpu,
-        "lane_cpu_s": [f["cpu_s"] for f in finished], "lane_stage_s": [f["stage_s"] for f in finished],
+        "lane_cpu_s": [f["cpu_s"] for f in finished], "lane_wall_s": [f["wall_s"] for f in finished],
+        "lane_stage_s": [f["stage_s"] for f in finished],
     }
     return {"summary": summary, "events": merged}
