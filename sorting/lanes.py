@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import operator
+import queue as queue_errors
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,26 @@ def _claim_rule(lane: Lane, pixels: int):
 
 #: the single worker's order: the chunk that completed a particle, then its last line, first line, first column
 _merge_order = operator.itemgetter(0, 1, 2, 3)
+
+
+def _next_message(queue, procs: list, finished: list) -> tuple:
+    """The next lane message. A lane that dies without its final message (killed, out of
+    memory, a crash in compiled code) ends the run with an error instead of a wait forever."""
+    while True:
+        try:
+            return queue.get(timeout=0.5)
+        except queue_errors.Empty:
+            dead = [k for k, p in enumerate(procs) if p.exitcode is not None and finished[k] is None]
+            if not dead:
+                continue
+            try:  # a lane flushes its queue before it exits: what it sent is already here
+                return queue.get(timeout=0.5)
+            except queue_errors.Empty:
+                for p in procs:
+                    p.kill()
+                k = dead[0]
+                raise RuntimeError(f"lane {k} died (exit code {procs[k].exitcode}) "
+                                   "before its last decisions") from None
 
 
 def _arrivals(pipe, events: list[dict]) -> list[float]:
@@ -189,8 +210,10 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     for p in procs:
         p.start()
     ready = 0
+    done = [-1] * workers
+    finished = [None] * workers
     while ready < workers:
-        k, tag, payload = queue.get()
+        k, tag, payload = _next_message(queue, procs, finished)
         if tag is None and "error" in payload:
             for p in procs:
                 p.kill()
@@ -201,8 +224,6 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     cpu_start = time.process_time()
     t0_shared.value = t_start + 0.005
     go.set()
-    done = [-1] * workers
-    finished = [None] * workers
     buffer: list = []  # (chunk, line1, line0, col0, event, t_in)
     merged: list[dict] = []
     latency = LatencyHistogram()
@@ -249,7 +270,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
         merged.extend(out)
 
     while any(f is None for f in finished):
-        k, chunk, payload = queue.get()
+        k, chunk, payload = _next_message(queue, procs, finished)
         if chunk is None:
             finished[k] = payload
             if "error" in payload:

@@ -1,6 +1,8 @@
 """Lane-parallel mode: the same events as one worker, and lane geometry by hand."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sorting.config import CONFIG_DIR, load_sorter
@@ -111,3 +113,33 @@ def test_paced_lanes_decide_as_one_worker_and_time_from_the_merge(small_belt, sm
         assert e["late"] == (e["slack_ms"] < 0 or e["undecided"])
     assert s["late"] == sum(e["late"] for e in paced["events"] if e["decision"] == "eject")
     assert s["latency_ms"]["max"] >= max(e["latency_ms"] for e in paced["events"]) - 1e-3
+
+
+def test_a_lane_that_dies_ends_the_run_with_an_error_not_a_hang(small_belt, small_model, monkeypatch, tmp_path):
+    """A lane killed mid-belt (here: it exits at line 3200, as if out of memory) sends no last
+    message; the parent must notice, stop the other lanes and raise, and the event log holds
+    what was merged until then."""
+    import os
+    import time
+
+    from sorting.sinks import EventLog
+    from sorting.stream import Pipeline
+
+    real_step = Pipeline.step
+
+    def dying_step(self, first_line, raw, t_in):
+        if self.x0 > 0 and first_line >= 3200:
+            os._exit(3)
+        return real_step(self, first_line, raw, t_in)
+
+    monkeypatch.setattr(Pipeline, "step", dying_step)  # the lanes fork after this: they inherit it
+    log = EventLog(tmp_path / "events.jsonl")
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"lane 1 died \(exit code 3\)"):
+        run_lanes(small_belt, small_model, SORTER, workers=2, log=log)
+    assert time.perf_counter() - t0 < 60
+    log.close()
+    logged = (tmp_path / "events.jsonl").read_text().splitlines()
+    # merged only where both lanes had reported: particles completed before the lane died
+    assert len(logged) == log.count
+    assert all(json.loads(line)["last_line"] < 3200 for line in logged)
