@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import operator
+import os
 import queue as queue_errors
 import time
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def _arrivals(pipe, events: list[dict]) -> list[float]:
 
 
 def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: str, chunk_lines: int,
-            realtime: bool, go, t0_shared, queue, flush_s: float) -> None:
+            realtime: bool, go, t0_shared, stop, queue, flush_s: float) -> None:
+    import signal
+
     import cv2
     from threadpoolctl import threadpool_limits
 
@@ -140,6 +143,11 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
     # only spin against the other lanes
     threadpool_limits(limits=1, user_api="blas")
     cv2.setNumThreads(1)
+    # a stop signal (Ctrl-C to the terminal's process group, a supervisor's SIGTERM to the
+    # control group) is the parent's to act on: it asks every lane to stop after its chunk
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
     try:
         rec = read_belt_recording(Path(recording))
         timing = timing_of(rec.meta)
@@ -155,7 +163,10 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
         gc.collect()
         gc.freeze()  # as run_loop: start-up objects never need another full GC pass
         queue.put((k, "ready", None))
-        go.wait()  # every lane starts on the same clock, after all have set up
+        while not go.wait(1.0):  # every lane starts on the same clock, after all have set up
+            if os.getppid() != parent:
+                return  # the parent is gone (killed during set-up): nobody will start us
+
         cpu0 = time.process_time()
         t0 = t0_shared.value
         pending: list = []
@@ -168,15 +179,21 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
                 pending.append((chunk, events, _arrivals(pipe, events)))
             now = time.perf_counter()
             if now - last_send >= flush_s:
+                if os.getppid() != parent:  # the parent was killed: nobody reads the decisions any more
+                    queue.cancel_join_thread()  # ... so do not wait at exit for the pipe to drain
+                    return
                 queue.put((k, chunk, pending))
                 pending, last_send = [], now
+            if stop.value:
+                break
         events = pipe.finish()
         if events:
             pending.append((chunk + 1, events, _arrivals(pipe, events)))
         queue.put((k, chunk + 1, pending))
         queue.put((k, None, {"stage_s": pipe.stage_s, "counters": pipe.counters.summary(),
                              "alarms": dict(pipe.health.episodes), "fault_lines": dict(pipe.health.lines),
-                             "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - t0}))
+                             "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - t0,
+                             "lines": pipe.counters.lines}))
     except BaseException as exc:  # noqa: BLE001 - report any worker failure to the parent
         queue.put((k, None, {"error": f"{type(exc).__name__}: {exc}"}))
 
@@ -203,10 +220,24 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     queue = ctx.Queue()
     t_setup = time.perf_counter()
     go, t0_shared = ctx.Event(), ctx.Value("d", 0.0)
+    stop = ctx.RawValue("b", 0)  # set on SIGINT/SIGTERM; each lane reads it once a chunk, without a lock
     procs = [ctx.Process(target=_worker, args=(k, lane, str(recording), str(model_path), str(sorter_path),
-                                               chunk_lines, realtime, go, t0_shared, queue,
+                                               chunk_lines, realtime, go, t0_shared, stop, queue,
                                                0.002 if realtime else 0.05),
                          daemon=True) for k, lane in enumerate(lanes)]
+    from .runner import _Stop
+
+    stopper = _Stop(lambda: setattr(stop, "value", 1))
+    stopper.__enter__()  # from before the lanes start: a signal during set-up must not orphan them
+    try:
+        return _merge(procs, lanes, timing, sorter, queue, go, t0_shared, stopper, t_setup, realtime, log, valves)
+    finally:
+        stopper.__exit__()
+
+
+def _merge(procs, lanes, timing, sorter, queue, go, t0_shared, stopper, t_setup, realtime, log, valves) -> dict:
+    """Start the lanes, merge their decisions as they come, and sum up the run."""
+    workers = len(lanes)
     for p in procs:
         p.start()
     ready = 0
@@ -290,7 +321,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     merge_cpu = time.process_time() - cpu_start
     for p in procs:
         p.join()
-    lines = rec.n_lines
+    lines = max(f["lines"] for f in finished)  # the whole recording, unless a signal stopped the lanes
     stream_s = lines / timing.line_rate_hz
     cpu = sum(f["cpu_s"] for f in finished) + merge_cpu
     workers_c = [f["counters"] for f in finished]
@@ -298,7 +329,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     alarms = {kind: max(f["alarms"][kind] for f in finished) for kind in finished[0]["alarms"]}
     fault_lines = {kind: max(f["fault_lines"][kind] for f in finished) for kind in finished[0]["fault_lines"]}
     summary = {
-        "workers": workers, "lanes": [(lane.lo, lane.hi) for lane in lanes],
+        "workers": workers, "lanes": [(lane.lo, lane.hi) for lane in lanes], "stopped_by_signal": stopper.requested,
         "chunks": max(c["chunks"] for c in workers_c), "lines": lines, "particles": len(merged),
         "ejected": ejected, "passed": len(merged) - ejected, "late": late,
         "undecided": sum(bool(e.get("undecided")) for e in merged), "cut": sum(bool(e["cut"]) for e in merged),

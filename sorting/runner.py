@@ -222,6 +222,12 @@ def _load_run_inputs(args):
     return rec, model, sorter
 
 
+def truth_read(truth: list[dict], lines: int) -> list[dict]:
+    """The truth rocks whose last line the run read: a run stopped by a signal is scored on
+    the belt it saw, not counted as missing the rest."""
+    return [r for r in truth if r["last_line"] < lines]
+
+
 def cli_run(args) -> int:
     from .outcome import jets_outcome, match_particles
     from .sinks import parse_hostport
@@ -260,8 +266,9 @@ def cli_run(args) -> int:
         valves.close()
     detection = outcome = None
     if rec.truth is not None and not args.listen:
-        detection = match_particles(result.events, rec.truth)
-        outcome = jets_outcome(result.events, rec.truth, sorter, timing)
+        truth = truth_read(rec.truth, result.summary["lines"])
+        detection = match_particles(result.events, truth)
+        outcome = jets_outcome(result.events, truth, sorter, timing)
         result.summary["detection"] = detection
         result.summary["outcome"] = outcome
     print(format_summary(result.summary, outcome, detection))
@@ -289,8 +296,9 @@ def _cli_run_lanes(args, rec, sorter, timing) -> int:
     s = result["summary"]
     detection = outcome = None
     if rec.truth is not None:
-        detection = match_particles(result["events"], rec.truth)
-        outcome = jets_outcome(result["events"], rec.truth, sorter, timing)
+        truth = truth_read(rec.truth, s["lines"])
+        detection = match_particles(result["events"], truth)
+        outcome = jets_outcome(result["events"], truth, sorter, timing)
         s["detection"], s["outcome"] = detection, outcome
     print(f"{args.workers} lane-parallel workers, columns {s['lanes']}")
     print(format_summary(s, outcome, detection))

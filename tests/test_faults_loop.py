@@ -12,6 +12,7 @@ from collections import Counter
 
 import dataclasses
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -388,12 +389,17 @@ def test_a_stage_crash_leaves_a_complete_flushed_log(rec, small_belt, small_mode
     assert _clockless(logged) == _clockless(decided)
 
 
-def test_sigterm_stops_the_run_cleanly(rec, small_belt, small_model, sorter_yaml, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_the_run_cleanly(rec, small_belt, small_model, sorter_yaml, tmp_path, workers):
+    """SIGTERM to the run (with lanes: to the whole process group, as a terminal's Ctrl-C or a
+    supervisor's stop reaches every process) ends it after the current chunk, with the summary
+    and a complete log."""
     events_path, summary_path = tmp_path / "events.jsonl", tmp_path / "summary.json"
     proc = subprocess.Popen(_sorting_cmd() + ["run", str(small_belt), "--model", str(small_model), "--sorter",
                                               str(sorter_yaml), "--events", str(events_path), "--realtime",
-                                              "--quiet", "--summary-json", str(summary_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                              "--quiet", "--summary-json", str(summary_path),
+                                              "--workers", str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         # the loop is running (signal handlers in place) once the first particles are logged
         deadline = time.monotonic() + 60
@@ -401,7 +407,7 @@ def test_sigterm_stops_the_run_cleanly(rec, small_belt, small_model, sorter_yaml
                 (not events_path.exists() or events_path.stat().st_size == 0):
             time.sleep(0.02)
         time.sleep(0.4)  # ~0.5 s of the 1.5 s belt
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -410,6 +416,10 @@ def test_sigterm_stops_the_run_cleanly(rec, small_belt, small_model, sorter_yaml
     s = json.loads(summary_path.read_text())
     assert s["stopped_by_signal"] is True
     assert 0 < s["lines"] < rec.n_lines
+    assert "stopped by a signal" in out
+    det = s["detection"]  # scored on the belt read, not as missing the rocks never reached
+    assert 0 < det["truth_rocks"] < len(rec.truth)
+    assert det["missed"] <= 2 + det["truth_rocks"] // 100
     logged = _log(events_path)
     assert len(logged) == s["particles"] > 0
     assert [e["particle"] for e in logged] == list(range(len(logged)))
