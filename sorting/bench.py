@@ -111,6 +111,12 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
             "realtime_factor_runs": [round(r["realtime_factor"], 3) for r in lane_runs],
             "speedup_over_one_worker": lanes["throughput_lines_s"] / throughput,
             "particles": lanes["particles"],
+            # where the lanes' time goes (median run): each lane's columns, CPU and wall seconds
+            # from the start of the stream, and the merging parent's CPU
+            "columns": lanes["lanes"],
+            "lane_cpu_s": [round(x, 4) for x in lanes["lane_cpu_s"]],
+            "lane_wall_s": [round(x, 4) for x in lanes["lane_wall_s"]],
+            "merge_cpu_s": round(lanes["merge_cpu_s"], 4),
         }
     return result
 
