@@ -99,24 +99,67 @@ def _claim_rule(lane: Lane, pixels: int):
 _merge_order = operator.itemgetter(0, 1, 2, 3)
 
 
-def _next_message(queue, procs: list, finished: list) -> tuple:
-    """The next lane message. A lane that dies without its final message (killed, out of
-    memory, a crash in compiled code) ends the run with an error instead of a wait forever."""
-    while True:
-        try:
-            return queue.get(timeout=0.5)
-        except queue_errors.Empty:
-            dead = [k for k, p in enumerate(procs) if p.exitcode is not None and finished[k] is None]
-            if not dead:
-                continue
-            try:  # a lane flushes its queue before it exits: what it sent is already here
-                return queue.get(timeout=0.5)
+#: a lane that has not set up after this long is stuck (a fresh install compiles the kernels: ~1 min)
+SETUP_TIMEOUT_S = 600.0
+
+
+class _Watch:
+    """The lanes' messages, and the lanes themselves: one that dies without its last message
+    (killed, out of memory, a crash in compiled code) ends the run with an error within about
+    half a second, however busy the other lanes keep the queue."""
+
+    CHECK_S = 0.2  # how often the lanes' exit codes are looked at
+    GRACE_S = 0.3  # a lane that exits cleanly has put its last message in the pipe: time to read it
+
+    def __init__(self, procs: list, queue) -> None:
+        self.procs, self.queue = procs, queue
+        self.finished: list = [None] * len(procs)
+        self._check_at = 0.0
+        self._gone: dict[int, float] = {}
+
+    def message(self) -> tuple:
+        while True:
+            now = time.monotonic()
+            if now >= self._check_at:
+                self._check_at = now + self.CHECK_S
+                for k, p in enumerate(self.procs):
+                    if self.finished[k] is None and p.exitcode is not None:
+                        if now >= self._gone.setdefault(k, now + self.GRACE_S):
+                            self.kill()
+                            raise RuntimeError(f"lane {k} died (exit code {p.exitcode}) before its last decisions")
+            try:
+                return self.queue.get(timeout=self.CHECK_S)
             except queue_errors.Empty:
-                for p in procs:
-                    p.kill()
-                k = dead[0]
-                raise RuntimeError(f"lane {k} died (exit code {procs[k].exitcode}) "
-                                   "before its last decisions") from None
+                continue
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.pid is not None and p.is_alive():
+                p.kill()
+                p.join(5.0)
+
+
+def _stop_before(chunk: int, reached, stop_at, lock) -> bool:
+    """After a stop request every lane stops at the same chunk count: one more than any lane
+    had started when the first of them saw the request (the one more covers a lane whose
+    latest count that lane could not see yet). True: do not process ``chunk``."""
+    with lock:
+        if stop_at.value < 0:
+            stop_at.value = max(reached) + 1
+        return chunk >= stop_at.value
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A lane ends when the process that merges its decisions ends, however that ends."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass  # elsewhere the lane still looks for its parent at every flush
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the parent was gone before the lane could ask to go with it
 
 
 def _arrivals(pipe, events: list[dict]) -> list[float]:
@@ -127,9 +170,14 @@ def _arrivals(pipe, events: list[dict]) -> list[float]:
 
 
 def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: str, chunk_lines: int,
-            realtime: bool, go, t0_shared, stop, queue, flush_s: float) -> None:
+            realtime: bool, parent: int, shared: dict, queue, flush_s: float) -> None:
     import signal
 
+    # a stop signal (Ctrl-C to the terminal's process group, a supervisor's SIGTERM to the
+    # control group) is the parent's to act on: it asks every lane to stop at the same chunk
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(parent)
     import cv2
     from threadpoolctl import threadpool_limits
 
@@ -143,11 +191,7 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
     # only spin against the other lanes
     threadpool_limits(limits=1, user_api="blas")
     cv2.setNumThreads(1)
-    # a stop signal (Ctrl-C to the terminal's process group, a supervisor's SIGTERM to the
-    # control group) is the parent's to act on: it asks every lane to stop after its chunk
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = os.getppid()
+    go, stop, reached = shared["go"], shared["stop"], shared["reached"]
     try:
         rec = read_belt_recording(Path(recording))
         timing = timing_of(rec.meta)
@@ -168,12 +212,17 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
                 return  # the parent is gone (killed during set-up): nobody will start us
 
         cpu0 = time.process_time()
-        t0 = t0_shared.value
+        t0 = shared["t0"].value
         pending: list = []
         last_send = time.perf_counter()
         chunk = -1
+        stopped = False
         for chunk, (first, raw, t_in) in enumerate(replay(rec.lines, timing.line_rate_hz, chunk_lines, realtime,
                                                           t0=t0)):
+            reached[k] = chunk + 1
+            if stop.value and _stop_before(chunk, reached, shared["stop_at"], shared["stop_lock"]):
+                stopped, chunk = True, chunk - 1
+                break
             events = pipe.step(first, raw, t_in)
             if events:
                 pending.append((chunk, events, _arrivals(pipe, events)))
@@ -184,8 +233,6 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
                     return
                 queue.put((k, chunk, pending))
                 pending, last_send = [], now
-            if stop.value:
-                break
         events = pipe.finish()
         if events:
             pending.append((chunk + 1, events, _arrivals(pipe, events)))
@@ -193,7 +240,7 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
         queue.put((k, None, {"stage_s": pipe.stage_s, "counters": pipe.counters.summary(),
                              "alarms": dict(pipe.health.episodes), "fault_lines": dict(pipe.health.lines),
                              "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - t0,
-                             "lines": pipe.counters.lines}))
+                             "lines": pipe.counters.lines, "stopped": stopped}))
     except BaseException as exc:  # noqa: BLE001 - report any worker failure to the parent
         queue.put((k, None, {"error": f"{type(exc).__name__}: {exc}"}))
 
@@ -219,42 +266,55 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     t_setup = time.perf_counter()
-    go, t0_shared = ctx.Event(), ctx.Value("d", 0.0)
-    stop = ctx.RawValue("b", 0)  # set on SIGINT/SIGTERM; each lane reads it once a chunk, without a lock
+    shared = {
+        "go": ctx.Event(), "t0": ctx.Value("d", 0.0),
+        # set on SIGINT/SIGTERM; each lane reads it once a chunk, without a lock
+        "stop": ctx.RawValue("b", 0),
+        # ... and then the lanes agree on the chunk to stop at (see _stop_before)
+        "reached": ctx.RawArray("q", workers), "stop_at": ctx.RawValue("q", -1), "stop_lock": ctx.Lock(),
+    }
     procs = [ctx.Process(target=_worker, args=(k, lane, str(recording), str(model_path), str(sorter_path),
-                                               chunk_lines, realtime, go, t0_shared, stop, queue,
+                                               chunk_lines, realtime, os.getpid(), shared, queue,
                                                0.002 if realtime else 0.05),
                          daemon=True) for k, lane in enumerate(lanes)]
-    from .runner import _Stop
+    from .runner import _opencv_threads, _Stop
 
-    stopper = _Stop(lambda: setattr(stop, "value", 1))
+    watch = _Watch(procs, queue)
+    stopper = _Stop(lambda: setattr(shared["stop"], "value", 1))
     stopper.__enter__()  # from before the lanes start: a signal during set-up must not orphan them
     try:
-        return _merge(procs, lanes, timing, sorter, queue, go, t0_shared, stopper, t_setup, realtime, log, valves)
+        # a forked lane inherits OpenCV's thread pool but not its threads: with a pool running
+        # here, the lane's own cv2.setNumThreads(1) would wait forever to join them
+        with _opencv_threads(1):
+            for p in procs:
+                p.start()
+        return _merge(watch, lanes, timing, sorter, shared, stopper, t_setup, realtime, log, valves)
     finally:
         stopper.__exit__()
+        watch.kill()  # an error in the merge (a full disk under the log, say) must not leave lanes running
 
 
-def _merge(procs, lanes, timing, sorter, queue, go, t0_shared, stopper, t_setup, realtime, log, valves) -> dict:
-    """Start the lanes, merge their decisions as they come, and sum up the run."""
+def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realtime, log, valves) -> dict:
+    """Wait for the lanes to set up, merge their decisions as they come, and sum up the run."""
     workers = len(lanes)
-    for p in procs:
-        p.start()
     ready = 0
     done = [-1] * workers
-    finished = [None] * workers
+    finished = watch.finished
     while ready < workers:
-        k, tag, payload = _next_message(queue, procs, finished)
+        k, tag, payload = watch.message()
         if tag is None and "error" in payload:
-            for p in procs:
-                p.kill()
+            watch.kill()
             raise RuntimeError(f"lane {k} failed: {payload['error']}")
         ready += tag == "ready"
+        if stopper.requested:
+            raise KeyboardInterrupt  # before the belt started: nothing was decided (the lanes are killed)
+        if time.perf_counter() - t_setup > SETUP_TIMEOUT_S:
+            raise RuntimeError(f"the lanes were not set up after {SETUP_TIMEOUT_S:.0f} s")
     # the stream starts now for every lane (setup, like the single loop's, is not throughput)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    t0_shared.value = t_start + 0.005
-    go.set()
+    shared["t0"].value = t_start + 0.005
+    shared["go"].set()
     buffer: list = []  # (chunk, line1, line0, col0, event, t_in)
     merged: list[dict] = []
     latency = LatencyHistogram()
@@ -301,12 +361,11 @@ def _merge(procs, lanes, timing, sorter, queue, go, t0_shared, stopper, t_setup,
         merged.extend(out)
 
     while any(f is None for f in finished):
-        k, chunk, payload = _next_message(queue, procs, finished)
+        k, chunk, payload = watch.message()
         if chunk is None:
             finished[k] = payload
             if "error" in payload:
-                for p in procs:
-                    p.kill()
+                watch.kill()
                 raise RuntimeError(f"lane {k} failed: {payload['error']}")
             continue
         for c, events, t_ins in payload:
@@ -319,8 +378,8 @@ def _merge(procs, lanes, timing, sorter, queue, go, t0_shared, stopper, t_setup,
     # every decision is out: the lanes' exit (unmapping the recording) is teardown, as after run_loop
     wall = time.perf_counter() - t_start
     merge_cpu = time.process_time() - cpu_start
-    for p in procs:
-        p.join()
+    for p in watch.procs:
+        p.join(10.0)  # each has sent its last message: it is only exiting
     lines = max(f["lines"] for f in finished)  # the whole recording, unless a signal stopped the lanes
     stream_s = lines / timing.line_rate_hz
     cpu = sum(f["cpu_s"] for f in finished) + merge_cpu
@@ -329,7 +388,8 @@ def _merge(procs, lanes, timing, sorter, queue, go, t0_shared, stopper, t_setup,
     alarms = {kind: max(f["alarms"][kind] for f in finished) for kind in finished[0]["alarms"]}
     fault_lines = {kind: max(f["fault_lines"][kind] for f in finished) for kind in finished[0]["fault_lines"]}
     summary = {
-        "workers": workers, "lanes": [(lane.lo, lane.hi) for lane in lanes], "stopped_by_signal": stopper.requested,
+        "workers": workers, "lanes": [(lane.lo, lane.hi) for lane in lanes],
+        "stopped_by_signal": any(f["stopped"] for f in finished),
         "chunks": max(c["chunks"] for c in workers_c), "lines": lines, "particles": len(merged),
         "ejected": ejected, "passed": len(merged) - ejected, "late": late,
         "undecided": sum(bool(e.get("undecided")) for e in merged), "cut": sum(bool(e["cut"]) for e in merged),

@@ -1,7 +1,9 @@
 """Lane-parallel mode: the same events as one worker, and lane geometry by hand."""
 from __future__ import annotations
 
-import json
+import os
+import signal
+import time
 
 import pytest
 
@@ -61,7 +63,8 @@ def test_lanes_give_the_same_events_as_one_worker(small_belt, small_model, worke
     assert many["summary"]["ejected"] == one.summary["ejected"]
 
 
-def test_a_window_reads_whole_lines_as_its_own_columns(small_belt, small_model):
+@pytest.mark.parametrize("x0", [0, 300, 750])
+def test_a_window_reads_whole_lines_as_its_own_columns(small_belt, small_model, x0):
     """A lane is fed the detector's whole lines and reads its columns in place; the same
     pipeline fed a copy of just its columns must decide and flag exactly the same, faults
     included (a frozen module inside the window, saturated and dark lines, a gap)."""
@@ -74,7 +77,7 @@ def test_a_window_reads_whole_lines_as_its_own_columns(small_belt, small_model):
     timing = timing_of(rec.meta)
     cal = calibrate(rec.calibration)
     model, sorter = load_model(small_model), load_sorter(SORTER)
-    x0, width = 300, 500
+    width = 500  # x0 = 0: the first lane's window; 750: the last one, up to the belt's edge (1250 px)
     faults = [FaultSpec("dropped", 700, 20), FaultSpec("saturated", 1500, 10), FaultSpec("dark", 2500, 200),
               FaultSpec("stuck_module", 3500, 600, col0=x0 + 100, n_cols=64), FaultSpec("dark", 5000, 1)]
     chunks = list(inject(replay(rec.lines, timing.line_rate_hz, 32), faults, cal, seed=1))
@@ -98,48 +101,119 @@ def test_a_window_reads_whole_lines_as_its_own_columns(small_belt, small_model):
 
 def test_paced_lanes_decide_as_one_worker_and_time_from_the_merge(small_belt, small_model):
     """Paced (1.5 s of belt in real time), the merged events re-time latency to the release:
-    decisions equal the single worker's, and each event's lateness follows its own slack."""
+    decisions equal the single worker's, and latency and slack are re-timed together (an eject's
+    latency plus its slack is its command's due time after its last line, whatever the clock)."""
     rec = read_belt_recording(small_belt)
     timing = timing_of(rec.meta)
+    sorter = load_sorter(SORTER)
     one = run_loop(replay(rec.lines, timing.line_rate_hz, 32),
-                   build_pipeline(rec.calibration, load_model(small_model), load_sorter(SORTER), timing, str(SORTER)))
+                   build_pipeline(rec.calibration, load_model(small_model), sorter, timing, str(SORTER)))
     paced = run_lanes(small_belt, small_model, SORTER, workers=2, realtime=True)
-    strip = lambda evs: [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in evs]  # noqa: E731
-    assert strip(paced["events"]) == strip(one.events)
+    strip = lambda e: {k: v for k, v in e.items() if k not in WALL_CLOCK}  # noqa: E731
+    assert len(paced["events"]) == len(one.events)
+    # a particle left undecided by an overloaded moment (a VM stall) is the only allowed difference
+    undecided = [p["undecided"] for p in paced["events"]]
+    assert sum(undecided) <= len(undecided) // 100
+    assert all(strip(p) == strip(o) for p, o, u in zip(paced["events"], one.events, undecided) if not u)
     s = paced["summary"]
     assert s["wall_s"] >= 0.9 * rec.n_lines / timing.line_rate_hz  # it did keep to the line clock
-    for e in paced["events"]:
+    resp_ms = sorter.ejector.response_ms
+    fired = [e for e in paced["events"] if e["decision"] == "eject"]
+    assert len(fired) > 50
+    for e in fired:
+        due_ms = e["open_s"] * 1000.0 - resp_ms - e["last_line"] / timing.line_rate_hz * 1000.0
+        assert abs(e["latency_ms"] + e["slack_ms"] - due_ms) < 0.01
         assert e["latency_ms"] > 0
-        assert e["late"] == (e["slack_ms"] < 0 or e["undecided"])
-    assert s["late"] == sum(e["late"] for e in paced["events"] if e["decision"] == "eject")
-    assert s["latency_ms"]["max"] >= max(e["latency_ms"] for e in paced["events"]) - 1e-3
+    assert s["late"] == sum(e["late"] for e in fired)
 
 
-def test_a_lane_that_dies_ends_the_run_with_an_error_not_a_hang(small_belt, small_model, monkeypatch, tmp_path):
-    """A lane killed mid-belt (here: it exits at line 3200, as if out of memory) sends no last
-    message; the parent must notice, stop the other lanes and raise, and the event log holds
-    what was merged until then."""
-    import os
-    import time
+def _timed_log():
+    """An event log that notes the wall time of its first write."""
+    class Log:
+        first = None
+        count = 0
 
-    from sorting.sinks import EventLog
+        def write(self, events):
+            self.first = self.first or time.perf_counter()
+            self.count += len(events)
+
+        def close(self):
+            pass
+
+    return Log()
+
+
+def test_a_lane_that_dies_ends_the_run_with_an_error_not_a_hang(small_belt, small_model, monkeypatch):
+    """A lane killed early in a paced belt (here: it exits at line 400, 0.1 s in, as if out of
+    memory) sends no last message. The parent must notice while the other lane still streams
+    (it would go on for another 1.4 s), stop it, and raise; what was merged was logged."""
+    import multiprocessing as mp
+
     from sorting.stream import Pipeline
 
     real_step = Pipeline.step
 
     def dying_step(self, first_line, raw, t_in):
-        if self.x0 > 0 and first_line >= 3200:
+        if self.x0 > 0 and first_line >= 400:
             os._exit(3)
         return real_step(self, first_line, raw, t_in)
 
     monkeypatch.setattr(Pipeline, "step", dying_step)  # the lanes fork after this: they inherit it
-    log = EventLog(tmp_path / "events.jsonl")
-    t0 = time.perf_counter()
+    log = _timed_log()
     with pytest.raises(RuntimeError, match=r"lane 1 died \(exit code 3\)"):
-        run_lanes(small_belt, small_model, SORTER, workers=2, log=log)
-    assert time.perf_counter() - t0 < 60
-    log.close()
-    logged = (tmp_path / "events.jsonl").read_text().splitlines()
-    # merged only where both lanes had reported: particles completed before the lane died
-    assert len(logged) == log.count
-    assert all(json.loads(line)["last_line"] < 3200 for line in logged)
+        run_lanes(small_belt, small_model, SORTER, workers=2, realtime=True, log=log)
+    raised = time.perf_counter()
+    assert log.first is not None and log.count > 0  # decisions from before the death were merged
+    # the belt had 1.4 s to go; _Watch gives up on a dead lane within ~0.5 s
+    assert raised - log.first < 1.0
+    assert mp.active_children() == []
+
+
+def test_a_stop_signal_stops_every_lane_at_the_same_chunk(small_belt, small_model, monkeypatch):
+    """SIGINT reaches the parent while the lanes are far apart (unpaced, lane 0 slowed more than
+    lane 1): they agree on one chunk to stop at (the one after the furthest lane's), so the
+    merged events are exactly one worker's on the lines read, and the run says it was stopped."""
+    from sorting.stream import Pipeline
+
+    real_step = Pipeline.step
+
+    def skewed_step(self, first_line, raw, t_in):
+        time.sleep(0.003 if self.x0 == 0 else 0.001)  # lane 0 falls behind lane 1
+        if self.x0 == 0 and first_line == 1600:
+            os.kill(os.getppid(), signal.SIGINT)  # as a Ctrl-C, once, mid-belt
+        return real_step(self, first_line, raw, t_in)
+
+    monkeypatch.setattr(Pipeline, "step", skewed_step)
+    result = run_lanes(small_belt, small_model, SORTER, workers=2)
+    s = result["summary"]
+    assert s["stopped_by_signal"] is True
+    rec = read_belt_recording(small_belt)
+    assert 1600 + 32 * 10 < s["lines"] < rec.n_lines and s["lines"] % 32 == 0  # lane 1 was well ahead
+    monkeypatch.setattr(Pipeline, "step", real_step)
+    timing = timing_of(rec.meta)
+    one = run_loop(replay(rec.lines[:s["lines"]], timing.line_rate_hz, 32),
+                   build_pipeline(rec.calibration, load_model(small_model), load_sorter(SORTER), timing, str(SORTER)))
+    strip = lambda evs: [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in evs]  # noqa: E731
+    assert len(one.events) > 50
+    assert strip(result["events"]) == strip(one.events)
+
+
+def test_an_error_in_the_merge_stops_the_lanes(small_belt, small_model):
+    """The merging parent fails (here its event log's disk is full): the error reaches the
+    caller, and no lane process is left running behind it."""
+    import multiprocessing as mp
+
+    class FullDisk:
+        writes = 0
+
+        def write(self, events):
+            self.writes += 1
+            if self.writes == 2:
+                raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    with pytest.raises(OSError, match="No space left"):
+        run_lanes(small_belt, small_model, SORTER, workers=2, log=FullDisk())
+    assert mp.active_children() == []
