@@ -5,8 +5,10 @@
 For each width a belt is simulated on the reference machine with that many detector
 pixels (30 % occupancy, valves across the whole belt), then sorted unpaced by the single
 loop and by ``--workers`` lanes, alternately, ``--repeats`` times each; the median of each
-is reported, and the two event logs are compared (wall-clock fields aside). Writes
-``lanes.json`` and ``lanes.png`` into ``--out``.
+is reported, and the two event logs are compared (wall-clock fields aside). As the
+machine's own yardstick, ``--workers`` complete single loops are also run at once, each on
+the whole belt (``two_loops``): how much of its solo speed each keeps when the cores are
+shared. Writes ``lanes.json`` and ``lanes.png`` into ``--out``.
 
 Every lane pays some costs in full whatever its width (per chunk: the ONNX call, the
 stages' Python set-up, reading the chunk's lines from memory; per column: the overlap it
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -42,6 +45,33 @@ from sorting.sources import prefault, replay  # noqa: E402
 WALL_CLOCK = ("latency_ms", "slack_ms", "late")
 
 
+def _loop_job(rec_dir: Path, sorter_path: Path, results, go) -> None:
+    rec = read_belt_recording(rec_dir)
+    timing = timing_of(rec.meta)
+    pipe = build_pipeline(rec.calibration, load_model(SHIPPED_MODEL), load_sorter(sorter_path), timing,
+                          str(sorter_path))
+    prefault(rec.lines)
+    results.put("ready")
+    go.wait()
+    results.put(run_loop(replay(rec.lines, timing.line_rate_hz, 32), pipe, keep_events=False).summary["wall_s"])
+
+
+def _loops_at_once(rec_dir: Path, sorter_path: Path, n: int) -> list[float]:
+    """Wall seconds of ``n`` complete single loops started together, one process each."""
+    ctx = mp.get_context("fork")
+    results, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_loop_job, args=(rec_dir, sorter_path, results, go)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for _ in range(n):
+        assert results.get(timeout=600) == "ready"
+    go.set()
+    walls = [results.get(timeout=600) for _ in range(n)]
+    for p in procs:
+        p.join()
+    return walls
+
+
 def _point(tmp: Path, width_m: float, seconds: float, repeats: int, workers: int) -> dict:
     ref = load_machine()
     machine = dataclasses.replace(ref, detector=dataclasses.replace(
@@ -57,8 +87,10 @@ def _point(tmp: Path, width_m: float, seconds: float, repeats: int, workers: int
     timing = timing_of(rec.meta)
     model, sorter = load_model(SHIPPED_MODEL), load_sorter(sorter_path)
     prefault(rec.lines)
-    one, many = [], []
+    one, many, solo, together = [], [], [], []
     for k in range(repeats):
+        solo += _loops_at_once(rec_dir, sorter_path, 1)
+        together.append(_loops_at_once(rec_dir, sorter_path, workers))
         pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path))
         single = run_loop(replay(rec.lines, timing.line_rate_hz, 32), pipe, keep_events=k == 0)
         lanes = run_lanes(rec_dir, SHIPPED_MODEL, sorter_path, workers)
@@ -78,9 +110,13 @@ def _point(tmp: Path, width_m: float, seconds: float, repeats: int, workers: int
         "speedup": mid["realtime_factor"] / rt_one,
         "lane_cpu_s": mid["lane_cpu_s"], "lane_wall_s": mid["lane_wall_s"], "merge_cpu_s": mid["merge_cpu_s"],
         "lane_stage_s": mid["lane_stage_s"],
+        # each of `workers` whole single loops at once keeps this share of its solo speed
+        "two_loops": {"solo_wall_s": solo, "together_wall_s": together,
+                      "speed_kept": statistics.median(solo) / statistics.median(sum(together, []))},
     }
     print(json.dumps({k: out[k] for k in ("belt_width_m", "single_realtime_factor", "lanes_realtime_factor",
-                                          "speedup", "same_events")}), file=sys.stderr)
+                                          "speedup", "same_events")} | {"speed_kept": out["two_loops"]["speed_kept"]}),
+          file=sys.stderr)
     return out
 
 

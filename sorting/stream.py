@@ -209,6 +209,7 @@ class Pipeline:
         # the ring must still hold a particle's first lines (and margin) when it completes
         self.ring_lines = 1 << int(np.ceil(np.log2(max_particle_lines + 2 * chunk_lines + 2 * CROP_MARGIN_PX + 8)))
         self._ring = np.zeros((self.ring_lines, self.pixels, 2), np.float32)
+        self._ring.fill(0.0)  # touch every page now (np.zeros maps them lazily): no page faults on the belt
         self._arrival = np.zeros(self.ring_lines, np.float64)
         self._a = np.empty((chunk_lines, self.pixels, 2), np.float32)
         self._mask = np.empty((chunk_lines, self.pixels), bool)
