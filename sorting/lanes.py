@@ -106,27 +106,31 @@ SETUP_TIMEOUT_S = 600.0
 class _Watch:
     """The lanes' messages, and the lanes themselves: one that dies without its last message
     (killed, out of memory, a crash in compiled code) ends the run with an error within about
-    half a second, however busy the other lanes keep the queue."""
+    a fifth of a second, however busy the other lanes keep the queue."""
 
     CHECK_S = 0.2  # how often the lanes' exit codes are looked at
-    GRACE_S = 0.3  # a lane that exits cleanly has put its last message in the pipe: time to read it
 
     def __init__(self, procs: list, queue) -> None:
         self.procs, self.queue = procs, queue
         self.finished: list = [None] * len(procs)
         self._check_at = 0.0
-        self._gone: dict[int, float] = {}
 
     def message(self) -> tuple:
         while True:
             now = time.monotonic()
             if now >= self._check_at:
                 self._check_at = now + self.CHECK_S
-                for k, p in enumerate(self.procs):
-                    if self.finished[k] is None and p.exitcode is not None:
-                        if now >= self._gone.setdefault(k, now + self.GRACE_S):
-                            self.kill()
-                            raise RuntimeError(f"lane {k} died (exit code {p.exitcode}) before its last decisions")
+                gone = [k for k, p in enumerate(self.procs) if self.finished[k] is None and p.exitcode is not None]
+                if gone:
+                    # a lane's messages reach the pipe before it exits: while any are unread, its
+                    # last one may be among them; with none left, it died without sending it
+                    try:
+                        return self.queue.get_nowait()
+                    except queue_errors.Empty:
+                        self.kill()
+                        k = gone[0]
+                        raise RuntimeError(f"lane {k} died (exit code {self.procs[k].exitcode}) "
+                                           "before its last decisions") from None
             try:
                 return self.queue.get(timeout=self.CHECK_S)
             except queue_errors.Empty:
@@ -141,8 +145,8 @@ class _Watch:
 
 def _stop_before(chunk: int, reached, stop_at, lock) -> bool:
     """After a stop request every lane stops at the same chunk count: one more than any lane
-    had started when the first of them saw the request (the one more covers a lane whose
-    latest count that lane could not see yet). True: do not process ``chunk``."""
+    had started when the first of them saw the request (the one more covers a count another
+    lane had just stored but this one could not see yet). True: do not process ``chunk``."""
     with lock:
         if stop_at.value < 0:
             stop_at.value = max(reached) + 1

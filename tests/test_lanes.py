@@ -164,7 +164,7 @@ def test_a_lane_that_dies_ends_the_run_with_an_error_not_a_hang(small_belt, smal
         run_lanes(small_belt, small_model, SORTER, workers=2, realtime=True, log=log)
     raised = time.perf_counter()
     assert log.first is not None and log.count > 0  # decisions from before the death were merged
-    # the belt had 1.4 s to go; _Watch gives up on a dead lane within ~0.5 s
+    # the belt had 1.4 s to go; _Watch gives up on a dead lane within ~0.2 s
     assert raised - log.first < 1.0
     assert mp.active_children() == []
 
