@@ -55,7 +55,8 @@ def _max_defect_depth_px(mask_u8: np.ndarray) -> float:
             defects = cv2.convexityDefects(c, hull)
         except cv2.error:  # self-intersecting hull order on degenerate contours
             return np.inf
-        if defects is not None:
+        # OpenCV 4 returns None for a convex outline, OpenCV 5 an empty array
+        if defects is not None and defects.size:
             depth = max(depth, float(defects.reshape(-1, 4)[:, 3].max()) / 256.0)
     return depth
 

@@ -154,7 +154,8 @@ def _opencv_depth_px(mask):
     (c,), _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull = cv2.convexHull(c, returnPoints=False)
     defects = cv2.convexityDefects(c, hull) if len(hull) >= 3 and len(c) >= 4 else None
-    return 0.0 if defects is None else defects.reshape(-1, 4)[:, 3].max() / 256.0
+    # OpenCV 4 returns None for a convex outline, OpenCV 5 an empty array
+    return 0.0 if defects is None or not defects.size else defects.reshape(-1, 4)[:, 3].max() / 256.0
 
 
 def test_defect_bound_by_hand():
