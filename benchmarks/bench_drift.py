@@ -35,17 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
+from sorting.cli.demo import SHIPPED_MODEL
 from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter
-from sorting.demo import SHIPPED_MODEL
-from sorting.faults import AirTracker
-from sorting.formats import BeltRecordingWriter, read_belt_recording
-from sorting.model import load_model
-from sorting.outcome import jets_outcome, match_particles
+from sorting.io import BeltRecordingWriter, read_belt_recording
+from sorting.offline.outcome import jets_outcome, match_particles
 from sorting.physics import load_materials
-from sorting.runner import build_pipeline, run_loop, timing_of
-from sorting.simulate import BeltTwin, simulate_belt
-from sorting.simulate.belt import EXTRA_TRUTH
-from sorting.sources import replay
+from sorting.realtime.air import AirTracker
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.sources import replay
+from sorting.stages.inference import load_model
+from sorting.twin import BeltTwin, simulate_belt
+from sorting.twin.belt import EXTRA_TRUTH
 
 SORTER = CONFIG_DIR / "sorter_reference.yaml"
 TOL_PX = 2.0  # as outcome.match_particles

@@ -42,12 +42,12 @@ def _stats(us: list[float]) -> dict:
 
 
 def _crops_simulated(n: int, seed: int):
-    from sorting.calibrate import calibrate
     from sorting.config import load_machine, load_ore
     from sorting.physics import load_materials
-    from sorting.simulate.ore import densities, mineral_list
-    from sorting.simulate.render import Renderer
-    from sorting.simulate.rocks import crop_signal, make_rock
+    from sorting.stages.calibrate import calibrate
+    from sorting.twin.ore import densities, mineral_list
+    from sorting.twin.render import Renderer
+    from sorting.twin.rocks import crop_signal, make_rock
 
     machine, ore, lib = load_machine(), load_ore(), load_materials()
     minerals = mineral_list(ore)
@@ -65,8 +65,8 @@ def _crops_simulated(n: int, seed: int):
 
 
 def _crops_dataset(root: Path, n: int):
-    from sorting.calibrate import calibrate
-    from sorting.formats import read_rocks_dataset
+    from sorting.io import read_rocks_dataset
+    from sorting.stages.calibrate import calibrate
 
     ds = read_rocks_dataset(root)
     cal = calibrate(ds.calibration)
@@ -75,9 +75,9 @@ def _crops_dataset(root: Path, n: int):
 
 
 def bench_features(cal, crops, pp: float, lp: float, repeats: int, batch: int = 7) -> dict:
-    from sorting.features import N_FEATURES, features_batch, particle_features
-    from sorting.normalize import attenuation
-    from sorting.segment import segment_crop
+    from sorting.stages.features import N_FEATURES, features_batch, particle_features
+    from sorting.stages.normalize import attenuation
+    from sorting.stages.segment import segment_crop
 
     boxes = []
     for raw, x0 in crops:
@@ -101,12 +101,14 @@ def bench_features(cal, crops, pp: float, lp: float, repeats: int, batch: int = 
 
 
 def bench_stitching(seconds: float, seed: int, chunk: int, repeats: int) -> dict:
-    from sorting.calibrate import calibrate
     from sorting.config import load_machine, load_ore
-    from sorting.normalize import attenuation
     from sorting.physics import load_materials
-    from sorting.segment import SegmentConfig, StreamSegmenter, foreground
-    from sorting.simulate.belt import BeltTwin
+    from sorting.stages.calibrate import calibrate
+    from sorting.stages.normalize import attenuation
+    from sorting.stages.particles import SegmentConfig
+    from sorting.stages.segment import foreground
+    from sorting.stages.stitch import StreamSegmenter
+    from sorting.twin.belt import BeltTwin
 
     machine = load_machine()
     twin = BeltTwin(seconds, seed, machine, load_ore(), load_materials(), occupancy=0.3, touching=0.1, workers=1)

@@ -31,16 +31,16 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sorting.bench import machine_description  # noqa: E402
+from sorting.cli.bench import machine_description  # noqa: E402
+from sorting.cli.demo import SHIPPED_MODEL  # noqa: E402
 from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter, read_yaml  # noqa: E402
-from sorting.demo import SHIPPED_MODEL  # noqa: E402
-from sorting.formats import read_belt_recording  # noqa: E402
-from sorting.lanes import run_lanes  # noqa: E402
-from sorting.model import load_model  # noqa: E402
+from sorting.io import read_belt_recording  # noqa: E402
 from sorting.physics import load_materials  # noqa: E402
-from sorting.runner import build_pipeline, run_loop, timing_of  # noqa: E402
-from sorting.simulate import simulate_belt  # noqa: E402
-from sorting.sources import prefault, replay  # noqa: E402
+from sorting.realtime.lanes import run_lanes  # noqa: E402
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of  # noqa: E402
+from sorting.realtime.sources import prefault, replay  # noqa: E402
+from sorting.stages.inference import load_model
+from sorting.twin import simulate_belt  # noqa: E402
 
 WALL_CLOCK = ("latency_ms", "slack_ms", "late")
 

@@ -21,12 +21,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sorting.cli.demo import SHIPPED_MODEL  # noqa: E402
 from sorting.config import CONFIG_DIR, load_sorter  # noqa: E402
-from sorting.demo import SHIPPED_MODEL  # noqa: E402
-from sorting.formats import read_belt_recording  # noqa: E402
-from sorting.model import load_model  # noqa: E402
-from sorting.runner import build_pipeline, run_loop, timing_of  # noqa: E402
-from sorting.sinks import EventLog  # noqa: E402
+from sorting.io import read_belt_recording  # noqa: E402
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of  # noqa: E402
+from sorting.realtime.sinks import EventLog  # noqa: E402
+from sorting.stages.inference import load_model
 
 
 def rss_mb() -> float:

@@ -21,15 +21,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sorting.bench import machine_description  # noqa: E402
+from sorting.cli.bench import machine_description  # noqa: E402
+from sorting.cli.demo import SHIPPED_MODEL  # noqa: E402
 from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter  # noqa: E402
-from sorting.demo import SHIPPED_MODEL  # noqa: E402
-from sorting.formats import read_belt_recording  # noqa: E402
-from sorting.model import load_model  # noqa: E402
+from sorting.io import read_belt_recording  # noqa: E402
 from sorting.physics import load_materials  # noqa: E402
-from sorting.runner import build_pipeline, run_loop, timing_of  # noqa: E402
-from sorting.simulate import simulate_belt  # noqa: E402
-from sorting.sources import replay  # noqa: E402
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of  # noqa: E402
+from sorting.realtime.sources import replay  # noqa: E402
+from sorting.stages.inference import load_model
+from sorting.twin import simulate_belt  # noqa: E402
 
 
 def _point(tmp: Path, name: str, machine, occupancy: float, seconds: float, chunk: int, paced: bool) -> dict:

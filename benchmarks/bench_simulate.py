@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sorting.config import load_machine, load_ore
 from sorting.physics import load_materials
-from sorting.simulate import simulate_belt, simulate_rocks
+from sorting.twin import simulate_belt, simulate_rocks
 
 
 def main() -> None:

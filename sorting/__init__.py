@@ -1,2 +1,4 @@
 """sorting: dual-energy X-ray transmission ore sorting, with a digital twin of the sorter."""
-__version__ = "0.1.0"
+from sorting.version import VERSION
+
+__version__ = VERSION

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import InputError
+from sorting.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -274,7 +274,7 @@ def _check_materials(path: Path, used: list[tuple[str, str]], library: Any) -> N
 
 def load_machine(path: str | Path | None = None, library: Any = None) -> MachineConfig:
     """The machine config at ``path``; with ``library`` (a MaterialLibrary), its materials are checked too."""
-    from .physics.spectra import tube_spectrum
+    from sorting.physics.spectra import tube_spectrum
 
     path = _resolve(path, "machine_reference.yaml")
     cfg = load(MachineConfig, path)

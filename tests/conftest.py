@@ -27,7 +27,7 @@ def small_configs():
 @pytest.fixture(scope="session")
 def small_belt(tmp_path_factory, small_configs) -> Path:
     """Path of a 1.5 s xrt-belt/1 recording with truth.csv (reference machine, Crater Lake ore)."""
-    from sorting.simulate import simulate_belt
+    from sorting.twin import simulate_belt
 
     machine, ore, lib = small_configs
     out = tmp_path_factory.mktemp("small_belt") / "belt"
@@ -37,7 +37,7 @@ def small_belt(tmp_path_factory, small_configs) -> Path:
 @pytest.fixture(scope="session")
 def small_rocks(tmp_path_factory, small_configs) -> Path:
     """Path of a ~120-rock xrt-rocks/1 dataset with a train/test split."""
-    from sorting.simulate import simulate_rocks
+    from sorting.twin import simulate_rocks
 
     machine, ore, lib = small_configs
     out = tmp_path_factory.mktemp("small_rocks") / "rocks"

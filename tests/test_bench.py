@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sorting.cli import main
-from sorting.formats import read_belt_recording
+from sorting.io import read_belt_recording
 
 
 def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):

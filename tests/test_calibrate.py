@@ -11,13 +11,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sorting.calibrate import Calibration, calibrate, find_bad_pixels
 from sorting.config import Layer, MachineConfig, load_machine
 from sorting.errors import InputError
-from sorting.normalize import attenuation, basis_vector, material_maps
-from sorting.physics import build_response, load_materials, pixel_pattern, sample_counts
-
-from sorting.formats import CalibrationScans, WedgeScan
+from sorting.io import CalibrationScans, WedgeScan
+from sorting.physics import load_materials
+from sorting.stages.calibrate import Calibration, calibrate, find_bad_pixels
+from sorting.stages.normalize import attenuation, basis_vector, material_maps
+from sorting.twin.detector import build_response, pixel_pattern, sample_counts
 
 #: the crossed wedge grid of CONTRACT.md section 2 (POM 0-250 mm, Fe 0-12 mm)
 WEDGE_POM_MM = (0.0, 10.0, 20.0, 35.0, 50.0, 70.0, 90.0, 120.0, 150.0, 200.0, 250.0)
@@ -298,8 +298,8 @@ def test_malformed_scans_are_refused(ref):
 
 
 def test_simulator_scans_calibrate(ref):
-    """The twin's own calibration scans (sorting.simulate) calibrate to its detector."""
-    render = pytest.importorskip("sorting.simulate.render")
+    """The twin's own calibration scans (sorting.twin) calibrate to its detector."""
+    render = pytest.importorskip("sorting.twin.render")
     renderer = render.Renderer.create(ref, load_materials(), ("albite",))
     cal = calibrate(renderer.calibration_scans(np.random.default_rng(2)))
     pat = pixel_pattern(ref)

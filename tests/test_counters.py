@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sorting.stream import LatencyHistogram
+from sorting.realtime.stream import LatencyHistogram
 
 
 @pytest.mark.parametrize("scale", [0.5, 5.0, 80.0])
@@ -44,7 +44,7 @@ def test_add_many_is_add_for_each():
 def test_event_rounding_is_numpy_round():
     """The event log's numbers are rounded all columns at once, compiled: the same floats as
     np.round column by column, ties (half to even) and large and tiny values included."""
-    from sorting.stream import _LOG_DECIMALS, _LOG_SCALE, _round_rows
+    from sorting.realtime.stream import _LOG_DECIMALS, _LOG_SCALE, _round_rows
 
     rng = np.random.default_rng(5)
     n = 4000
@@ -61,7 +61,7 @@ def test_chunk_numbers_are_the_event_formulas():
     """The loop's compiled per-chunk numbers against the formulas written out in numpy: the
     column centroid from its integer sum shifted by the window's x0, area, score, air window,
     latency from each particle's last line, slack to its command, then rounded as np.round."""
-    from sorting.stream import _LOG_DECIMALS, _LOG_SCALE, _chunk_numbers
+    from sorting.realtime.stream import _LOG_DECIMALS, _LOG_SCALE, _chunk_numbers
 
     rng = np.random.default_rng(8)
     n, x0, ring = 300, 417, 1024

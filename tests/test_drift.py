@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sorting.faults import AirTracker
-from sorting.normalize import attenuation_into
-from sorting.segment import foreground
-from sorting.simulate.belt import DRIFT_HIGH_SHARE, BeltTwin, drift_factors
+from sorting.realtime.air import AirTracker
+from sorting.stages.normalize import attenuation_into
+from sorting.stages.segment import foreground
+from sorting.twin.belt import DRIFT_HIGH_SHARE, BeltTwin, drift_factors
 
 PIXELS = 256
 SECONDS = 1.5
@@ -25,9 +25,9 @@ DRIFT = -0.05  # the air level falls 5 %: untracked, empty belt drifts toward th
 
 @pytest.fixture(scope="module")
 def drifted():
-    from sorting.calibrate import calibrate
     from sorting.config import load_machine, load_ore
     from sorting.physics import load_materials
+    from sorting.stages.calibrate import calibrate
 
     ref = load_machine()
     machine = dataclasses.replace(ref, detector=dataclasses.replace(ref.detector, pixels=PIXELS))
@@ -124,8 +124,8 @@ def test_tracker_follows_the_drift_and_keeps_the_calibration(drifted):
 
 def test_tracker_without_drift_stays_put(small_belt):
     """On the undrifted belt (rocks everywhere), rock edges do not pull the air level."""
-    from sorting.calibrate import calibrate
-    from sorting.formats import read_belt_recording
+    from sorting.io import read_belt_recording
+    from sorting.stages.calibrate import calibrate
 
     rec = read_belt_recording(small_belt)
     cal = calibrate(rec.calibration)

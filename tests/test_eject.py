@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from sorting.config import EjectorConfig, load_sorter
-from sorting.eject import Timing, check_geometry, covers, plan
 from sorting.errors import InputError
+from sorting.stages.eject import Timing, check_geometry, covers, plan
 
 REF = load_sorter(None).ejector
 T = Timing(line_rate_hz=3750.0, belt_speed_m_s=3.0, pixel_pitch_mm=0.8, pixels=1250)
@@ -220,8 +220,8 @@ def test_every_planned_pulse_covers_its_own_particle_centre():
 def test_the_loops_chunk_kernel_plans_as_plan_does():
     """The streaming loop's per-chunk kernel (window columns + its x0) gives plan's valves and
     times bit for bit, and each particle's box in the ring."""
-    from sorting.eject import plan_parameters
-    from sorting.stream import _chunk_plan
+    from sorting.realtime.stream import _chunk_plan
+    from sorting.stages.eject import plan_parameters
 
     rng = np.random.default_rng(4)
     n, x0 = 5000, 333

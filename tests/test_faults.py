@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sorting.faults import FAULT_KINDS, FaultSpec, LineHealth, good_runs, inject
+from sorting.realtime.health import FAULT_KINDS, LineHealth, good_runs
+from sorting.twin.faults import FaultSpec, inject
 
 P = 200
 DARK = np.full((P, 2), 1000.0, np.float32)
@@ -215,11 +216,12 @@ def test_faults_on_the_simulated_belt(small_belt):
     """The twin's belt with every kind of fault; the documented per-chunk recipe: counters
     match the injection, no particle forms on a bad line or a frozen module, particles
     the faults touch come out cut or suspect, and particles form again afterwards."""
-    from sorting.calibrate import calibrate
-    from sorting.formats import read_belt_recording
-    from sorting.normalize import attenuation
-    from sorting.segment import StreamSegmenter, foreground
-    from sorting.sources import replay
+    from sorting.io import read_belt_recording
+    from sorting.realtime.sources import replay
+    from sorting.stages.calibrate import calibrate
+    from sorting.stages.normalize import attenuation
+    from sorting.stages.segment import foreground
+    from sorting.stages.stitch import StreamSegmenter
 
     rec = read_belt_recording(small_belt)
     cal = calibrate(rec.calibration)

@@ -8,8 +8,6 @@ never from the pipeline under test.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import dataclasses
 import json
 import os
@@ -18,21 +16,24 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from sorting.calibrate import calibrate
-from sorting.config import load_sorter
-from sorting.faults import FAULT_KINDS, AirTracker, FaultSpec, inject
-from sorting.formats import read_belt_recording
-from sorting.model import load_model
-from sorting.outcome import jets_outcome, match_particles
-from sorting.runner import build_pipeline, run_loop, timing_of
-from sorting.sinks import UDPValveSink
-from sorting.sources import replay
 from udp_receiver import UDPReceiver
+
+from sorting.config import load_sorter
+from sorting.io import read_belt_recording
+from sorting.offline.outcome import jets_outcome, match_particles
+from sorting.realtime.air import AirTracker
+from sorting.realtime.health import FAULT_KINDS
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.sinks import UDPValveSink
+from sorting.realtime.sources import replay
+from sorting.stages.calibrate import calibrate
+from sorting.stages.inference import load_model
+from sorting.twin.faults import FaultSpec, inject
 
 ROOT = Path(__file__).resolve().parents[1]
 SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
@@ -356,7 +357,7 @@ def _log(path: Path) -> list[dict]:
 CRASH_AT_CHUNK = 100  # the 100th chunk's normalization raises (lines 3168-3199)
 CRASH = """
 import sys
-import sorting.stream as stream
+import sorting.realtime.stream as stream
 real, calls = stream.counts_log_into, [0]
 def failing(raw, dark, out, x0=0):
     if raw.shape[0] > 2:  # a chunk of the belt (the pipeline's warm-up passes 2 throwaway lines)
@@ -436,9 +437,9 @@ def test_overload_sheds_late_particles_and_never_blocks(rec, model, sorter, monk
     """A paced replay through a pipeline made slow (4 ms per particle in the features stage):
     lines keep their acquisition times, the loop keeps up with the belt by leaving overdue
     particles undecided (pass, late), and no late eject reaches the valves."""
-    from sorting import stream
-    from sorting.stream import SHED_MARGIN_MS
-    from sorting.wire import decode_valve
+    from sorting.io.wire import decode_valve
+    from sorting.realtime import stream
+    from sorting.realtime.stream import SHED_MARGIN_MS
 
     pipe = _pipeline(rec, model, sorter, shed_late=True)
     classified = [0]
@@ -509,7 +510,7 @@ DRIFTS = (-0.05, 0.05)
 def drift_runs(tmp_path_factory, small_configs, small_model):
     """2 s of a 256-pixel belt, drift-free and drifted by -5 % and +5 % (the same rocks), each
     sorted with the air tracker on (the default) and frozen at the calibration's air."""
-    from sorting.simulate import simulate_belt
+    from sorting.twin import simulate_belt
 
     machine, ore, lib = small_configs
     machine = dataclasses.replace(machine, detector=dataclasses.replace(machine.detector, pixels=DRIFT_PIXELS))
@@ -535,7 +536,7 @@ def test_tracked_air_keeps_detection_under_drift(drift_runs):
     """Every rock is found once with or without drift; with the tracker the rocks' areas stay
     those of the drift-free run, with the air frozen they swell (air level falling: empty
     belt reads as attenuation) or shrink (rising) toward the end of the run."""
-    from sorting.simulate.belt import DRIFT_HIGH_SHARE
+    from sorting.twin.belt import DRIFT_HIGH_SHARE
 
     rec0, ref, _ = drift_runs[0.0, True]
     truth = rec0.truth

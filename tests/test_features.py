@@ -9,8 +9,18 @@ import cv2
 import numpy as np
 import pytest
 
-from sorting.features import (FAYALITE_LEVEL, FEATURE_NAMES, FEATURE_VERSION, N_FEATURES, OXIDE_LEVEL,
-                              TEXTURE_WINDOW_MM, dataset_features, feature_table, features_batch, particle_features)
+from sorting.stages.features import (
+    FAYALITE_LEVEL,
+    FEATURE_NAMES,
+    FEATURE_VERSION,
+    N_FEATURES,
+    OXIDE_LEVEL,
+    TEXTURE_WINDOW_MM,
+    dataset_features,
+    feature_table,
+    features_batch,
+    particle_features,
+)
 
 MINERALS = ("albite", "orthoclase", "hedenbergite", "hastingsite", "fayalite", "magnetite")
 SYENITE = {"albite": 0.5, "orthoclase": 0.5}
@@ -20,10 +30,10 @@ PITCH = 0.8
 
 @pytest.fixture(scope="module")
 def twin():
-    from sorting.calibrate import calibrate
     from sorting.config import load_machine
     from sorting.physics import load_materials
-    from sorting.simulate.render import Renderer
+    from sorting.stages.calibrate import calibrate
+    from sorting.twin.render import Renderer
 
     renderer = Renderer.create(load_machine(), load_materials(), MINERALS)
     cal = calibrate(renderer.calibration_scans(np.random.default_rng(0)))
@@ -45,7 +55,7 @@ def plate(twin, fractions, thickness_mm, mask, x0=300, noise_seed=None):
     else:
         cols = slice(x0, x0 + mask.shape[1])
         raw = np.rint(renderer.pattern.dark[cols] + renderer.pattern.gain[cols] * sig).astype(np.uint16)
-    from sorting.normalize import attenuation
+    from sorting.stages.normalize import attenuation
 
     return attenuation(raw, cal, x0)
 
@@ -125,7 +135,7 @@ def test_mafic_fraction_of_plates(twin):
 
 def test_hot_spot_levels_sit_between_the_minerals():
     """Independent 2x2 solve of each mineral on the syenite -> hedenbergite basis."""
-    from sorting.normalize import MAFIC_ENDS, basis_vector
+    from sorting.stages.normalize import MAFIC_ENDS, basis_vector
 
     ends = np.array([basis_vector(m) for m in MAFIC_ENDS]).T
 
@@ -275,11 +285,11 @@ def test_dataset_features_marks_failed_rows(twin):
 
 
 def test_dataset_features_on_simulated_rocks(tmp_path):
-    from sorting.calibrate import calibrate
     from sorting.config import load_machine, load_ore
-    from sorting.formats import read_rocks_dataset
+    from sorting.io import read_rocks_dataset
     from sorting.physics import load_materials
-    from sorting.simulate import simulate_rocks
+    from sorting.stages.calibrate import calibrate
+    from sorting.twin import simulate_rocks
 
     root = simulate_rocks(tmp_path / "rocks", 12, 5, load_machine(), load_ore(), load_materials(), progress=False)
     ds = read_rocks_dataset(root)

@@ -1,7 +1,7 @@
 """The compiled feature kernel against a slow, readable numpy/OpenCV/scipy reference.
 
 ``reference_features`` computes one rock at a time from the definitions in the
-``sorting.features`` docstrings, with independent tools: OpenCV's Gaussian blur and erosion,
+``sorting.stages.features`` docstrings, with independent tools: OpenCV's Gaussian blur and erosion,
 scipy's bilinear ``map_coordinates`` for the basis table, numpy's histogram and interp for the
 quantiles, explicit shifts for the texture window. The kernel must agree to float32
 round-off on every feature (RTOL, ATOL, Q_ATOL below), on simulated rocks and on the
@@ -14,9 +14,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sorting import _features_kernel as kernel
-from sorting.features import (FAYALITE_LEVEL, FEATURE_NAMES, N_FEATURES, OXIDE_LEVEL, TEXTURE_WINDOW_MM,
-                              features_batch, features_from_ring, particle_features)
+from sorting.stages import features_kernel as kernel
+from sorting.stages.features import (
+    FAYALITE_LEVEL,
+    FEATURE_NAMES,
+    N_FEATURES,
+    OXIDE_LEVEL,
+    TEXTURE_WINDOW_MM,
+    features_batch,
+    features_from_ring,
+    particle_features,
+)
 
 #: kernel vs reference: float32 maps (blur sums in another order, exp/ln to < 1 ulp), float64
 #: statistics ...
@@ -45,7 +53,7 @@ def reference_basis(a_low, a_high, lut):
 
 def reference_features(a, mask, cal, pp, lp):
     """The features of one rock, the plain way (float64 statistics)."""
-    from sorting.normalize import _smooth_inside, mafic_line
+    from sorting.stages.normalize import _smooth_inside, mafic_line
 
     mask = np.asarray(mask, bool)
     if not mask.any():
@@ -136,10 +144,10 @@ def assert_close(got, want, what=""):
 def rocks(small_rocks):
     """(cal, pixel pitch, line pitch, [(a, mask)]): simulated rocks, attenuation and segmentation
     as the batch path makes them."""
-    from sorting.calibrate import calibrate
-    from sorting.formats import read_rocks_dataset
-    from sorting.normalize import attenuation
-    from sorting.segment import segment_crop
+    from sorting.io import read_rocks_dataset
+    from sorting.stages.calibrate import calibrate
+    from sorting.stages.normalize import attenuation
+    from sorting.stages.segment import segment_crop
 
     ds = read_rocks_dataset(small_rocks)
     cal = calibrate(ds.calibration)

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from sorting.errors import InputError
-from sorting.formats import (
+from sorting.io import (
     ROCK_COLUMNS,
     TRUTH_COLUMNS,
     BeltRecordingWriter,
@@ -48,7 +48,7 @@ def _tiff(path: Path, a: np.ndarray, **kw) -> None:
     tifffile.imwrite(path, a, **({"photometric": "minisblack", "planarconfig": "contig"} | kw))
 
 
-def _write_csv(path: Path, header, rows) -> None:
+def write_csv(path: Path, header, rows) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
@@ -183,7 +183,7 @@ def _hand_calibration(folder: Path, rng) -> dict:
               "wedge_a.tiff": _counts(rng, 16, 40), "wedge_b.tiff": _counts(rng, 18, 10)}
     for name, a in arrays.items():
         _tiff(folder / name, a)
-    _write_csv(folder / "wedges.csv", ["file", "x0", "pom_mm", "fe_mm"],
+    write_csv(folder / "wedges.csv", ["file", "x0", "pom_mm", "fe_mm"],
                [["wedge_a.tiff", 0, 0, 0], ["wedge_b.tiff", 30, "125.5", "6"]])
     return arrays
 
@@ -199,7 +199,7 @@ def test_hand_written_dataset(tmp_path):
     _tiff(root / "rocks" / "r1.tiff", crop)
     big_endian = _counts(rng, 5, 5)  # another tool's TIFF: big-endian, extra column before the contract ones
     _tiff(root / "rocks" / "r2.tif", big_endian, byteorder=">")
-    _write_csv(root / "rocks.csv", ["lithotype", *ROCK_COLUMNS],
+    write_csv(root / "rocks.csv", ["lithotype", *ROCK_COLUMNS],
                [["skarn", "r1", "rocks/r1.tiff", "34", "sc", "250", "12.5", "train"],
                 ["", "2", "rocks/r2.tif", "0", "waste", "", "", ""]])
     ds = read_rocks_dataset(root)
@@ -222,7 +222,7 @@ def test_hand_written_recording(tmp_path):
     (root / "recording.json").write_text(json.dumps(
         {"format": "xrt-belt/1", "detector_pixels": P, "lines": 33, "pixel_pitch_mm": 1.0,
          "line_rate_hz": 4000, "belt_speed_m_s": 2.5}))
-    _write_csv(root / "truth.csv", TRUTH_COLUMNS,
+    write_csv(root / "truth.csv", TRUTH_COLUMNS,
                [["r9", 2, 9, 10, 20, "5.5", "15.0", "waste", "", "7.25"]])
     rec = read_belt_recording(root)
     assert np.array_equal(rec.lines, lines) and rec.lines.shape == (33, P, 2)
@@ -338,14 +338,14 @@ def _edit_csv(path: Path, row: int, column: str, value: str) -> None:
     with path.open(newline="") as fh:
         table = list(csv.DictReader(fh))
     table[row][column] = value
-    _write_csv(path, list(table[0]), [list(r.values()) for r in table])
+    write_csv(path, list(table[0]), [list(r.values()) for r in table])
 
 
 def _drop_columns(path: Path, columns) -> None:
     with path.open(newline="") as fh:
         table = list(csv.DictReader(fh))
     keep = [c for c in table[0] if c not in columns]
-    _write_csv(path, keep, [[r[c] for c in keep] for r in table])
+    write_csv(path, keep, [[r[c] for c in keep] for r in table])
 
 
 def _edit_json(path: Path, **changes) -> None:

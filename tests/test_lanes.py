@@ -8,11 +8,11 @@ import time
 import pytest
 
 from sorting.config import CONFIG_DIR, load_sorter
-from sorting.formats import read_belt_recording
-from sorting.lanes import Lane, _claim_rule, lane_windows, run_lanes
-from sorting.model import load_model
-from sorting.runner import build_pipeline, run_loop, timing_of
-from sorting.sources import replay
+from sorting.io import read_belt_recording
+from sorting.realtime.lanes import Lane, _claim_rule, lane_windows, run_lanes
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.sources import replay
+from sorting.stages.inference import load_model
 
 SORTER = CONFIG_DIR / "sorter_reference.yaml"
 WALL_CLOCK = ("latency_ms", "slack_ms", "late")
@@ -70,8 +70,8 @@ def test_a_window_reads_whole_lines_as_its_own_columns(small_belt, small_model, 
     included (a frozen module inside the window, saturated and dark lines, a gap)."""
     import numpy as np
 
-    from sorting.calibrate import calibrate
-    from sorting.faults import FaultSpec, inject
+    from sorting.stages.calibrate import calibrate
+    from sorting.twin.faults import FaultSpec, inject
 
     rec = read_belt_recording(small_belt)
     timing = timing_of(rec.meta)
@@ -149,7 +149,7 @@ def test_a_lane_that_dies_ends_the_run_with_an_error_not_a_hang(small_belt, smal
     (it would go on for another 1.4 s), stop it, and raise; what was merged was logged."""
     import multiprocessing as mp
 
-    from sorting.stream import Pipeline
+    from sorting.realtime.stream import Pipeline
 
     real_step = Pipeline.step
 
@@ -173,7 +173,7 @@ def test_a_stop_signal_stops_every_lane_at_the_same_chunk(small_belt, small_mode
     """SIGINT reaches the parent while the lanes are far apart (unpaced, lane 0 slowed more than
     lane 1): they agree on one chunk to stop at (the one after the furthest lane's), so the
     merged events are exactly one worker's on the lines read, and the run says it was stopped."""
-    from sorting.stream import Pipeline
+    from sorting.realtime.stream import Pipeline
 
     real_step = Pipeline.step
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter
-from sorting.formats import read_belt_recording
-from sorting.model import load_model
+from sorting.io import read_belt_recording
 from sorting.physics import load_materials
-from sorting.runner import build_pipeline, run_loop, timing_of
-from sorting.simulate import BeltTwin, simulate_belt
-from sorting.sources import rechunk, replay
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.sources import rechunk, replay
+from sorting.stages.inference import load_model
+from sorting.twin import BeltTwin, simulate_belt
 
 SORTER = CONFIG_DIR / "sorter_reference.yaml"
 WALL_CLOCK = ("latency_ms", "slack_ms", "late")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sorting.errors import InputError
-from sorting.model import META_KEY, load_model, train
+from sorting.offline.training import train
+from sorting.stages.inference import META_KEY, load_model
 
 NAMES = tuple(f"f{i}" for i in range(8))
 VERSION = "test-1"
@@ -133,11 +134,11 @@ def test_without_assays_the_threshold_recalls_sc_rocks():
 
 @pytest.mark.parametrize("name", ["hist_gradient_boosting", "random_forest"])
 def test_every_candidate_converts_within_1e5(name, tmp_path):
-    from sorting.model import TrainedModel, _candidates, _fit
+    from sorting.offline.training import TrainedModel, _candidates, _fit
 
     X, y, _, grade = _table(200, 5)
     X[::11, 4] = np.nan
-    from sorting.metallurgy import soft_sc_targets
+    from sorting.offline.metallurgy import soft_sc_targets
 
     clf = _fit(_candidates(0)[name], X, soft_sc_targets(grade, y, 150.0, 0.3))
     tm = TrainedModel(clf, NAMES, VERSION, 0.5, 0.95, "", {"estimator": name})
@@ -157,7 +158,7 @@ def test_soft_targets_are_used_when_every_rock_is_assayed(trained):
 def test_expand_balances_classes_like_sklearn():
     from sklearn.utils.class_weight import compute_sample_weight
 
-    from sorting.model import _expand
+    from sorting.offline.training import _expand
 
     X = np.arange(10, dtype=np.float32).reshape(5, 2)
     y = np.array([1, 0, 0, 0, 1])
@@ -202,7 +203,7 @@ def test_predict_writes_the_contract_columns_for_every_row(small_rocks, small_mo
 
 
 def test_trained_model_carries_the_pipeline_features(small_model):
-    from sorting.features import FEATURE_NAMES, FEATURE_VERSION
+    from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
 
     m = load_model(small_model)
     assert m.feature_names == tuple(FEATURE_NAMES) and m.feature_version == FEATURE_VERSION
@@ -218,7 +219,7 @@ def _one_line_error(err: str, *needles: str) -> None:
 
 
 def test_cli_refuses_a_model_with_other_features(small_rocks, tmp_path, capsys):
-    from sorting.model import TrainedModel, _candidates, _fit
+    from sorting.offline.training import TrainedModel, _candidates, _fit
 
     X, y, *_ = _table(60, 7)
     clf = _fit(_candidates(0)["hist_gradient_boosting"], X, y.astype(float))

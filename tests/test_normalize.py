@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from sorting.calibrate import calibrate
-from sorting.config import load_machine
-from sorting.normalize import STARVED_A, attenuation, material_maps, ratio, starved
-from sorting.physics import build_response, load_materials, pixel_pattern
-
 from test_calibrate import make_scans, mu_of, plate_signal, raw_counts
+
+from sorting.config import load_machine
+from sorting.physics import load_materials
+from sorting.stages.calibrate import calibrate
+from sorting.stages.counts import STARVED_A
+from sorting.stages.normalize import attenuation, material_maps, ratio, starved
+from sorting.twin.detector import build_response, pixel_pattern
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_noisy_plates_read_their_mafic_fraction(machine, resp, cal, rock, t_mm, 
 def test_basis_thickness_reads_the_calibration_table(machine, resp, cal):
     """One interleaved lookup gives exactly what the calibration's own inverse gives, for
     maps and for flat pixel lists, including pairs far outside the table (clamped)."""
-    from sorting.normalize import basis_thickness
+    from sorting.stages.normalize import basis_thickness
 
     rng = np.random.default_rng(7)
     a_high = rng.uniform(0.0, 1.2 * cal.lut.a_high_max, 5000).astype(np.float32)
@@ -215,7 +216,8 @@ def test_basis_thickness_reads_the_calibration_table(machine, resp, cal):
 def test_attenuation_kernel_matches_the_formula():
     """The stream's compiled path (uint16 counts) against A = ln(air - dark) - ln(max(I - dark, 1))
     in float64, and bad columns interpolated linearly from the nearest good ones, by hand."""
-    from sorting.normalize import SIGNAL_FLOOR_ADU, attenuation_into
+    from sorting.stages.counts import SIGNAL_FLOOR_ADU
+    from sorting.stages.normalize import attenuation_into
 
     rng = np.random.default_rng(4)
     w = 40

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from sorting.calibrate import calibrate
-from sorting.config import load_machine, load_ore
-from sorting.normalize import attenuation
-from sorting.physics import build_response, load_materials, pixel_pattern, sample_counts, tube_spectrum
-
 from test_calibrate import make_scans, mu_of, raw_counts
+
+from sorting.config import load_machine, load_ore
+from sorting.physics import load_materials, tube_spectrum
+from sorting.stages.calibrate import calibrate
+from sorting.stages.normalize import attenuation
+from sorting.twin.detector import build_response, pixel_pattern, sample_counts
 
 #: DESIGN.md section 3: A_high at 20 mm, R at 20 mm, A_high at 50 mm, R at 50 mm
 REFERENCE_TABLE = {

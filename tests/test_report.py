@@ -6,9 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from sorting.metallurgy import (grade_recovery_curve, interp_curve, label_cutoff_ppm, make_feed, roc_auc,
-                                soft_sc_targets, sort_balance, threshold_for_recovery)
-from sorting.report import evaluate, summary_lines, write_report
+from sorting.offline.metallurgy import (
+    grade_recovery_curve,
+    interp_curve,
+    label_cutoff_ppm,
+    make_feed,
+    roc_auc,
+    soft_sc_targets,
+    sort_balance,
+    threshold_for_recovery,
+)
+from sorting.offline.report import evaluate, summary_lines, write_report
 
 # Four rocks. Sc2O3 units = mass x grade = 50000, 60000, 3000, 0 (sum 113000 g.ppm);
 # total mass 1000 g; waste mass 700 g.
@@ -195,7 +203,7 @@ def _ds(*rows):
 
 
 def test_row_selection_rules():
-    from sorting.batch import evaluation_rows, training_rows
+    from sorting.cli.batch import evaluation_rows, training_rows
     from sorting.errors import InputError
 
     ds = _ds(("sc", "train"), ("waste", "test"), (None, "train"), ("waste", None), ("sc", "test"))

@@ -12,8 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from sorting.segment import (Particles, SegmentConfig, StreamSegmenter, foreground, segment_crop,
-                             split_touching)
+from sorting.stages.particles import Particles, SegmentConfig
+from sorting.stages.segment import foreground, segment_crop
+from sorting.stages.split import split_touching
+from sorting.stages.stitch import StreamSegmenter
 
 PITCH = 0.8  # mm, both directions: 0.64 mm2 per pixel, min_area 15 mm2 = 23.4 px
 
@@ -137,7 +139,7 @@ def test_flood_is_skimage_watershed():
     import cv2
     from skimage.segmentation import watershed
 
-    from sorting.split import flood
+    from sorting.stages.split import flood
 
     rng = np.random.default_rng(11)
     for trial in range(300):
@@ -345,10 +347,10 @@ def test_segment_crop_dead_column_through_rock():
 # ---------------------------------------------------------------- the simulated belt
 @pytest.fixture(scope="module")
 def belt():
-    from sorting.calibrate import calibrate
     from sorting.config import load_machine, load_ore
     from sorting.physics import load_materials
-    from sorting.simulate.belt import BeltTwin
+    from sorting.stages.calibrate import calibrate
+    from sorting.twin.belt import BeltTwin
 
     machine = load_machine()
     # 1 s of belt: ~800 rocks, ~100 of them in touching pairs (the twin costs ~5 s per s of belt)
@@ -359,7 +361,7 @@ def belt():
 
 
 def test_belt_rocks_found_once(belt):
-    from sorting.normalize import attenuation
+    from sorting.stages.normalize import attenuation
 
     machine, cal, raw, truth = belt
     pitch, line_pitch = machine.detector.pixel_pitch_mm, machine.line_pitch_mm
@@ -397,11 +399,11 @@ def test_belt_rocks_found_once(belt):
 def test_simulated_crop(belt):
     """A rock crop as xrt-rocks/1 holds it: the mask covers the rendered rock."""
     from sorting.config import load_ore
-    from sorting.normalize import attenuation
     from sorting.physics import load_materials
-    from sorting.simulate.ore import densities, mineral_list
-    from sorting.simulate.render import Renderer
-    from sorting.simulate.rocks import crop_signal, make_rock
+    from sorting.stages.normalize import attenuation
+    from sorting.twin.ore import densities, mineral_list
+    from sorting.twin.render import Renderer
+    from sorting.twin.rocks import crop_signal, make_rock
 
     machine, cal, _, _ = belt
     ore, lib = load_ore(), load_materials()

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from sorting.config import load_machine, load_ore
-from sorting.formats import read_belt_recording, read_rocks_dataset
+from sorting.io import read_belt_recording, read_rocks_dataset
 from sorting.physics import load_materials
-from sorting.simulate import simulate_belt, simulate_rocks
-from sorting.simulate.ore import densities, grade_and_mass, mineral_list, sample_composition
-from sorting.simulate.rocks import make_rock
+from sorting.twin import simulate_belt, simulate_rocks
+from sorting.twin.ore import densities, grade_and_mass, mineral_list, sample_composition
+from sorting.twin.rocks import make_rock
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_belt_truth_matches_the_lines(tmp_path, cfg):
 
 
 def test_belt_worker_processes_make_the_same_rocks(cfg):
-    from sorting.simulate import BeltTwin
+    from sorting.twin import BeltTwin
 
     m, o, lib = cfg
 

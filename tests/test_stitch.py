@@ -1,4 +1,4 @@
-"""The streaming stitcher's compiled run tracking (sorting.stitch, sorting.stitch_kernels).
+"""The streaming stitcher's compiled run tracking (sorting.stages.stitch, sorting.stages.stitch_kernels).
 
 Expected particles come from an independent labelling of the whole mask at once
 (scipy.ndimage.label, 8-connectivity) and from hand-worked examples of the emission rules.
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sorting.segment import SegmentConfig
-from sorting.stitch import StreamSegmenter
+from sorting.stages.particles import SegmentConfig
+from sorting.stages.stitch import StreamSegmenter
 
 PITCH = 0.8
 # every component is a particle: no speck filter, no touching-rock split
@@ -159,7 +159,7 @@ def _opencv_depth_px(mask):
 
 
 def test_defect_bound_by_hand():
-    from sorting.concavity import defect_depth_bound_px
+    from sorting.stages.concavity import defect_depth_bound_px
 
     rect = np.ones((6, 9), bool)
     assert defect_depth_bound_px(rect) == 0.0  # convex: every contour point on the hull
@@ -182,7 +182,7 @@ def test_defect_bound_by_hand():
 def test_defect_bound_never_below_opencv():
     import cv2
 
-    from sorting.concavity import defect_depth_bound_px
+    from sorting.stages.concavity import defect_depth_bound_px
 
     rng = np.random.default_rng(7)
     finite = 0
@@ -205,7 +205,7 @@ def test_defect_bound_never_below_opencv():
 
 
 def test_warm_up_leaves_nothing_behind():
-    from sorting.stitch import warm_up
+    from sorting.stages.stitch import warm_up
 
     warm_up()  # a throwaway segmenter: a fresh one still gives the whole-frame components
     mask = np.zeros((20, 16), bool)
@@ -226,7 +226,7 @@ def _runs_numpy(mask):
 @pytest.mark.parametrize("width", [1, 7, 8, 16, 37, 64])
 @pytest.mark.parametrize("offset", [0, 1, 5])
 def test_scan_runs_matches_row_differences(width, offset):
-    from sorting.stitch_kernels import _scan_runs
+    from sorting.stages.stitch_kernels import _scan_runs
 
     rng = np.random.default_rng(width * 10 + offset)
     lines = 12
@@ -247,7 +247,7 @@ def test_scan_runs_matches_row_differences(width, offset):
 
 
 def test_columns_from_rows_match_the_mask():
-    from sorting.concavity import _columns_from_rows, _rows_adjacent
+    from sorting.stages.concavity import _columns_from_rows, _rows_adjacent
 
     rng = np.random.default_rng(11)
     for _ in range(300):
@@ -273,11 +273,11 @@ def test_columns_from_rows_match_the_mask():
 
 
 def test_stream_gate_matches_the_batch_steps():
-    """Specks, the bound and the touching-rock split as segment._pieces does them on each whole
+    """Specks, the bound and the touching-rock split as split.pieces does them on each whole
     component's mask (the stitcher settles specks and the bound in its kernel)."""
     import cv2
 
-    from sorting.segment import _pieces
+    from sorting.stages.split import pieces
 
     rng = np.random.default_rng(5)
     cfg = SegmentConfig(min_area_mm2=20.0)  # 31 px at 0.8 mm
@@ -292,7 +292,7 @@ def test_stream_gate_matches_the_batch_steps():
     for k, (rows, cols) in enumerate(ndimage.find_objects(lab), start=1):
         sub = lab[rows, cols] == k
         cut = rows.start == 0 or rows.stop == mask.shape[0]
-        expect += _pieces(sub, rows.start, cols.start, PITCH, PITCH, cfg, cut=cut, pixels=mask.shape[1])
+        expect += pieces(sub, rows.start, cols.start, PITCH, PITCH, cfg, cut=cut, pixels=mask.shape[1])
 
     def key(c):
         return (c.line0, c.col0, c.line1, c.col1)
@@ -313,7 +313,7 @@ def test_runs_of_finished_particles_are_reused():
     """A long stream of rocks in bounded memory: every run of a finished particle (whole, speck
     or too long) goes back to the free list, whose counted length is its walked length, so the
     run table never grows past what the open particles need at once."""
-    import sorting.stitch_kernels as K
+    import sorting.stages.stitch_kernels as K
 
     rng = np.random.default_rng(8)
     seg = StreamSegmenter(64, None, PITCH, PITCH, SegmentConfig(min_area_mm2=2.0), max_particle_lines=30)

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from udp_receiver import UDPReceiver
 
 from sorting.cli import main
 from sorting.config import load_sorter
 from sorting.errors import InputError
-from sorting.formats import read_belt_recording
-from sorting.model import load_model
-from sorting.outcome import jets_outcome, match_particles
-from sorting.runner import build_pipeline, run_loop, timing_of
-from sorting.sinks import EventLog, UDPValveSink
-from sorting.sources import TCPLineSource, rechunk, replay
-from sorting.wire import LINE_HEADER, decode_valve, encode_frame
-from udp_receiver import UDPReceiver
+from sorting.io import read_belt_recording
+from sorting.io.wire import LINE_HEADER, decode_valve, encode_frame
+from sorting.offline.outcome import jets_outcome, match_particles
+from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.sinks import EventLog, UDPValveSink
+from sorting.realtime.sources import TCPLineSource, rechunk, replay
+from sorting.stages.inference import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
@@ -263,7 +263,7 @@ def test_event_log_refuses_an_unwritable_path_with_one_line(tmp_path):
 
 
 def test_jets_outcome_by_hand(sorter):
-    from sorting.eject import Timing
+    from sorting.stages.eject import Timing
 
     t = Timing(3750.0, 3.0, 0.8, 1250)
     # rock A: centroid line 1037, column 137 (110 mm, valve 8), arrives at 0.376533 s

@@ -20,11 +20,11 @@ SCRIPT = textwrap.dedent('''
     from numba.core.registry import CPUDispatcher
     import sorting
     from sorting.config import CONFIG_DIR, load_sorter
-    from sorting.faults import FaultSpec, inject
-    from sorting.formats import read_belt_recording
-    from sorting.model import load_model
-    from sorting.runner import build_pipeline, run_loop, timing_of
-    from sorting.sources import replay
+    from sorting.twin.faults import FaultSpec, inject
+    from sorting.io import read_belt_recording
+    from sorting.stages.inference import load_model
+    from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+    from sorting.realtime.sources import replay
 
     kernels = {}
     for info in pkgutil.walk_packages(sorting.__path__, "sorting."):

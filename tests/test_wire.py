@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from sorting.wire import (
+from sorting.io.wire import (
     LINE_HEADER,
     MAX_FRAME_BYTES,
     FrameError,

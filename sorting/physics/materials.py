@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import xraydb
 
-from ..config import CONFIG_DIR, read_yaml
-from ..errors import InputError
+from sorting.config import CONFIG_DIR, read_yaml
+from sorting.errors import InputError
 
 
 @dataclass(frozen=True)

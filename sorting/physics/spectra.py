@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from sorting.errors import InputError
 
 TABLE = Path(__file__).resolve().parent / "data" / "tungsten_spectra.csv"
 

@@ -1,0 +1,229 @@
+"""The metallurgist's verbs on ``xrt-rocks/1`` datasets: ``train``, ``predict``, ``evaluate``.
+
+Each dataset calibrates itself from its own ``calibration/`` (CONTRACT.md section 2),
+so a model trained on one machine scores rocks scanned on another in the same
+physical feature units.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sorting.errors import InputError
+
+# The naive "dense = ore" ranking of the report (DESIGN.md section 2).
+BASELINE_FEATURE = "a_high_mean"
+
+
+def _warn(msg: str) -> None:
+    sys.stderr.write(f"warning: {msg}\n")
+
+
+def _open(path: Path):
+    """Read a dataset and calibrate from its own scans."""
+    from sorting.io import check_crops, read_rocks_dataset
+    from sorting.stages.calibrate import calibrate
+
+    ds = read_rocks_dataset(path)
+    check_crops(ds)  # crops are read lazily; a bad one must fail now, not after minutes of features
+    return ds, calibrate(ds.calibration)
+
+
+def _features(ds, cal, indices: list[int], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    from sorting.stages.features import dataset_features
+
+    X, ok, problems = dataset_features(ds, cal, indices, progress=progress)
+    for p in problems:
+        _warn(f"{ds.root}: rock {p}; it is scored 0.0 (waste)")
+    return X, ok
+
+
+def _column(rows, name: str) -> np.ndarray:
+    return np.array([np.nan if getattr(r, name) is None else float(getattr(r, name)) for r in rows])
+
+
+def _lithotypes(rows) -> np.ndarray | None:
+    vals = [(r.extra or {}).get("lithotype") for r in rows]
+    return np.array(vals) if vals and all(vals) else None
+
+
+def training_rows(ds, where: Path) -> list[int]:
+    """Labeled rows with split=train; all labeled rows when no row carries a split;
+    labeled rows without a split when only test rows are marked."""
+    labeled = [i for i, r in enumerate(ds.rows) if r.label is not None]
+    if not labeled:
+        raise InputError(where, "no labeled rows (label sc or waste): nothing to train on")
+    if any(ds.rows[i].split == "train" for i in labeled):
+        return [i for i in labeled if ds.rows[i].split == "train"]
+    idx = [i for i in labeled if ds.rows[i].split is None]
+    if not idx:
+        raise InputError(where, "no labeled rows with split=train or an empty split: nothing to train on")
+    return idx
+
+
+def _check_classes(y: np.ndarray, where: Path, what: str) -> None:
+    n_sc = int(y.sum())
+    if n_sc < 2 or len(y) - n_sc < 2:
+        raise InputError(where, f"{what} hold {n_sc} sc and {len(y) - n_sc} waste rocks: "
+                                "training needs at least 2 of each class")
+
+
+def _cutoff(meta: dict) -> float | None:
+    """The dataset's own label cut-off grade when it states one (else inferred from labels)."""
+    v = meta.get("label_cutoff_ppm")
+    return float(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    from sorting.offline.training import train, training_fingerprint
+    from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
+
+    if not 0.0 < args.target_recovery <= 1.0:
+        raise InputError("--target-recovery", f"{args.target_recovery} is not in (0, 1]")
+    if args.out.is_dir():
+        raise InputError(args.out, "is a folder; --out names the model file to write")
+    t0 = time.perf_counter()
+    ds, cal = _open(args.dataset)
+    where = Path(args.dataset) / "rocks.csv"
+    idx = training_rows(ds, where)
+    rows = [ds.rows[i] for i in idx]
+    y = np.array([r.label == "sc" for r in rows])
+    _check_classes(y, where, f"the {len(y)} training rows")
+    X, ok = _features(ds, cal, idx, progress=not args.quiet)
+    _check_classes(y[ok], where, f"the {int(ok.sum())} training rows with a usable crop")
+    rows = [r for r, k in zip(rows, ok) if k]
+    X, y = X[ok], y[ok]
+    fp = training_fingerprint([(r.rock_id, r.file, r.x0, r.label, r.sc2o3_ppm, r.mass_g) for r in rows],
+                              cal.fingerprint, X)
+    model = train(X, y, feature_names=FEATURE_NAMES, feature_version=FEATURE_VERSION,
+                  mass_g=_column(rows, "mass_g"), sc2o3_ppm=_column(rows, "sc2o3_ppm"), fingerprint=fp,
+                  target_recovery=args.target_recovery, seed=args.seed, label_cutoff=_cutoff(ds.meta),
+                  progress=not args.quiet)
+    try:
+        model.save(args.out)
+    except OSError as exc:
+        raise InputError(args.out, f"cannot write the model ({exc.strerror})") from None
+    m = model.metrics
+    up = m["cv_upgrade_ratio"]
+    print(f"trained {m['estimator']} on {m['n_train']} rocks ({m['n_sc']} sc), features v{FEATURE_VERSION}")
+    print(f"{m['cv_folds']}-fold CV: AUC {m['cv_auc']:.3f}; at threshold {model.threshold:.4f}: "
+          f"Sc recovery {100 * m['cv_sc_recovery']:.1f} % ({m['recovery_basis']}), "
+          f"mass pull {100 * m['cv_mass_pull']:.1f} % ({m['mass_basis']}), "
+          f"waste rejection {100 * m['cv_waste_rejection']:.1f} %"
+          + (f", upgrade {up:.2f}" if up is not None else ""))
+    print("candidates (CV AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in m["cv_auc_candidates"].items()))
+    if m["targets"] == "soft":
+        print(f"soft targets around the {m['label_cutoff_ppm']:.0f} ppm Sc2O3 label cut-off "
+              f"(ln-width {m['soft_width']})")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _scores(model, X: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """P(sc) per row; a row whose crop gave no rock scores 0.0 (it goes to waste)."""
+    s = np.zeros(len(X), np.float32)
+    if ok.any():
+        s[ok] = model.predict_proba(X[ok])
+    return s
+
+
+def cli_predict(args: argparse.Namespace) -> int:
+    from sorting.stages.inference import load_model
+
+    model = load_model(args.model)  # a wrong model fails before minutes of features
+    if args.out.is_dir():
+        raise InputError(args.out, "is a folder; --out names the CSV file to write")
+    ds, cal = _open(args.dataset)
+    idx = list(range(len(ds.rows)))
+    X, ok = _features(ds, cal, idx, progress=not args.quiet)
+    s = _scores(model, X, ok)
+    sc = model.decide(s) & ok
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rock_id", "score", "decision", "problem"])
+            for r, si, d, k in zip(ds.rows, s, sc, ok):
+                w.writerow([r.rock_id, f"{si:.6f}", "sc" if d else "waste", "" if k else "no usable rock in crop"])
+    except OSError as exc:
+        raise InputError(args.out, f"cannot write the scores ({exc.strerror})") from None
+    print(f"scored {len(idx)} rocks ({int(sc.sum())} sc, {int((~ok).sum())} failed crops) "
+          f"at threshold {model.threshold:.4f}: wrote {args.out}")
+    return 0
+
+
+def evaluation_rows(ds, split: str | None, where: Path) -> tuple[list[int], str]:
+    """Labeled rows of ``split``; ``None`` = the test split if any row is marked test, else all."""
+    labeled = [i for i, r in enumerate(ds.rows) if r.label is not None]
+    if split is None:
+        split = "test" if any(ds.rows[i].split == "test" for i in labeled) else "all"
+    idx = labeled if split == "all" else [i for i in labeled if ds.rows[i].split == split]
+    if not idx:
+        raise InputError(where, f"no labeled rows in split {split!r} to evaluate (try --split all)")
+    return idx, split
+
+
+def cli_evaluate(args: argparse.Namespace) -> int:
+    from sorting.offline.report import evaluate, summary_lines, write_report
+    from sorting.stages.features import FEATURE_NAMES
+    from sorting.stages.inference import load_model
+
+    model = load_model(args.model)
+    if args.report.exists() and not args.report.is_dir():
+        raise InputError(args.report, "exists and is not a folder")
+    ds, cal = _open(args.dataset)
+    idx, split = evaluation_rows(ds, args.split, Path(args.dataset) / "rocks.csv")
+    rows = [ds.rows[i] for i in idx]
+    X, ok = _features(ds, cal, idx, progress=not args.quiet)
+    s = _scores(model, X, ok)
+    y = np.array([r.label == "sc" for r in rows])
+    base = X[:, FEATURE_NAMES.index(BASELINE_FEATURE)] if BASELINE_FEATURE in FEATURE_NAMES else None
+    metrics, curves = evaluate(s, y, model.threshold, mass_g=_column(rows, "mass_g"),
+                               sc2o3_ppm=_column(rows, "sc2o3_ppm"), baseline=base,
+                               lithotype=_lithotypes(rows))
+    metrics = {"dataset": str(args.dataset), "split": split, "n_failed_crops": int((~ok).sum()),
+               "model": {"path": str(args.model), "threshold": model.threshold,
+                         "feature_version": model.feature_version,
+                         "target_recovery": model.meta.get("target_recovery"),
+                         "training_fingerprint": model.meta.get("training_fingerprint"),
+                         "training_metrics": model.meta.get("training_metrics")},
+               "baseline_feature": BASELINE_FEATURE if base is not None else None, **metrics}
+    try:
+        paths = write_report(args.report, metrics, curves, s, y)
+    except OSError as exc:
+        raise InputError(args.report, f"cannot write the report ({exc.strerror})") from None
+    print(f"evaluated {args.model} on {args.dataset} split {split}"
+          + (f" ({metrics['n_failed_crops']} failed crops scored as waste)" if metrics["n_failed_crops"] else ""))
+    print("\n".join(summary_lines(metrics)))
+    print(f"report: {', '.join(p.name for p in paths)} in {args.report}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """The ``train``, ``predict`` and ``evaluate`` subparsers (CONTRACT.md section 6)."""
+    tr = sub.add_parser("train", help="train a classifier on a labeled xrt-rocks/1 dataset -> one ONNX file")
+    tr.add_argument("dataset", type=Path)
+    tr.add_argument("--out", type=Path, required=True, help="model file to write (.onnx)")
+    tr.add_argument("--target-recovery", type=float, default=0.95,
+                    help="Sc recovery the operating threshold must reach in cross-validation (default 0.95)")
+    tr.add_argument("--seed", type=int, default=0)
+    pr = sub.add_parser("predict", help="score every rock of an xrt-rocks/1 dataset -> CSV")
+    pr.add_argument("dataset", type=Path)
+    pr.add_argument("--model", type=Path, required=True)
+    pr.add_argument("--out", type=Path, required=True, help="CSV to write: rock_id,score,decision,problem")
+    ev = sub.add_parser("evaluate", help="metallurgical report of a model on labeled rocks -> metrics.json + PNGs")
+    ev.add_argument("dataset", type=Path)
+    ev.add_argument("--model", type=Path, required=True)
+    ev.add_argument("--report", type=Path, required=True, help="folder for metrics.json and the plots")
+    ev.add_argument("--split", choices=("train", "test", "all"), default=None,
+                    help="rows to evaluate (default: test if any row is marked test, else all)")
+    for p in (tr, pr, ev):
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+VERBS = {"train": cli_train, "predict": cli_predict, "evaluate": cli_evaluate}

@@ -1,0 +1,167 @@
+"""Running the loop over a source of chunks, as `sorting run`, `sorting demo` and the bench do.
+
+The loop owns shutdown: SIGINT/SIGTERM set a flag checked every chunk, and the event
+log is flushed every chunk and closed on the way out, whatever happened.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import cv2
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from sorting.config import SorterConfig
+from sorting.errors import InputError
+from sorting.realtime.sinks import EventLog, UDPValveSink
+from sorting.realtime.sources import Chunk
+from sorting.realtime.stream import LatencyHistogram, Pipeline
+from sorting.stages.calibrate import Calibration, calibrate
+from sorting.stages.eject import Timing, check_geometry
+from sorting.stages.inference import OnnxModel
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    events: list[dict]
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM -> stop after the current chunk."""
+
+    def __init__(self, on_signal: Callable[[], None] | None = None) -> None:
+        self.requested = False
+        self.on_signal = on_signal  # e.g. a blocking source's stop(), so a silent peer cannot hold us
+        self._old = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: the caller owns signals
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if self.on_signal is not None:
+            self.on_signal()
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def opencv_threads(n: int):
+    """OpenCV's own thread pool (not a BLAS one: threadpoolctl does not see it) at ``n``."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None = None,
+             valves: UDPValveSink | None = None, keep_events: bool = True, total_lines: int | None = None,
+             progress: bool = False, on_signal: Callable[[], None] | None = None) -> RunResult:
+    """Drive ``pipeline`` over ``chunks``; returns the summary and (optionally) the events."""
+    kept: list[dict] = []
+    intake, step = LatencyHistogram(), LatencyHistogram()
+    gc.collect()
+    gc.freeze()  # start-up objects never need another full GC pass (DESIGN.md section 6)
+    # the clocks start with the belt, after start-up (as the pipeline's warm-up)
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    bar = tqdm(total=total_lines, unit="line", unit_scale=True, desc="sorting", disable=None if progress else True,
+               mininterval=0.5)
+    stopped = False
+    try:
+        # the loop is single-threaded by design (one core per belt or lane): a BLAS thread pool
+        # would only spin against the other lanes and the acquisition
+        def deliver(events: list[dict]) -> None:
+            if not events:
+                return
+            if valves is not None:
+                valves.send(events)
+            if log is not None:
+                log.write(events)
+            if keep_events:
+                kept.extend(events)
+
+        with StopOnSignal(on_signal) as stop, threadpool_limits(limits=1, user_api="blas"), opencv_threads(1):
+            for first, raw, t_in in chunks:
+                t_step = time.perf_counter()
+                # how long after its last line was acquired the loop took the chunk up (paced:
+                # the wake-up's lateness plus any backlog), and how long the pipeline then took
+                intake.add((t_step - t_in) * 1000.0)
+                events = pipeline.step(first, raw, t_in)
+                step.add((time.perf_counter() - t_step) * 1000.0)
+                deliver(events)
+                bar.update(raw.shape[0])
+                if stop.requested:
+                    stopped = True
+                    break
+            deliver(pipeline.finish())
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        gc.unfreeze()
+    wall = time.perf_counter() - t_start
+    cpu = time.process_time() - cpu_start
+    c = pipeline.counters
+    if valves is not None:
+        c.valve_errors = valves.errors
+    summary = c.summary()
+    summary["alarms"] = dict(pipeline.health.episodes)  # fault episodes per kind
+    summary["fault_lines"] = dict(pipeline.health.lines)
+    stream_s = c.lines / pipeline.timing.line_rate_hz
+    summary.update({
+        "stopped_by_signal": stopped,
+        "intake_lag_ms": intake.summary(),
+        "step_ms": step.summary(),
+        "wall_s": wall,
+        "stream_s": stream_s,
+        "throughput_lines_s": c.lines / wall if wall > 0 else None,
+        "realtime_factor": (c.lines / wall) / pipeline.timing.line_rate_hz if wall > 0 else None,
+        "cpu_s": cpu,
+        "cpu_fraction": cpu / stream_s if stream_s > 0 else None,
+        "line_rate_hz": pipeline.timing.line_rate_hz,
+        "pixels": pipeline.pixels,
+    })
+    return RunResult(summary, kept)
+
+
+def timing_of(meta: dict) -> Timing:
+    return Timing(float(meta["line_rate_hz"]), float(meta["belt_speed_m_s"]), float(meta["pixel_pitch_mm"]),
+                  int(meta["detector_pixels"]))
+
+
+#: chunks above this would only grow the ring buffer (~10 kB per line and ring line) without need
+MAX_CHUNK_LINES = 4096
+
+
+def check_chunk_lines(chunk_lines: int) -> None:
+    if not 1 <= chunk_lines <= MAX_CHUNK_LINES:
+        raise InputError("--chunk-lines", f"must be in 1..{MAX_CHUNK_LINES}, got {chunk_lines}")
+
+
+def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,
+                   chunk_lines: int = 32, **window) -> Pipeline:
+    """Calibrate from ``scans`` (or take a ready Calibration) and set up the loop; ``window`` =
+    Pipeline's x0, width, claim (lanes)."""
+    check_geometry(sorter.ejector, timing, sorter_path)
+    check_chunk_lines(chunk_lines)
+    cal = scans if isinstance(scans, Calibration) else calibrate(scans)
+    if cal.pixels != timing.pixels:
+        raise InputError(getattr(scans, "source", "calibration"),
+                         f"calibration has {cal.pixels} pixels, the stream {timing.pixels}")
+    return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines, **window)

@@ -1,0 +1,493 @@
+"""The real-time loop: detector lines in, valve commands out (CONTRACT.md sections 5, 7).
+
+Per chunk (default 32 lines): calibrated normalization into preallocated buffers ->
+per-pixel foreground -> stitching across chunks (each particle once, complete when the
+line after its last line arrives) -> features on the particle's box, cut from a ring
+buffer of attenuation lines (the same code as training) -> one ONNX batch -> valve plan.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from sorting.config import SorterConfig
+from sorting.realtime.air import AirTracker, accumulate_empty_line
+from sorting.realtime.health import ChunkHealth, LineHealth, good_runs
+from sorting.stages import segment, split
+from sorting.stages.calibrate import Calibration
+from sorting.stages.counts import repair_plan
+from sorting.stages.eject import Timing, plan_one, plan_parameters
+from sorting.stages.features import FEATURE_NAMES, features_from_ring, particle_features
+from sorting.stages.inference import OnnxModel
+from sorting.stages.normalize import attenuation_into, counts_log_into, from_log_row
+from sorting.stages.particles import Completed, SegmentConfig
+from sorting.stages.segment import detect_row, detector_arrays, foreground
+from sorting.stages.stitch import StreamSegmenter
+from sorting.stages.stitch import warm_up as stitch_warm_up
+
+#: a particle is left undecided when less than this remains before its command is due
+SHED_MARGIN_MS = 1.0
+#: spare ring lines beyond a particle's own (its box is read from the ring when it completes)
+CROP_MARGIN_PX = 4
+
+
+#: decimals of the logged centroid line, centroid column, area, score, open, close, latency, slack
+_LOG_DECIMALS = (3, 3, 2, 6, 6, 6, 3, 3)
+_LOG_SCALE = np.array([10.0 ** d for d in _LOG_DECIMALS])
+N_LOGGED = len(_LOG_DECIMALS)
+
+
+@numba.njit(cache=True, nogil=True)
+def _chunk_plan(ints, x0, p):
+    """Per particle of a chunk (``ints`` rows: first line, first column, last line, last
+    column (window), area px): its valve plan (:func:`sorting.stages.eject.plan_one`, in detector
+    columns) and its box in the ring. Returns valve_lo, valve_hi, times (4, n: open, close,
+    command, deadline_ms) and boxes (n, 4: first line, first column, height, width)."""
+    n = ints.shape[0]
+    lo, hi = np.empty(n, np.int64), np.empty(n, np.int64)
+    times = np.empty((4, n), np.float64)
+    boxes = np.empty((n, 4), np.int64)
+    for i in range(n):
+        line0, col0, line1, col1 = ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3]
+        lo[i], hi[i], times[0, i], times[1, i], times[2, i], times[3, i] = plan_one(
+            float(line0), float(line1), float(col0 + x0), float(col1 + x0), p)
+        boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3] = line0, col0, line1 - line0 + 1, col1 - col0 + 1
+    return lo, hi, times, boxes
+
+
+@numba.njit(cache=True, nogil=True)
+def _round_rows(values, scale):
+    """Row r of ``values`` rounded in place to ``scale[r]`` (10 ** decimals) as ``np.round``
+    does it: scale, round half to even, unscale."""
+    for r in range(scale.size):
+        for i in range(values.shape[1]):
+            values[r, i] = np.rint(values[r, i] * scale[r]) / scale[r]
+
+
+@numba.njit(cache=True, nogil=True)
+def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, resp_s, rate, px_area, scale):
+    """A chunk's logged numbers, (N_LOGGED + 2, n): rows 0..7 rounded (:data:`_LOG_DECIMALS`):
+    centroid line, centroid column (detector), area mm2, score, open s, close s, latency ms
+    (last line -> decision at ``t_out``), slack ms; rows 8, 9: latency and slack unrounded."""
+    n = ints.shape[0]
+    out = np.empty((N_LOGGED + 2, n), np.float64)
+    for i in range(n):
+        area, last = ints[i, 4], ints[i, 2]
+        latency = (t_out - arrival[last & ring_mask]) * 1000.0
+        slack = (times[0, i] - resp_s - last / rate) * 1000.0 - latency
+        out[0, i] = cents[i, 0]
+        # the column centroid from its integer sum, shifted to detector columns before the one
+        # division: a lane (x0 > 0) then rounds a tie exactly as one worker does
+        out[1, i] = (np.rint(cents[i, 1] * area) + x0 * area) / max(area, 1)
+        out[2, i] = area * px_area
+        out[3, i] = scores[i]
+        out[4, i], out[5, i] = times[0, i], times[1, i]
+        out[6, i], out[7, i] = latency, slack
+        out[8, i], out[9, i] = latency, slack
+    _round_rows(out, scale)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _line_pass(flat, log_flat, r_idx, r_left, r_right, r_wl, r_wr, w_low, w_high, thr, d_idx, d_left, d_right,
+               bad_cols, bad_lines, margin, total, count, near, keep, mask):
+    """A chunk line by line, each line's steps while it is in cache: its attenuation from
+    ln(counts - dark) in ``flat`` (L, 2W) (:func:`sorting.stages.normalize.from_log_row`), its
+    foreground into ``mask`` (L, W) (:func:`sorting.stages.segment.detect_row`), a frozen module's
+    columns cleared, and on a good line the air tracker's empty-belt sums
+    (:func:`sorting.realtime.health.accumulate_empty_line`). The same per-line code as those stages'
+    own passes, so the same numbers."""
+    n, w = mask.shape
+    check_lines = bad_lines.size == n  # empty: no line is bad
+    bad8 = bad_cols.view(np.uint8)
+    m8 = mask.view(np.uint8)
+    any_bad = False
+    for j in range(w):
+        any_bad |= bad_cols[j]
+    for i in range(n):
+        row = flat[i]
+        from_log_row(log_flat, r_idx, r_left, r_right, r_wl, r_wr, row)
+        detect_row(row, w_low, w_high, thr, d_idx, d_left, d_right, mask[i])
+        if any_bad:
+            o = m8[i]
+            for j in range(w):
+                o[j] &= 1 - bad8[j]
+        if not (check_lines and bad_lines[i]):
+            accumulate_empty_line(m8[i], bad8, margin, row, total, count, near, keep)
+
+
+class LatencyHistogram:
+    """Latency percentiles over a run of any length in fixed memory: 10 us bins up to 2 s
+    (slower decisions land in the last bin; the exact maximum is kept aside)."""
+
+    BIN_MS = 0.01
+    BINS = 200_000
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.BINS, np.int64)
+        self.max_ms = 0.0
+        self.n = 0
+
+    def add(self, latency_ms: float) -> None:
+        i = int(latency_ms / self.BIN_MS)
+        self.counts[min(max(i, 0), self.BINS - 1)] += 1
+        self.max_ms = max(self.max_ms, latency_ms)
+        self.n += 1
+
+    def add_many(self, latency_ms: np.ndarray) -> None:
+        """:meth:`add` for each value of a (n,) float array (one chunk's particles)."""
+        if latency_ms.size == 0:
+            return
+        values = latency_ms.tolist()
+        counts, top, bin_ms = self.counts, self.BINS - 1, self.BIN_MS
+        for v in values:  # a handful per chunk: in Python scalars, ~0.2 us each (np.clip alone costs ~5 us)
+            counts[min(max(int(v / bin_ms), 0), top)] += 1
+        self.max_ms = max(self.max_ms, max(values))
+        self.n += len(values)
+
+    def percentile(self, q: float) -> float:
+        if self.n == 0:
+            return 0.0
+        k = int(np.searchsorted(np.cumsum(self.counts), q / 100.0 * self.n, side="left"))
+        return min((k + 1) * self.BIN_MS, self.max_ms)  # upper edge of the bin: never optimistic
+
+    def summary(self) -> dict:
+        return {"p50": self.percentile(50), "p99": self.percentile(99), "p999": self.percentile(99.9),
+                "max": self.max_ms}
+
+
+@dataclass
+class Counters:
+    chunks: int = 0
+    lines: int = 0
+    particles: int = 0
+    ejected: int = 0
+    passed: int = 0
+    late: int = 0
+    cut: int = 0
+    too_long: int = 0
+    gaps: int = 0
+    dropped_lines: int = 0
+    valve_errors: int = 0
+    undecided: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def summary(self) -> dict:
+        return {
+            "chunks": self.chunks, "lines": self.lines, "particles": self.particles,
+            "ejected": self.ejected, "passed": self.passed, "late": self.late, "cut": self.cut,
+            "too_long": self.too_long, "gaps": self.gaps, "dropped_lines": self.dropped_lines,
+            "valve_errors": self.valve_errors,
+            "undecided": self.undecided,
+            "latency_ms": self.latency.summary(),
+        }
+
+
+class Pipeline:
+    """One chunk at a time, in stream order. Not thread-safe; one per belt (or lane)."""
+
+    def __init__(self, cal: Calibration, model: OnnxModel, sorter: SorterConfig, timing: Timing,
+                 seg: SegmentConfig = SegmentConfig(), chunk_lines: int = 32, max_particle_lines: int = 512,
+                 line_pitch_mm: float | None = None, x0: int = 0, width: int | None = None,
+                 claim: Callable[[int, int], bool] | None = None, shed_late: bool = False):
+        """``x0``/``width``: the detector columns this pipeline sees (a lane; default the whole
+        belt). ``claim(col0, col1)``, in window columns, decides on each whole connected
+        component (before touching rocks are split) whether this pipeline owns it.
+        ``shed_late``: on a live stream, leave particles whose command is already due
+        undecided instead of classifying them (overload protection; off for replays run as
+        fast as possible, where wall-clock age means nothing)."""
+        self.shed_late = shed_late
+        self.cal, self.model, self.sorter, self.timing = cal, model, sorter, timing
+        self.seg = seg
+        self.x0 = int(x0)
+        self.pixels = timing.pixels - self.x0 if width is None else int(width)
+        self.line_pitch_mm = line_pitch_mm or timing.belt_speed_m_s * 1000.0 / timing.line_rate_hz
+        self.threshold = sorter.sorting.threshold if sorter.sorting.threshold is not None else model.threshold
+        self.eject_sc = sorter.sorting.eject == "sc"
+        self.segmenter = StreamSegmenter(self.pixels, cal, timing.pixel_pitch_mm, self.line_pitch_mm, seg,
+                                         max_particle_lines, claim=claim)
+        # the ring must still hold a particle's first lines (and margin) when it completes
+        self.ring_lines = 1 << int(np.ceil(np.log2(max_particle_lines + 2 * chunk_lines + 2 * CROP_MARGIN_PX + 8)))
+        self._ring = np.zeros((self.ring_lines, self.pixels, 2), np.float32)
+        self._ring.fill(0.0)  # touch every page now (np.zeros maps them lazily): no page faults on the belt
+        self._arrival = np.zeros(self.ring_lines, np.float64)
+        self._a = np.empty((chunk_lines, self.pixels, 2), np.float32)
+        self._mask = np.empty((chunk_lines, self.pixels), bool)
+        self._line_lag = np.arange(max(chunk_lines, 1) - 1, -1, -1) / timing.line_rate_hz
+        self._x = np.empty((64, len(FEATURE_NAMES)), np.float32)
+        self._plan_p = plan_parameters(sorter.ejector, timing)
+        self.counters = Counters()
+        self._next_id = 0
+        self._expected: int | None = None
+        self._cost_ms = 0.5  # running mean of the time to decide one particle
+        self.health = LineHealth(cal, self.x0, self.pixels)
+        self.air = AirTracker(cal, x0=self.x0, width=self.pixels)
+        self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
+        self._bad_w = np.ascontiguousarray(cal.bad[self.x0:self.x0 + self.pixels])
+        # the fused line pass (uint16 counts, float32 calibration: every real stream) and its
+        # arguments, prepared once
+        self._fused = self._dark_w.dtype == np.float32 and self.air.log_flat.dtype == np.float32
+        self._dark_flat = self._dark_w.reshape(-1)
+        self._repair = repair_plan(self._bad_w)
+        self._det = detector_arrays(cal, self.x0, self.pixels, seg)
+        # wall seconds per stage, for the benchmark's "where the time goes"
+        self.stage_s = dict.fromkeys(("normalize", "segment", "features", "classify", "decide"), 0.0)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay first-call costs (lazily built material tables: ~60 ms; the ONNX session's first
+        run) before the belt starts, not on the first rock's deadline."""
+        a = np.full((16, 16, 2), 0.5, np.float32)
+        mask = np.zeros((16, 16), bool)
+        mask[4:12, 4:12] = True
+        particle_features(a, mask, self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=self._x[0])
+        np.nan_to_num(self._x[:1], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        features_from_ring(self._ring, np.array([[self.ring_lines - 1, 0, 2, 2]], np.int64), [np.ones((2, 2), bool)],
+                           self.cal, self.timing.pixel_pitch_mm, self.line_pitch_mm, out=self._x[1:2])
+        self.model.scores_f32(self._x[:1])
+        # the compiled kernels load from their cache (or compile, on a fresh install: ~seconds)
+        # at their first call: make it here, on throwaway state, with the loop's argument types
+        raw = np.zeros((2, self.pixels, 2), np.uint16)
+        a = np.zeros((2, self.pixels, 2), np.float32)
+        mask = np.empty((2, self.pixels), bool)
+        health = LineHealth(self.cal, self.x0, self.pixels)
+        acc = AirTracker(self.cal, x0=self.x0, width=self.pixels).accumulators()  # throwaway sums
+        # a faulty chunk's own flags, and a healthy chunk's shared read-only ones (another type)
+        faulty = ChunkHealth(np.zeros(2, bool), np.zeros(self.pixels, bool), {})
+        healthy = ChunkHealth(np.zeros(2, bool), np.zeros(self.pixels, bool), {})
+        healthy.bad_lines.flags.writeable = healthy.bad_cols.flags.writeable = False
+        for first in (0, 2):
+            health.check(raw, first)
+            for flags in (faulty, healthy):
+                if self._fused:
+                    self._normalize_lines(raw, flags, a, mask, acc)
+                else:
+                    attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+            raw.flags.writeable = False  # a replayed recording's lines are read-only: another type
+        if not self._fused:
+            segment.foreground(a, self.cal, self.x0, self.seg, out=mask)
+            air = AirTracker(self.cal, x0=self.x0, width=self.pixels)
+            for flags in (faulty, healthy):
+                air.update(a, mask, flags.bad_lines, flags.bad_cols)
+        stitch_warm_up()
+        # the touching-rock split: its compiled flooding, and the gate's OpenCV calls
+        yy, xx = np.mgrid[:24, :44]
+        discs = ((yy - 12) ** 2 + (xx - 11) ** 2 < 100) | ((yy - 12) ** 2 + (xx - 29) ** 2 < 100)  # a neck
+        split.split_touching(discs, self.timing.pixel_pitch_mm, self.line_pitch_mm, self.seg)
+        ints, cents = np.zeros((1, 5), np.int64), np.zeros((1, 2), np.float64)
+        lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
+        _chunk_numbers(ints, cents, self.x0, np.zeros(1, np.float32), times, self._arrival, self.ring_lines - 1, 0.0,
+                       0.0, self.timing.line_rate_hz, 1.0, _LOG_SCALE)
+
+    # ------------------------------------------------------------ input side
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n > self._a.shape[0]:
+            self._a = np.empty((n, self.pixels, 2), np.float32)
+            self._mask = np.empty((n, self.pixels), bool)
+            self._line_lag = np.arange(n - 1, -1, -1) / self.timing.line_rate_hz
+        return self._a[:n], self._mask[:n]
+
+    def step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
+        """Process lines ``first_line ..`` that entered at wall time ``t_in``: raw (L, W, 2)
+        uint16, the window's columns; a window narrower than the detector (a lane) also takes
+        whole lines (L, P, 2) and reads its columns in place.
+
+        A chunk is cut at the air tracker's epoch boundaries (multiples of its epoch lines),
+        so the tracked air level a line is normalized with does not depend on chunking. A
+        chunk of no lines changes nothing.
+        """
+        epoch = self.air.epoch_lines
+        n = raw.shape[0]
+        if n == 0:
+            return []
+        boundary = (first_line // epoch + 1) * epoch
+        if first_line + n > boundary:
+            k = boundary - first_line
+            events = self._step(first_line, raw[:k], t_in - (n - k) / self.timing.line_rate_hz)
+            self.air.end_epoch()
+            return events + self.step(boundary, raw[k:], t_in)
+        events = self._step(first_line, raw, t_in)
+        if first_line + n == boundary:
+            self.air.end_epoch()
+        return events
+
+    def _step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
+        n = raw.shape[0]
+        a, mask = self._buffers(n)
+        t0 = time.perf_counter()
+        c = self.counters
+        expected = self._expected
+        if expected is not None and first_line > expected:
+            c.gaps += 1
+            c.dropped_lines += first_line - expected
+        self._expected = first_line + n
+        # garbage lines (saturated, tube trip) never reach segmentation; a frozen module's
+        # columns never hold a particle; the air level follows drift from empty belt
+        raw = np.ascontiguousarray(raw)  # a recording's or the wire's lines already are: no copy
+        health = self.health.check(raw, first_line)
+        # whole detector lines (a lane fed from the shared line stream): its window is read in place
+        x0 = self.x0 if raw.shape[1] != self.pixels else 0
+        i0 = first_line & (self.ring_lines - 1)
+        wraps = i0 + n > self.ring_lines
+        if not wraps:
+            a = self._ring[i0:i0 + n]  # straight into the ring (whole lines: a C-contiguous block)
+        if self._fused and raw.dtype == np.uint16:
+            # attenuation, foreground, a frozen module's columns, the air tracker's sums: line by line
+            self._normalize_lines(raw, health, a, mask, self.air.accumulators(), x0)
+        else:
+            raw = raw[:, x0:x0 + self.pixels]
+            attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+            foreground(a, self.cal, self.x0, self.seg, out=mask)
+            if health.bad_cols.any():
+                mask[:, health.bad_cols] = False
+            self.air.update(a, mask, health.bad_lines, health.bad_cols)
+        # each line's own acquisition time (t_in is the chunk's last line): the wait for the
+        # chunk to fill is part of a particle's latency, as the valves see it
+        if wraps:
+            idx = (first_line + np.arange(n)) & (self.ring_lines - 1)
+            self._ring[idx] = a
+            self._arrival[idx] = t_in - self._line_lag[-n:]
+        else:
+            self._arrival[i0:i0 + n] = t_in - self._line_lag[-n:]
+        t1 = time.perf_counter()
+        c.chunks += 1
+        c.lines += n
+        if health.bad_lines.any():
+            done = []
+            # bad lines act as a gap: what was open comes out cut, and so does what starts
+            # after (the segmenter sees lines missing before the next good run)
+            for start, stop in good_runs(health.bad_lines):
+                done += self.segmenter.push(first_line + start, mask[start:stop])
+        else:
+            done = self.segmenter.push(first_line, mask)
+        st = self.stage_s
+        st["normalize"] += t1 - t0
+        st["segment"] += time.perf_counter() - t1
+        return self._decide(done) if done else []
+
+    def _normalize_lines(self, raw: np.ndarray, health: ChunkHealth, a: np.ndarray, mask: np.ndarray,
+                         acc: tuple, x0: int = 0) -> None:
+        """:func:`_line_pass` on a chunk of uint16 counts (the window's, or whole lines of which
+        the window starts at pixel ``x0``) into ``a`` (L, W, 2) and ``mask``, with the air
+        tracker's accumulators ``acc``."""
+        n = raw.shape[0]
+        flat = a.reshape(n, -1)
+        counts_log_into(raw.reshape(n, -1), self._dark_flat, flat, x0)
+        _line_pass(flat, self.air.log_flat.reshape(-1), *self._repair, *self._det, health.bad_cols, health.bad_lines,
+                   *acc, mask)
+
+    def finish(self) -> list[dict]:
+        """End of stream: particles still open are cut."""
+        return self._decide(self.segmenter.flush())
+
+    # ------------------------------------------------------------ decisions
+    def _decide(self, done: list[Completed]) -> list[dict]:
+        # by last line: the order in which the stream completes them, whatever the chunk size
+        done.sort(key=lambda p: (p.line1, p.line0, p.col0))
+        n = len(done)
+        if n > self._x.shape[0]:
+            self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
+        x = self._x[:n]
+        t0 = time.perf_counter()
+        # per particle: first line, first column, last line, last column, area (px); centroid line, column
+        ints = np.array([(p.line0, p.col0, p.line1, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
+        cents = np.array([(p.centroid_line, p.centroid_px) for p in done], np.float64).reshape(n, 2)
+        # the valve plan, and each box (first line, first column, height, width) in the ring
+        lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
+        # overload: a particle whose command is already due cannot be ejected any more;
+        # it is not classified (that time goes to the particles still in time), passes and is
+        # logged late and undecided
+        n_und = 0
+        if self.shed_late:
+            age_ms = (t0 - self._arrival[ints[:, 2] & (self.ring_lines - 1)]) * 1000.0
+            # deciding this chunk's particles takes about n times the running cost of one
+            busy_ms = SHED_MARGIN_MS + self._cost_ms * n
+            undecided = age_ms + busy_ms > times[3]
+            n_und = int(np.count_nonzero(undecided))
+        # every particle of the chunk in one pass (the same kernel as training), its box read
+        # from the ring
+        pp, lp = self.timing.pixel_pitch_mm, self.line_pitch_mm
+        if n_und:
+            x[undecided] = 0.0
+            keep = np.flatnonzero(~undecided)
+            x[keep] = features_from_ring(self._ring, boxes[keep], [done[i].mask for i in keep], self.cal, pp, lp,
+                                         out=np.empty((keep.size, x.shape[1]), np.float32))
+        elif n:
+            features_from_ring(self._ring, boxes, [p.mask for p in done], self.cal, pp, lp, out=x)
+        t1 = time.perf_counter()
+        if n > n_und:
+            self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - n_und) - self._cost_ms)
+        x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
+        scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)
+        if n_und:
+            scores[undecided] = 0.0
+        t2 = time.perf_counter()
+        is_sc = scores >= self.threshold
+        eject = is_sc if self.eject_sc else ~is_sc
+        t_out = time.perf_counter()
+        px_area = self.timing.pixel_pitch_mm * self.line_pitch_mm
+        events = []
+        c = self.counters
+        x0 = self.x0
+        # Python scalars once per chunk, not numpy scalars per particle and field; rounded for
+        # the log once per chunk (decisions use the unrounded numbers)
+        numbers = _chunk_numbers(ints, cents, x0, scores, times, self._arrival, self.ring_lines - 1, t_out,
+                                 self.sorter.ejector.response_ms / 1000.0, self.timing.line_rate_hz, px_area,
+                                 _LOG_SCALE)
+        rounded = zip(*numbers[:N_LOGGED].tolist())
+        slack_l = numbers[N_LOGGED + 1].tolist()
+        eject_l, sc_l = eject.tolist(), is_sc.tolist()
+        und_l = undecided.tolist() if n_und else [False] * n
+        lo_l, hi_l = lo.tolist(), hi.tolist()
+        # next to a frozen detector module a particle may be mis-read (it passes); none can be
+        # when no column froze since the chunk's earliest particle began
+        last_bad = self.health.last_bad_line
+        any_suspect = n > 0 and last_bad >= 0 and last_bad >= int(ints[:, 0].min())
+        for i, (p, r) in enumerate(zip(done, rounded)):
+            # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
+            suspect = any_suspect and self.health.suspect(p.line0, p.line1, p.col0, p.col1)
+            und = und_l[i]
+            fire = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
+                    and hi_l[i] >= lo_l[i])
+            late = slack_l[i] < 0 or und
+            ev = {
+                "particle": self._next_id,
+                "first_line": int(p.line0), "last_line": int(p.line1),
+                "x_min_px": p.col0 + x0, "x_max_px": p.col1 + x0,
+                "centroid_line": r[0],
+                "centroid_px": r[1],
+                "area_mm2": r[2],
+                "score": r[3],
+                "decision": "eject" if fire else "pass",
+                "valves": list(range(lo_l[i], hi_l[i] + 1)) if fire else [],
+                "open_s": r[4] if fire else None,
+                "close_s": r[5] if fire else None,
+                "latency_ms": r[6],
+                "slack_ms": r[7],
+                "late": late,
+                "class": "sc" if sc_l[i] else "waste",
+                "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
+                "fault": suspect,
+                "undecided": und,
+            }
+            self._next_id += 1
+            if fire:
+                c.ejected += 1
+                c.late += late
+            else:
+                c.passed += 1
+                c.undecided += und
+            events.append(ev)
+        c.particles += n
+        c.latency.add_many(numbers[N_LOGGED])
+        c.cut += sum(p.cut for p in done)
+        c.too_long += sum(p.too_long for p in done)
+        st = self.stage_s
+        st["features"] += t1 - t0
+        st["classify"] += t2 - t1
+        st["decide"] += time.perf_counter() - t2
+        return events

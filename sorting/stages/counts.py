@@ -1,0 +1,65 @@
+"""Raw detector counts: the floor of a signal above dark, where the low channel starves,
+and the repair of dead columns from their good neighbours (shared by calibration and
+normalization)."""
+from __future__ import annotations
+
+import numpy as np
+
+#: floor of a signal above dark (numerator and denominator), ADU: starved pixels give large finite A
+SIGNAL_FLOOR_ADU = 1.0
+#: the low channel is starved above this attenuation (transmission below 0.25 %)...
+STARVED_A = 6.0
+#: ... or with fewer equivalent quanta than this left in the pixel (relative noise above ~45 %);
+#: the calibration turns this into a lower A threshold where the machine runs out of quanta first
+STARVED_QUANTA = 5.0
+
+
+# ---------------------------------------------------------------- dead columns
+_REPAIR_PLANS: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = {}
+
+
+def _repair_plan(bad: np.ndarray):
+    """Bad columns, their left and right good neighbours and the weights (1 - w, w); None
+    when there is nothing to repair. Cached per bad-column pattern (the stream asks per chunk)."""
+    bad = np.asarray(bad, dtype=bool)
+    key = np.packbits(bad).tobytes() + bad.size.to_bytes(8, "little")
+    if key in _REPAIR_PLANS:
+        return _REPAIR_PLANS[key]
+    bad_idx = np.flatnonzero(bad)
+    good = np.flatnonzero(~bad)
+    plan = None
+    if bad_idx.size and good.size:
+        pos = np.searchsorted(good, bad_idx)
+        left = good[np.clip(pos - 1, 0, None)]
+        right = good[np.clip(pos, None, good.size - 1)]
+        left = np.where(pos == 0, right, left)
+        right = np.where(pos == good.size, left, right)
+        span = right - left
+        w = np.where(span > 0, (bad_idx - left) / np.maximum(span, 1), 0.0).astype(np.float32)
+        plan = (bad_idx, left, right, 1.0 - w, w)
+    if len(_REPAIR_PLANS) >= 64:
+        _REPAIR_PLANS.clear()
+    _REPAIR_PLANS[key] = plan
+    return plan
+
+
+def repair_columns(a: np.ndarray, bad: np.ndarray) -> None:
+    """In place: columns ``bad`` (W,) of ``a`` (L, W, ...) interpolated from the nearest good columns."""
+    plan = _repair_plan(bad)
+    if plan is None:
+        return
+    bad_idx, left, right, w_left, w_right = plan
+    shape = (-1,) + (1,) * (a.ndim - 2)
+    a[:, bad_idx] = a[:, left] * w_left.reshape(shape) + a[:, right] * w_right.reshape(shape)
+
+
+NO_REPAIR = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+              np.zeros(0, np.float32))
+
+
+
+def repair_plan(bad: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The bad-column repair of :func:`from_log_row` for these columns: (bad columns, left and
+    right good neighbours, their weights); empty arrays when there is nothing to repair."""
+    plan = _repair_plan(bad)
+    return NO_REPAIR if plan is None else plan

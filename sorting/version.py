@@ -1,0 +1,2 @@
+"""The package version, recorded in every model it trains."""
+VERSION = "0.1.0"
