@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numba
 import numpy as np
 
+from sorting.stages.counts import FAULT_KINDS, FULL_SCALE, runs
+
 if TYPE_CHECKING:
     from sorting.stages.calibrate import Calibration
 
-FAULT_KINDS = ("dropped", "saturated", "dark", "stuck_module")
-FULL_SCALE = 65535
 _U = np.uint64  # unsigned indices in the compiled loops
 
 
@@ -47,12 +47,6 @@ class ChunkHealth(NamedTuple):
     bad_lines: np.ndarray
     bad_cols: np.ndarray
     counts: dict[str, int]
-
-
-def runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Starts and stops (exclusive) of the runs of True in a 1-D bool array."""
-    d = np.diff(np.concatenate(([0], flags.view(np.int8), [0])))
-    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
 
 
 def good_runs(bad_lines: np.ndarray) -> list[tuple[int, int]]:

@@ -12,6 +12,16 @@ STARVED_A = 6.0
 #: ... or with fewer equivalent quanta than this left in the pixel (relative noise above ~45 %);
 #: the calibration turns this into a lower A threshold where the machine runs out of quanta first
 STARVED_QUANTA = 5.0
+#: the largest reading of the 16-bit detector
+FULL_SCALE = 65535
+#: what a line of raw counts can suffer: missing, saturated, dark (tube trip), frozen module
+FAULT_KINDS = ("dropped", "saturated", "dark", "stuck_module")
+
+
+def runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and stops (exclusive) of the runs of True in a 1-D bool array."""
+    d = np.diff(np.concatenate(([0], flags.view(np.int8), [0])))
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
 
 
 # ---------------------------------------------------------------- dead columns

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sorting.realtime.health import FAULT_KINDS, FULL_SCALE, runs
+from sorting.stages.counts import FAULT_KINDS, FULL_SCALE, runs
 
 if TYPE_CHECKING:
     from sorting.stages.calibrate import Calibration
