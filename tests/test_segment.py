@@ -20,12 +20,22 @@ from sorting.stages.stitch import StreamSegmenter
 PITCH = 0.8  # mm, both directions: 0.64 mm2 per pixel, min_area 15 mm2 = 23.4 px
 
 
+class FakeCal(SimpleNamespace):
+    """Only what foreground() reads: per-pixel air noise of A and the bad-pixel flags, and
+    the calibration's store of derived tables."""
+
+    def derived(self, key, build):
+        store = self.__dict__.setdefault("_derived", {})
+        if key not in store:
+            store[key] = build()
+        return store[key]
+
+
 def fake_cal(pixels: int, sigma=(0.02, 0.04), bad=()):
-    """Only what foreground() reads: per-pixel air noise of A and the bad-pixel flags."""
     s = np.tile(np.asarray(sigma, np.float32), (pixels, 1))
     b = np.zeros(pixels, bool)
     b[list(bad)] = True
-    return SimpleNamespace(air_sigma_a=s, bad=b)
+    return FakeCal(air_sigma_a=s, bad=b)
 
 
 def disc(shape, center, radius):

@@ -27,8 +27,6 @@ import numpy as np
 from sorting.errors import InputError
 from sorting.realtime.stream import LatencyHistogram
 
-#: the calibration :func:`run_lanes` makes in the parent just before the lane processes fork
-_SHARED: dict = {}
 #: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
 DEFAULT_OVERLAP_MM = 200.0
 #: a column a lane owns costs it about (1 + this) times a column it only sees: segmenting a
@@ -202,7 +200,7 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
         sorter = load_sorter(sorter_path)
         # the parent's calibration, inherited through fork: one physical copy of the 8 MB basis
         # table for all lanes, not one per lane fighting over the shared cache
-        cal = _SHARED.get("calibration", rec.calibration)
+        cal = shared["calibration"]
         pipe = build_pipeline(cal, load_model(model_path), sorter, timing, sorter_path, chunk_lines,
                               x0=lane.lo, width=lane.hi - lane.lo, claim=_claim_rule(lane, timing.pixels),
                               shed_late=realtime)
@@ -265,12 +263,13 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     from sorting.stages.calibrate import calibrate
     from sorting.stages.normalize import basis_table
 
-    _SHARED["calibration"] = cal = calibrate(rec.calibration)
+    cal = calibrate(rec.calibration)
     basis_table(cal)  # built once, here, before the lanes fork
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     t_setup = time.perf_counter()
     shared = {
+        "calibration": cal,  # reaches the lanes through fork (a Process's arguments are not pickled)
         "go": ctx.Event(), "t0": ctx.Value("d", 0.0),
         # set on SIGINT/SIGTERM; each lane reads it once a chunk, without a lock
         "stop": ctx.RawValue("b", 0),

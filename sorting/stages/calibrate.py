@@ -25,8 +25,9 @@ from the line-to-line noise, and from those the A at which the low channel starv
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -242,9 +243,30 @@ class Calibration:
     #: ln(air - dark), floored; what attenuation() subtracts from
     log_flat: np.ndarray = field(init=False, repr=False)
 
+    #: tables derived from this calibration by the stages, built once each (see :meth:`derived`)
+    _derived: dict = field(init=False, repr=False, default_factory=dict)
+
     def __post_init__(self) -> None:
         flat = np.maximum(self.air - self.dark, np.float32(SIGNAL_FLOOR_ADU))
         object.__setattr__(self, "log_flat", np.log(flat).astype(np.float32))
+        # read-only: the tables derived from these arrays are built once and never go stale
+        for arr in (self.dark, self.air, self.bad, self.air_sigma_a, self.log_flat, self.lut.t_pom_mm,
+                    self.lut.t_fe_mm):
+            arr.flags.writeable = False
+
+    def derived(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The table ``key`` derived from this calibration, made by ``build()`` on first use.
+
+        The stages keep what they precompute from a calibration here (the basis lookup
+        table, detection weights per column window, the feature kernel's constants), on
+        the calibration itself rather than in module-level caches: whoever holds the
+        calibration holds its tables, and its arrays are read-only, so they never go stale.
+        """
+        try:
+            return self._derived[key]
+        except KeyError:
+            value = self._derived[key] = build()
+            return value
 
     @property
     def pixels(self) -> int:

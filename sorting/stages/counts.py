@@ -25,16 +25,10 @@ def runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- dead columns
-_REPAIR_PLANS: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = {}
-
-
 def _repair_plan(bad: np.ndarray):
     """Bad columns, their left and right good neighbours and the weights (1 - w, w); None
-    when there is nothing to repair. Cached per bad-column pattern (the stream asks per chunk)."""
+    when there is nothing to repair. Callers on the belt make it once per window."""
     bad = np.asarray(bad, dtype=bool)
-    key = np.packbits(bad).tobytes() + bad.size.to_bytes(8, "little")
-    if key in _REPAIR_PLANS:
-        return _REPAIR_PLANS[key]
     bad_idx = np.flatnonzero(bad)
     good = np.flatnonzero(~bad)
     plan = None
@@ -47,9 +41,6 @@ def _repair_plan(bad: np.ndarray):
         span = right - left
         w = np.where(span > 0, (bad_idx - left) / np.maximum(span, 1), 0.0).astype(np.float32)
         plan = (bad_idx, left, right, 1.0 - w, w)
-    if len(_REPAIR_PLANS) >= 64:
-        _REPAIR_PLANS.clear()
-    _REPAIR_PLANS[key] = plan
     return plan
 
 
@@ -64,7 +55,7 @@ def repair_columns(a: np.ndarray, bad: np.ndarray) -> None:
 
 
 NO_REPAIR = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
-              np.zeros(0, np.float32))
+             np.zeros(0, np.float32))
 
 
 

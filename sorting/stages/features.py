@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -130,22 +129,15 @@ def _parameters(cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
     return tab.table, p
 
 
-#: the last calibration's and pitches' kernel arguments (the stream asks once per chunk);
-#: the calibration is held weakly and treated as immutable, as normalize's table cache does
-_LAST: tuple = (None, None, None, ())
-
-
 def _constants(cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: float) -> tuple:
-    """(table, p32, win, pitch) for the kernel."""
-    global _LAST
-    ref, pp, lp, args = _LAST
-    if ref is None or ref() is not cal or pp != pixel_pitch_mm or lp != line_pitch_mm:
+    """(table, p32, win, pitch) for the kernel, built once per calibration and pitches."""
+    def build() -> tuple:
         table, p32 = _parameters(cal)
         win = np.array(_texture_window(pixel_pitch_mm, line_pitch_mm), np.int64)
         pitch = np.array([pixel_pitch_mm, line_pitch_mm], np.float64)
-        args = (table, p32, win, pitch)
-        _LAST = (weakref.ref(cal), pixel_pitch_mm, line_pitch_mm, args)
-    return args
+        return table, p32, win, pitch
+
+    return cal.derived(("features", float(pixel_pitch_mm), float(line_pitch_mm)), build)
 
 
 class _Workspace:

@@ -6,7 +6,6 @@ plus ``x0``, the detector column of its column 0 (CONTRACT.md section 1).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -259,15 +258,9 @@ class _BasisTable:
         self.y_scale = np.float32(1.0 / lut.r_step)
 
 
-#: per basis table (treated as immutable, like the calibration that holds it)
-_BASIS_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def basis_table(cal: Calibration) -> _BasisTable:
-    tab = _BASIS_TABLES.get(cal.lut)
-    if tab is None:
-        tab = _BASIS_TABLES[cal.lut] = _BasisTable(cal.lut)
-    return tab
+    """The calibration's basis table in the interleaved layout the lookups read (built once)."""
+    return cal.derived("basis_table", lambda: _BasisTable(cal.lut))
 
 
 def basis_thickness(a_low: np.ndarray, a_high: np.ndarray, cal: Calibration) -> tuple[np.ndarray, np.ndarray]:

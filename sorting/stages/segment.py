@@ -63,21 +63,11 @@ class _Detector:
         self.w_low, self.w_high = np.ascontiguousarray(w[:, 0]), np.ascontiguousarray(w[:, 1])
         bad = np.asarray(cal.bad, dtype=bool)[x0:x0 + width]
         self.bad = _bad_column_sources(bad)  # empty arrays when no column is bad
-        # the cache key holds the calibration arrays themselves, so their ids cannot be reused
-        self.arrays = (cal.air_sigma_a, cal.bad)
-
-
-_DETECTORS: dict[tuple, _Detector] = {}
 
 
 def _detector(cal: Calibration, x0: int, width: int, config: SegmentConfig) -> _Detector:
-    key = (id(cal.air_sigma_a), id(cal.bad), x0, width, config)
-    det = _DETECTORS.get(key)
-    if det is None or det.arrays[0] is not cal.air_sigma_a or det.arrays[1] is not cal.bad:
-        if len(_DETECTORS) >= 16:
-            _DETECTORS.clear()
-        det = _DETECTORS[key] = _Detector(cal, x0, width, config)
-    return det
+    """The detection weights of this column window, built once per calibration."""
+    return cal.derived(("detector", x0, width, config), lambda: _Detector(cal, x0, width, config))
 
 
 def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConfig = SegmentConfig(),
@@ -89,8 +79,8 @@ def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConf
     a : (L, W, 2) ndarray of float32
         Attenuation, channel 0 low, 1 high; column j is detector column ``x0 + j``.
     cal : Calibration
-        Uses ``air_sigma_a`` (P, 2) and ``bad`` (P,), treated as immutable (the weights
-        derived from them are cached per calibration and column window).
+        Uses ``air_sigma_a`` (P, 2) and ``bad`` (P,) (the weights derived from them are
+        kept on the calibration, per column window).
     out : (L, W) ndarray of bool, optional
 
     Returns
