@@ -19,6 +19,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+#: OpenCV gives a convexity defect's depth in fixed point: this is its resolution, px
+DEFECT_DEPTH_QUANTUM_PX = 1.0 / 256.0
+#: the touching-rock gate lets a component through to the watershed when its deepest
+#: concavity reaches this share of the split depth (no second peak can rise the split depth
+#: above a neck without a concavity about as deep; the quarter below it is margin for the
+#: pixel grid's outline)
+GATE_DEPTH_SHARE = 0.75
+
 # 8-neighbours in circular order (row, column offsets)
 _RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
 
@@ -190,3 +198,12 @@ def _columns_from_rows(lo, hi, top, bottom, count_c):
 @numba.njit(cache=True, nogil=True, inline="always")
 def _cross(pr, pc, o, a, b):
     return (pr[a] - pr[o]) * (pc[b] - pc[o]) - (pc[a] - pc[o]) * (pr[b] - pr[o])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def bound_clears_gate(bound_px: float, pitch_mm: float, gate_depth_mm: float) -> bool:
+    """True when a bound on the deepest concavity (px, as :func:`defect_depth_bound_px`) is
+    surely under the gate's depth (mm, ``GATE_DEPTH_SHARE * split_depth_mm``) on a grid of
+    ``pitch_mm`` (the coarser pitch): OpenCV's depth, never above the bound but rounded to its
+    fixed point, cannot reach the gate either. Shared by the batch and the stitcher's gate."""
+    return (bound_px + DEFECT_DEPTH_QUANTUM_PX) * pitch_mm < gate_depth_mm

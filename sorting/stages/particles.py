@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from sorting.stages.concavity import GATE_DEPTH_SHARE
+
 
 @dataclass(frozen=True)
 class SegmentConfig:
@@ -31,6 +33,12 @@ class SegmentConfig:
     split_depth_mm: float = 1.5
     edge_ratio: float = 2.0
 
+    @property
+    def gate_depth_mm(self) -> float:
+        """The touching-rock gate's depth: a component goes to the watershed only with a
+        concavity at least this deep (:data:`sorting.stages.concavity.GATE_DEPTH_SHARE`)."""
+        return GATE_DEPTH_SHARE * self.split_depth_mm
+
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
@@ -38,6 +46,12 @@ class SegmentConfig:
                 raise ValueError(f"SegmentConfig.{f.name} must be finite and >= 0, got {v!r}")
         if self.edge_ratio <= 0 or self.split_depth_mm <= 0:
             raise ValueError("SegmentConfig.edge_ratio and split_depth_mm must be > 0")
+
+
+def is_speck(area_px: float, px_area_mm2: float, min_area_mm2: float) -> bool:
+    """A component too small to be a rock: the one speck rule of the batch path, the split
+    and the stitcher (whose compiled emit runs this same function)."""
+    return area_px * px_area_mm2 < min_area_mm2
 
 
 def pixel_area_mm2(pixel_pitch_mm: float, line_pitch_mm: float) -> float:

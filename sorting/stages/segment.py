@@ -14,7 +14,7 @@ import cv2
 import numba
 import numpy as np
 
-from sorting.stages.particles import SegmentConfig, pixel_area_mm2
+from sorting.stages.particles import SegmentConfig, is_speck, pixel_area_mm2
 from sorting.stages.split import pieces
 
 if TYPE_CHECKING:  # only attributes ``air_sigma_a`` and ``bad`` are used
@@ -152,8 +152,8 @@ def segment_crop(a: np.ndarray, cal: Calibration, x0: int, pixel_pitch_mm: float
     empty = np.zeros((h, w), bool)
     n, lab, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
         fg.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA)
-    min_px = config.min_area_mm2 / pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
-    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_px]
+    px_area = pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
+    keep = [i for i in range(1, n) if not is_speck(stats[i, cv2.CC_STAT_AREA], px_area, config.min_area_mm2)]
     if not keep:
         return empty, "no rock in the crop"
     if len(keep) > 1:

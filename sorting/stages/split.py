@@ -15,8 +15,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
-from sorting.stages.concavity import defect_depth_bound_px
-from sorting.stages.particles import Completed, SegmentConfig, pixel_area_mm2
+from sorting.stages.concavity import DEFECT_DEPTH_QUANTUM_PX, bound_clears_gate, defect_depth_bound_px
+from sorting.stages.particles import Completed, SegmentConfig, is_speck, pixel_area_mm2
 
 #: particles larger than this (pixels) are flooded on max-pooled blocks of about this many
 _FLOOD_PX = 1200
@@ -52,7 +52,7 @@ def _max_defect_depth_px(mask_u8: np.ndarray) -> float:
             return np.inf
         # OpenCV 4 returns None for a convex outline, OpenCV 5 an empty array
         if defects is not None and defects.size:
-            depth = max(depth, float(defects.reshape(-1, 4)[:, 3].max()) / 256.0)
+            depth = max(depth, float(defects.reshape(-1, 4)[:, 3].max()) * DEFECT_DEPTH_QUANTUM_PX)
     return depth
 
 
@@ -103,7 +103,7 @@ def _may_split(m8: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float, conf
     """The gate of :func:`split_touching` on a padded mask: without a concavity as deep as the
     split depth, no second peak can exist (most rocks stop here, before any distance map)."""
     depth_px = _max_defect_depth_px(m8)
-    return depth_px * max(pixel_pitch_mm, line_pitch_mm) >= 0.75 * config.split_depth_mm
+    return depth_px * max(pixel_pitch_mm, line_pitch_mm) >= config.gate_depth_mm
 
 
 def _surely_shallow(mask: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float, config: SegmentConfig) -> bool:
@@ -111,7 +111,7 @@ def _surely_shallow(mask: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: floa
     below OpenCV's, whose depth is fixed point in 1/256 px) is under the gate's threshold.
     Settles ~90 % of rocks in a few us instead of tracing a contour."""
     bound_px = defect_depth_bound_px(np.ascontiguousarray(mask, dtype=bool))
-    return (bound_px + 1 / 256) * max(pixel_pitch_mm, line_pitch_mm) < 0.75 * config.split_depth_mm
+    return bound_clears_gate(bound_px, max(pixel_pitch_mm, line_pitch_mm), config.gate_depth_mm)
 
 
 def _split_padded(m8: np.ndarray, pixel_pitch_mm: float, line_pitch_mm: float, config: SegmentConfig,
@@ -318,7 +318,7 @@ def pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_
     :func:`_surely_shallow` does not clear it (the stitcher reads the bound off its runs).
     """
     area_px = sums[0] if sums is not None else int(np.count_nonzero(mask))
-    if not bound_deep and area_px * pixel_area_mm2(pixel_pitch_mm, line_pitch_mm) < config.min_area_mm2:
+    if not bound_deep and is_speck(area_px, pixel_area_mm2(pixel_pitch_mm, line_pitch_mm), config.min_area_mm2):
         return []
     labels = None
     if config.split_touching and not too_long and (

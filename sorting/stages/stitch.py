@@ -68,7 +68,7 @@ class StreamSegmenter:
         self._gate[K.G_PIXEL_AREA] = pixel_area_mm2(pixel_pitch_mm, line_pitch_mm)
         self._gate[K.G_MIN_AREA] = config.min_area_mm2
         self._gate[K.G_PITCH] = max(self.pixel_pitch_mm, self.line_pitch_mm)
-        self._gate[K.G_DEPTH] = 0.75 * config.split_depth_mm
+        self._gate[K.G_DEPTH] = config.gate_depth_mm
         self._gate[K.G_PIXELS] = self.pixels
         self._scratch_lines = 0
         self._scratch(32)

@@ -19,7 +19,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sorting.stages.concavity import defect_depth_bound_rows
+from sorting.stages.concavity import bound_clears_gate, defect_depth_bound_rows
+from sorting.stages.particles import is_speck
+
+#: the speck rule, compiled from its one definition
+_is_speck = numba.njit(cache=True, nogil=True, inline="always")(is_speck)
 
 # particle table columns (one row per slot; PID 0 = free slot, HEAD then links free slots)
 PID, LINE0, LINE1, COL0, COL1, AREA, SUM_LINE, SUM_COL, CUT, TOO_LONG, HEAD, TAIL, ALIAS, MARK = range(14)
@@ -192,7 +196,7 @@ def _finish(runs, sc, emit, n_emit, gate):
     total = 0
     for k in range(n_emit):
         emit[k, E_EDGE] = emit[k, E_COL0] == 0 or emit[k, E_COL1] + 1 == pixels
-        if emit[k, E_AREA] * gate[G_PIXEL_AREA] < gate[G_MIN_AREA]:
+        if _is_speck(emit[k, E_AREA], gate[G_PIXEL_AREA], gate[G_MIN_AREA]):
             emit[k, E_KIND] = KIND_SPECK
             emit[k, E_OFFSET] = -1
             continue
@@ -237,7 +241,7 @@ def _finish(runs, sc, emit, n_emit, gate):
                     break
             if simple:
                 bound_px = defect_depth_bound_rows(lo, hi, w)
-                if (bound_px + 1 / 256) * gate[G_PITCH] < gate[G_DEPTH]:
+                if bound_clears_gate(bound_px, gate[G_PITCH], gate[G_DEPTH]):
                     emit[k, E_KIND] = KIND_WHOLE
     return flat
 
