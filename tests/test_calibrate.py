@@ -16,7 +16,8 @@ from sorting.errors import InputError
 from sorting.io import CalibrationScans, WedgeScan
 from sorting.physics import load_materials
 from sorting.stages.calibrate import Calibration, calibrate, find_bad_pixels
-from sorting.stages.normalize import attenuation, basis_vector, material_maps
+from sorting.stages.normalize import attenuation, basis_vector
+from sorting.testing import material_maps
 from sorting.twin.detector import build_response, pixel_pattern, sample_counts
 
 #: the crossed wedge grid of CONTRACT.md section 2 (POM 0-250 mm, Fe 0-12 mm)

@@ -17,10 +17,10 @@ from sorting.stages.features import (
     OXIDE_LEVEL,
     TEXTURE_WINDOW_MM,
     dataset_features,
-    feature_table,
     features_batch,
     particle_features,
 )
+from sorting.testing import feature_table
 
 MINERALS = ("albite", "orthoclase", "hedenbergite", "hastingsite", "fayalite", "magnetite")
 SYENITE = {"albite": 0.5, "orthoclase": 0.5}

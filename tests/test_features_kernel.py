@@ -42,7 +42,7 @@ def _window_px(pitch_mm):
 
 def reference_basis(a_low, a_high, lut):
     """(t_pom, t_fe) mm by exact bilinear interpolation of the calibration's table (scipy;
-    edges replicated), at the float32 coordinates ``normalize.basis_thickness`` forms."""
+    edges replicated), at the float32 coordinates ``sorting.testing.basis_thickness`` forms."""
     n_r, n_a = lut.t_pom_mm.shape
     x = a_high * np.float32(1.0 / lut.a_high_step)
     y = (a_low / np.maximum(a_high, np.float32(1e-3)) - np.float32(lut.r_min)) * np.float32(1.0 / lut.r_step)
@@ -53,7 +53,7 @@ def reference_basis(a_low, a_high, lut):
 
 def reference_features(a, mask, cal, pp, lp):
     """The features of one rock, the plain way (float64 statistics)."""
-    from sorting.stages.normalize import _smooth_inside, mafic_line
+    from sorting.testing import mafic_line, smooth_inside
 
     mask = np.asarray(mask, bool)
     if not mask.any():
@@ -74,7 +74,7 @@ def reference_features(a, mask, cal, pp, lp):
     f["length_mm"], f["width_mm"] = 4 * np.sqrt(lam[0]), 4 * np.sqrt(lam[1])
     f["elongation"] = f["length_mm"] / max(f["width_mm"], 1e-6)
     # smoothing: normalized Gaussian (sigma 1 px) of the transmission inside the rock (OpenCV)
-    sa = _smooth_inside(ab, m, 1.0)
+    sa = smooth_inside(ab, m, 1.0)
     a_low, a_high = sa[..., 0][m], sa[..., 1][m]
     t_pom, t_fe = reference_basis(a_low, a_high, cal.lut)
     fe, mafic, thick = mafic_line(t_pom, t_fe)

@@ -64,7 +64,7 @@ _NOISY_SIGMAS = 8.0
 _STUCK_STD_FRACTION = 0.05
 _SATURATED_ADU = 65534.5
 #: remap's coordinates are 16-bit: rows and columns per block below SHRT_MAX
-_REMAP_BLOCK = 32000
+REMAP_BLOCK = 32000
 
 
 # ---------------------------------------------------------------- basis inverse
@@ -124,12 +124,12 @@ class BasisLUT:
         # keep far-off (noise, inf) coordinates inside remap's fixed-point range
         np.clip(map_x, -1.0, n_a, out=map_x)
         np.clip(map_y, -1.0, n_r, out=map_y)
-        if a_low.ndim == 2 and max(a_low.shape) < _REMAP_BLOCK:
+        if a_low.ndim == 2 and max(a_low.shape) < REMAP_BLOCK:
             blocks = [(map_x, map_y, out[0], out[1])]
         else:
             fx, fy, o0, o1 = (v.reshape(-1) for v in (map_x, map_y, out[0], out[1]))
-            blocks = [tuple(v[i:i + _REMAP_BLOCK].reshape(1, -1) for v in (fx, fy, o0, o1))
-                      for i in range(0, fx.size, _REMAP_BLOCK)]
+            blocks = [tuple(v[i:i + REMAP_BLOCK].reshape(1, -1) for v in (fx, fy, o0, o1))
+                      for i in range(0, fx.size, REMAP_BLOCK)]
         for mx, my, o0, o1 in blocks:
             if mx.size == 0:
                 continue

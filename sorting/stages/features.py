@@ -96,7 +96,7 @@ _HIST_BINS = int(round((_HIST_HI - _HIST_LO) / _HIST_STEP))
 _HIST_EDGES = _HIST_LO + _HIST_STEP * np.arange(_HIST_BINS + 1)
 #: particle pixels per kernel call in the batch path (bounded scratch memory)
 _BATCH_PIXELS = 1 << 20
-#: the smoothing Gaussian (sigma 1 px): OpenCV's taps, as ``normalize.blurred_transmission`` uses
+#: the smoothing Gaussian (sigma 1 px): OpenCV's taps, as ``sorting.testing.blurred_transmission`` uses
 _TAPS = cv2.getGaussianKernel(9, 1.0, cv2.CV_32F).ravel().copy()
 #: where each of the kernel's outputs goes in FEATURE_NAMES order
 _COLS = np.array([FEATURE_NAMES.index(name) for name in kernel.OUTPUTS], np.int64)
@@ -297,21 +297,6 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
         raise ValueError(f"`out` (shape {out.shape}, {out.dtype}) must be float32 of shape ({N_FEATURES},)")
     features_batch([(a, mask)], cal, pixel_pitch_mm, line_pitch_mm, out=out.reshape(1, N_FEATURES))
     return out
-
-
-def feature_table(crops: Iterable[tuple[np.ndarray, np.ndarray]], cal: Calibration, pixel_pitch_mm: float,
-                  line_pitch_mm: float) -> np.ndarray:
-    """Features of many particles (:func:`features_batch` on any iterable).
-
-    Parameters
-    ----------
-    crops : iterable of (a (h, w, 2) float32, mask (h, w) bool)
-
-    Returns
-    -------
-    (n, F) ndarray of float32; no input gives shape (0, F).
-    """
-    return features_batch(list(crops), cal, pixel_pitch_mm, line_pitch_mm)
 
 
 #: rocks whose features are computed together in the batch path
