@@ -14,7 +14,7 @@ numbers the belt produces.
 One compiled kernel (:mod:`sorting.stages.features_kernel`) computes a whole batch: each
 particle alone in its own bounding box, so its numbers do not depend on its neighbours in
 the batch nor on a margin around its box, and :func:`particle_features` (a batch of one)
-gives the same numbers. The maps are those of :mod:`sorting.stages.normalize` (smoothing: the
+gives the same numbers. The maps are those of :mod:`sorting.testing`'s reference (smoothing: the
 normalized Gaussian of the transmission inside the rock, ``blurred_transmission`` /
 ``smoothed_attenuation``; the basis table of ``basis_thickness``, here read by exact
 bilinear interpolation; ``mafic_line``); ``tests/test_features_kernel.py`` holds a slow
