@@ -19,6 +19,7 @@ from sorting.stages.features import (
     dataset_features,
     features_batch,
     particle_features,
+    texture_window,
 )
 from sorting.testing import feature_table
 
@@ -162,9 +163,16 @@ def test_hot_spot_shares_of_dense_plates(twin):
 
 
 def test_texture_window_in_mm():
-    """4 mm: 5 px of 0.8 mm, 3 px of 1.2 or 1.6 mm (the odd width closest to 4 mm), 7 px of 0.6 mm."""
+    """4 mm: 5 px of 0.8 mm, 3 px of 1.2 or 1.6 mm (the odd width closest to 4 mm), 7 px of
+    0.6 mm, at least 3 px; a tie (3.5 or 4.5 mm at 0.5 mm, 3 or 5 mm at 1 mm) goes to the wider.
+    Over many pitches, the formula agrees with a search over odd widths."""
+    from test_features_kernel import _window_px
+
     assert TEXTURE_WINDOW_MM == 4.0
-    assert [2 * _window_px(p) + 1 for p in (0.8, 1.2, 1.6, 0.6, 3.0)] == [5, 3, 3, 7, 3]
+    pitches = (0.8, 1.2, 1.6, 0.6, 3.0, 0.5, 1.0)
+    assert [texture_window(p, 2 * p) for p in pitches] == [(5, 3), (3, 3), (3, 3), (7, 3), (3, 3), (9, 5), (5, 3)]
+    for p in np.linspace(0.3, 5.0, 471) + 0.0013:  # off the exact ties, which the hand values cover
+        assert texture_window(p, p) == (2 * _window_px(p) + 1,) * 2
 
 
 def test_texture_of_homogeneous_plates_is_zero(twin):
@@ -330,11 +338,6 @@ def _rocks(twin, n, seed=0):
         a = plate(twin, mixes[i % len(mixes)], t, m, x0=int(rng.integers(0, 1000)), noise_seed=i + seed)
         crops.append((a, m))
     return crops
-
-
-def _window_px(pitch_mm):
-    """Half-width (px) of the texture box: the odd width closest to TEXTURE_WINDOW_MM, >= 3 px."""
-    return max(int(np.floor(0.5 * (TEXTURE_WINDOW_MM / pitch_mm - 1) + 0.5)), 1)
 
 
 @pytest.mark.parametrize("pp, lp", [(PITCH, PITCH), (0.8, 1.6)])

@@ -36,8 +36,10 @@ Q_ATOL = 2e-3
 
 # ---------------------------------------------------------------- the reference
 def _window_px(pitch_mm):
-    """Half-width (px) of the texture box: the odd width closest to TEXTURE_WINDOW_MM, >= 3 px."""
-    return max(int(np.floor(0.5 * (TEXTURE_WINDOW_MM / pitch_mm - 1) + 0.5)), 1)
+    """Half-width (px) of the texture box, from its definition by search: the odd width of at
+    least 3 px whose length is closest to TEXTURE_WINDOW_MM (a tie goes to the wider)."""
+    n = min(range(3, 1001, 2), key=lambda n: (abs(n * pitch_mm - TEXTURE_WINDOW_MM), -n))
+    return (n - 1) // 2
 
 
 def reference_basis(a_low, a_high, lut):

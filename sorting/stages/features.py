@@ -105,7 +105,7 @@ _Q = np.array(_QUANTILES)
 assert _Q.size == kernel.N_QUANTILES
 
 
-def _texture_window(pixel_pitch_mm: float, line_pitch_mm: float) -> tuple[int, int]:
+def texture_window(pixel_pitch_mm: float, line_pitch_mm: float) -> tuple[int, int]:
     """Odd box (columns, rows) closest to TEXTURE_WINDOW_MM on this machine's pitches, at least 3 px."""
     def odd(pitch: float) -> int:
         return 2 * max(int(math.floor(0.5 * (TEXTURE_WINDOW_MM / pitch - 1.0) + 0.5)), 1) + 1
@@ -133,7 +133,7 @@ def _constants(cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: float) ->
     """(table, p32, win, pitch) for the kernel, built once per calibration and pitches."""
     def build() -> tuple:
         table, p32 = _parameters(cal)
-        win = np.array(_texture_window(pixel_pitch_mm, line_pitch_mm), np.int64)
+        win = np.array(texture_window(pixel_pitch_mm, line_pitch_mm), np.int64)
         pitch = np.array([pixel_pitch_mm, line_pitch_mm], np.float64)
         return table, p32, win, pitch
 
