@@ -339,9 +339,9 @@ def load_sorter(path: str | Path | None = None) -> SorterConfig:
     cfg = build(SorterConfig, data, str(path))
     for section in dataclasses.fields(SorterConfig):
         if section.name not in data:
-            _fail(str(path), section.name, "is missing (a sorter states every key of CONTRACT.md section 5)")
+            _fail(str(path), section.name, "is missing (a sorter YAML states every key of the format)")
         for f in dataclasses.fields(getattr(cfg, section.name)):
             if f.name not in data[section.name]:
-                _fail(str(path), f"{section.name}.{f.name}", "is missing (a sorter states every key of "
-                                                              "CONTRACT.md section 5)")
+                _fail(str(path), f"{section.name}.{f.name}", "is missing (a sorter YAML states every key of "
+                                                              "the format)")
     return cfg

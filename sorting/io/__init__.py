@@ -1,4 +1,4 @@
-"""Read, write and validate the project's files (CONTRACT.md sections 2-4).
+"""Read, write and validate the project's files (docs/formats.md).
 
 The one place that touches calibration folders, ``xrt-rocks/1`` datasets and
 ``xrt-belt/1`` recordings. Readers check everything once, at the edge, and turn

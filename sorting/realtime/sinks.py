@@ -1,4 +1,4 @@
-"""Where decisions go: the JSON-lines event log (CONTRACT.md section 7) and the UDP valve sink."""
+"""Where decisions go: the JSON-lines event log (docs/cli.md, the event log) and the UDP valve sink."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The real-time loop: detector lines in, valve commands out (CONTRACT.md sections 5, 7).
+"""The real-time loop: detector lines in, valve commands out (docs/formats.md and docs/cli.md, the event log).
 
 Per chunk (default 32 lines): calibrated normalization into preallocated buffers ->
 per-pixel foreground -> stitching across chunks (each particle once, complete when the

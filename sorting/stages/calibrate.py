@@ -1,11 +1,11 @@
 """Calibration from the machine's own scans: dark, air, bad pixels and the POM x Fe basis inverse.
 
 Everything here is measured from :class:`~sorting.io.CalibrationScans`
-(CONTRACT.md section 2); nothing about a particular machine is built in. The only
+(docs/formats.md); nothing about a particular machine is built in. The only
 physics constants used are the attenuation coefficients of the two wedge materials
 (POM and iron, fixed by the contract) from the material library.
 
-The basis inverse (DESIGN.md section 3) maps a pixel's attenuation pair
+The basis inverse (docs/physics.md) maps a pixel's attenuation pair
 ``(A_low, A_high)`` to the POM and iron thicknesses that attenuate the same way.
 The forward map ``(pom, fe) -> (A_low, A_high)`` is fitted to the wedge cells in the
 form the physics dictates, a non-negative mix of monochromatic transmissions

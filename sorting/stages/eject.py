@@ -1,4 +1,4 @@
-"""Valve geometry and ejection timing (CONTRACT.md sections 5 and 7).
+"""Valve geometry and ejection timing (docs/formats.md and docs/cli.md, the event log).
 
 A particle scanned at lines ``first..last`` crosses the scan line between
 ``first / f`` and ``(last + 1) / f`` seconds (f = line rate) and flies ``distance_mm`` to

@@ -4,7 +4,7 @@ Each particle is computed alone in its own bounding box (found here, so a margin
 cannot matter), in raster order; particles share nothing but scratch memory. What each step
 computes is defined in :mod:`sorting.stages.features` and :mod:`sorting.stages.normalize`; numpy and
 OpenCV did the same in ~100 calls per batch on small arrays, whose per-call overhead was
-most of the cost (issue 5).
+most of the cost.
 
 Numerics: per-pixel maps in float32 as the numpy path did (transmission, the Gaussian taps
 of ``cv2.getGaussianKernel``, -ln of the normalized blur, the mafic line); exp and ln by

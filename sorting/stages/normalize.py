@@ -2,7 +2,7 @@
 
 Pure functions on arrays: inputs are never modified; the hot ones take a keyword-only
 ``out=``. One code path serves rock crops and belt chunks: a block of raw counts
-plus ``x0``, the detector column of its column 0 (CONTRACT.md section 1).
+plus ``x0``, the detector column of its column 0 (docs/formats.md).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def attenuation_into(raw: np.ndarray, dark: np.ndarray, log_flat: np.ndarray, ba
         _from_log(log_flat.reshape(-1), *plan, flat)
         return out
     np.subtract(raw, dark, out=out, casting="unsafe")  # in float32, as copy-then-subtract
-    # OpenCV's max and log are markedly faster than numpy's here (DESIGN.md section 6);
+    # OpenCV's max and log are markedly faster than numpy's here (docs/performance.md);
     # the counts are finite, so NaN handling does not differ
     cv2.max(flat, SIGNAL_FLOOR_ADU, dst=flat)
     cv2.log(flat, dst=flat)

@@ -1,6 +1,6 @@
 """From mineral path lengths to raw detector counts: the twin's X-ray rendering.
 
-Only rock pixels go through the spectral integral (DESIGN.md section 3): empty belt
+Only rock pixels go through the spectral integral (docs/physics.md): empty belt
 is the air level, known in closed form.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sorting.twin.detector import (
     sample_counts,
 )
 
-#: the crossed wedge grid (CONTRACT.md section 2: POM 0-250 mm, Fe 0-12 mm)
+#: the crossed wedge grid (docs/formats.md: POM 0-250 mm, Fe 0-12 mm)
 WEDGE_POM_MM = (0.0, 10.0, 20.0, 35.0, 50.0, 70.0, 90.0, 120.0, 150.0, 200.0, 250.0)
 WEDGE_FE_MM = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 
