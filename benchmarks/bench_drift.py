@@ -1,4 +1,4 @@
-"""Drift (issue 6 item 4): classification with and without the air tracker on drifted belts.
+"""Drift: classification with and without the air tracker on drifted belts.
 
     python benchmarks/bench_drift.py --seconds 8 --drifts 0 -0.05 0.05 --out out/drift --json out/drift/drift.json
 

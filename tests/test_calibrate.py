@@ -20,7 +20,7 @@ from sorting.stages.normalize import attenuation, basis_vector
 from sorting.testing import material_maps
 from sorting.twin.detector import build_response, pixel_pattern, sample_counts
 
-#: the crossed wedge grid of CONTRACT.md section 2 (POM 0-250 mm, Fe 0-12 mm)
+#: the crossed wedge grid of docs/formats.md (POM 0-250 mm, Fe 0-12 mm)
 WEDGE_POM_MM = (0.0, 10.0, 20.0, 35.0, 50.0, 70.0, 90.0, 120.0, 150.0, 200.0, 250.0)
 WEDGE_FE_MM = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 SOURCE = "test-calibration-folder"

@@ -1,4 +1,4 @@
-"""Drift (issue 6 item 4): the twin's drift option and the air tracker of sorting/faults.py.
+"""Drift: the twin's drift option and the air tracker of sorting/realtime/air.py.
 
 Expected values by hand: a relative drift d reached at stream fraction f multiplies the
 signal above dark by ``1 + d f`` (low) and ``1 + 0.7 d f`` (high), so a normalization

@@ -1,4 +1,4 @@
-"""Valve geometry and ejection timing (sorting/eject.py), against hand computation.
+"""Valve geometry and ejection timing (sorting/stages/eject.py), against hand computation.
 
 Reference sorter (configs/sorter_reference.yaml) on the reference belt: 3750 lines/s,
 3 m/s, 0.8 mm pixels, 1250 pixels (1000 mm), 80 valves of 12.5 mm (1000 mm), nozzles

@@ -1,4 +1,4 @@
-"""File formats (CONTRACT.md sections 2-4): round trips, hand-written files, every rejection."""
+"""File formats (docs/formats.md): round trips, hand-written files, every rejection."""
 from __future__ import annotations
 
 import csv

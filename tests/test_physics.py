@@ -1,6 +1,6 @@
 """The detector model against physics: reference attenuations, ratio invariants, noise.
 
-Expected values come from DESIGN.md section 3 (an independent forward model of the
+Expected values come from docs/physics.md (an independent forward model of the
 reference machine) or are rebuilt here from the tube spectrum and the attenuation
 coefficients, not from the code under test.
 """
@@ -16,7 +16,7 @@ from sorting.stages.calibrate import calibrate
 from sorting.stages.normalize import attenuation
 from sorting.twin.detector import build_response, pixel_pattern, sample_counts
 
-#: DESIGN.md section 3: A_high at 20 mm, R at 20 mm, A_high at 50 mm, R at 50 mm
+#: docs/physics.md: A_high at 20 mm, R at 20 mm, A_high at 50 mm, R at 50 mm
 REFERENCE_TABLE = {
     "syenite": (0.957, 1.658, 2.325, 1.468),
     "quartz": (0.955, 1.604, 2.332, 1.436),
@@ -25,7 +25,7 @@ REFERENCE_TABLE = {
     "magnetite": (3.064, 1.625, 6.572, 1.337),
     "iron": (4.849, 1.445, 10.288, 1.230),
 }
-#: DESIGN.md section 3: R at equal A_high = 1.0
+#: docs/physics.md: R at equal A_high = 1.0
 REFERENCE_R_AT_A1 = {"syenite": 1.648, "mix40": 1.881, "hedenbergite": 2.024, "fayalite": 2.173, "magnetite": 2.235}
 
 

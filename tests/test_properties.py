@@ -1,4 +1,4 @@
-"""Property tests (issue 6 item 2): any uint16 input of valid shape gives finite maps and
+"""Property tests: any uint16 input of valid shape gives finite maps and
 never raises, through normalization, segmentation, features and the streaming stitcher.
 
 Deterministic (``derandomize=True``): CI sees the same examples every run. The expected

@@ -1,7 +1,7 @@
-"""The streaming loop end to end on a simulated recording (issue 4's checks).
+"""The streaming loop end to end on a simulated recording.
 
-Expected values come from the recording's truth.csv and from the belt geometry (CONTRACT.md
-sections 4, 5, 7), computed here by hand, not from the code under test. One replay at 32
+Expected values come from the recording's truth.csv and from the belt geometry (docs/formats.md,
+the event log of docs/cli.md), computed here by hand, not from the code under test. One replay at 32
 lines per chunk (with the UDP valve sink and the event log attached) is shared by most tests.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_every_truth_rock_found_exactly_once(rec, run32):
         assert e["x_min_px"] <= t["centroid_px"] <= e["x_max_px"]
         assert abs(e["first_line"] - t["first_line"]) <= 2 and abs(e["last_line"] - t["last_line"]) <= 2
         assert abs(e["x_min_px"] - t["x_min_px"]) <= 2 and abs(e["x_max_px"] - t["x_max_px"]) <= 2
-    # the run's own scoring (sorting/outcome.py) agrees with this independent count
+    # the run's own scoring (sorting/offline/outcome.py) agrees with this independent count
     det = match_particles(events, truth)
     assert det["duplicated"] == 0
     assert det["found_once"] == int(np.sum(per_rock == 1))

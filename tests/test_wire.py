@@ -1,4 +1,4 @@
-"""Wire formats (sorting/wire.py): the TCP line frame and the UDP valve datagram.
+"""Wire formats (sorting/io/wire.py): the TCP line frame and the UDP valve datagram.
 
 Expected bytes come from the layout table in the module docstring, packed by hand here.
 """
