@@ -3,7 +3,8 @@
 # build), checks that both carry the shipped files as real files (configs, the model, the
 # spectra table), installs the wheel into a fresh venv outside the source tree (no system
 # site-packages; dependencies from the index, pinned by requirements-lock.txt), and runs the
-# installed `sorting` from a folder outside the tree: demo, inspect, simulate, evaluate.
+# installed `sorting` from a folder outside the tree: demo, inspect (its recording and the
+# shipped configs), simulate, evaluate.
 # A report must not carry the paths of the machine that wrote it.
 #   usage: scripts/check_wheel.sh [WORKDIR]     (default: a temp dir, removed afterwards)
 # Takes 1-3 minutes (most of it installing the dependencies; pip's cache helps).
@@ -28,7 +29,6 @@ mkdir -p "$work/src"
 say "fresh venv (no system site-packages)"
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q build
 
 say "sdist, then the wheel from the sdist"
@@ -88,6 +88,9 @@ t0=$SECONDS
 tail -4 demo.log
 [ -s demo/events.jsonl ] && [ -s demo/summary.json ] && [ -s demo/belt.png ] || fail "demo outputs missing"
 "$sorting" inspect demo/recording
+for c in machine_reference ore_crater_lake sorter_reference materials; do
+    "$sorting" inspect "$("$py" -c "import sorting.resources as r; print(r.shipped_config('$c.yaml'))")" | head -1
+done
 "$sorting" simulate rocks rocks --n 30 --seed 5 --quiet
 "$sorting" evaluate rocks --model "$("$py" -c 'import sorting.resources as r; print(r.SHIPPED_MODEL)')" \
     --report report --split all --quiet

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (rocks, belt):
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    insp = sub.add_parser("inspect", help="validate a dataset or recording and summarize it")
+    insp = sub.add_parser("inspect", help="validate a dataset, recording, calibration folder, TIFF "
+                          "or config YAML (machine, ore, sorter, materials) and summarize it")
     insp.add_argument("path", type=Path)
 
     run = sub.add_parser("run", help="stream a belt recording through the sorting loop")
@@ -132,6 +133,11 @@ def _run(args: argparse.Namespace) -> int:
 
         return VERBS[args.verb](args)
     if args.verb == "inspect":
+        if args.path.suffix.lower() in (".yaml", ".yml"):
+            from sorting.cli.inspect import describe_config
+
+            print(describe_config(args.path))
+            return 0
         from sorting.io import describe
 
         print(describe(args.path))
