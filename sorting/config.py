@@ -1,4 +1,4 @@
-"""Frozen configuration dataclasses, loaded from ``configs/*.yaml``.
+"""Frozen configuration dataclasses, loaded from YAML files (defaults: the shipped ``configs/*.yaml``).
 
 Units live in field names. Every value is validated once here, at the edge: a
 missing, unknown, non-finite or out-of-range value raises :class:`InputError`
@@ -17,8 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from sorting.errors import InputError
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from sorting.resources import CONFIG_DIR
 
 
 def _pos(**kw: Any) -> Any:

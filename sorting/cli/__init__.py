@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 from sorting.errors import InputError
+from sorting.resources import SHIPPED_MODEL, shipped_config
+
+
+def _default(path: Path) -> str:
+    """A help text's default: a shipped file, with where this install keeps it."""
+    return f"default: the shipped {path.name} in {path.parent}".replace("%", "%%")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,12 +26,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_configs(p: argparse.ArgumentParser, ore: bool = True) -> None:
     p.add_argument("--machine", type=Path, default=None,
-                   help="machine config YAML (default: configs/machine_reference.yaml)")
+                   help=f"machine config YAML ({_default(shipped_config('machine_reference.yaml'))})")
     if ore:
         p.add_argument("--ore", type=Path, default=None,
-                       help="ore model YAML (default: configs/ore_crater_lake.yaml)")
+                       help=f"ore model YAML ({_default(shipped_config('ore_crater_lake.yaml'))})")
     p.add_argument("--materials", type=Path, default=None,
-                   help="material library YAML (default: configs/materials.yaml)")
+                   help=f"material library YAML ({_default(shipped_config('materials.yaml'))})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (rocks, belt):
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    insp = sub.add_parser("inspect", help="validate a dataset or recording and summarize it")
+    insp = sub.add_parser("inspect", help="validate a dataset, recording, calibration folder, TIFF "
+                          "or config YAML (machine, ore, sorter, materials) and summarize it")
     insp.add_argument("path", type=Path)
 
     run = sub.add_parser("run", help="stream a belt recording through the sorting loop")
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the recording, events and plot")
     demo.add_argument("--seconds", type=float, default=8.0)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--model", type=Path, default=None, help="default: models/crater_lake.onnx")
+    demo.add_argument("--model", type=Path, default=None, help=_default(SHIPPED_MODEL))
     # train / predict / evaluate: the batch verbs on xrt-rocks/1 datasets (sorting/batch.py)
     from sorting.cli.batch import add_parsers as _add_batch_parsers
 
@@ -86,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=20.0, help="belt seconds to simulate (default 20)")
     bench.add_argument("--occupancy", type=float, default=0.3)
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--machine", type=Path, default=None)
-    bench.add_argument("--model", type=Path, default=None, help="default: models/crater_lake.onnx")
-    bench.add_argument("--sorter", type=Path, default=None, help="default: configs/sorter_reference.yaml")
+    bench.add_argument("--machine", type=Path, default=None, help=_default(shipped_config("machine_reference.yaml")))
+    bench.add_argument("--model", type=Path, default=None, help=_default(SHIPPED_MODEL))
+    bench.add_argument("--sorter", type=Path, default=None, help=_default(shipped_config("sorter_reference.yaml")))
     bench.add_argument("--chunk-lines", type=int, default=32)
     bench.add_argument("--no-paced", action="store_true", help="skip the paced (latency) run")
     bench.add_argument("--repeats", type=int, default=3,
@@ -126,6 +133,11 @@ def _run(args: argparse.Namespace) -> int:
 
         return VERBS[args.verb](args)
     if args.verb == "inspect":
+        if args.path.suffix.lower() in (".yaml", ".yml"):
+            from sorting.cli.inspect import describe_config
+
+            print(describe_config(args.path))
+            return 0
         from sorting.io import describe
 
         print(describe(args.path))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +54,19 @@ def _lithotypes(rows) -> np.ndarray | None:
     return np.array(vals) if vals and all(vals) else None
 
 
+def _data_fingerprint(rows, cal, X: np.ndarray) -> str:
+    """The training fingerprint's recipe (rows, calibration, feature matrix) on rows with a usable crop:
+    ``sorting train`` stores it in the model, ``sorting evaluate`` in its report."""
+    from sorting.offline.training import training_fingerprint
+
+    return training_fingerprint([(r.rock_id, r.file, r.x0, r.label, r.sc2o3_ppm, r.mass_g) for r in rows],
+                                cal.fingerprint, X)
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def training_rows(ds, where: Path) -> list[int]:
     """Labeled rows with split=train; all labeled rows when no row carries a split;
     labeled rows without a split when only test rows are marked."""
@@ -80,13 +95,14 @@ def _cutoff(meta: dict) -> float | None:
 
 
 def cli_train(args: argparse.Namespace) -> int:
-    from sorting.offline.training import train, training_fingerprint
+    from sorting.offline.training import created_utc, train
     from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
 
     if not 0.0 < args.target_recovery <= 1.0:
         raise InputError("--target-recovery", f"{args.target_recovery} is not in (0, 1]")
     if args.out.is_dir():
         raise InputError(args.out, "is a folder; --out names the model file to write")
+    created_utc()  # a bad SOURCE_DATE_EPOCH fails now, not after the training
     t0 = time.perf_counter()
     ds, cal = _open(args.dataset)
     where = Path(args.dataset) / "rocks.csv"
@@ -98,8 +114,7 @@ def cli_train(args: argparse.Namespace) -> int:
     _check_classes(y[ok], where, f"the {int(ok.sum())} training rows with a usable crop")
     rows = [r for r, k in zip(rows, ok) if k]
     X, y = X[ok], y[ok]
-    fp = training_fingerprint([(r.rock_id, r.file, r.x0, r.label, r.sc2o3_ppm, r.mass_g) for r in rows],
-                              cal.fingerprint, X)
+    fp = _data_fingerprint(rows, cal, X)
     model = train(X, y, feature_names=FEATURE_NAMES, feature_version=FEATURE_VERSION,
                   mass_g=_column(rows, "mass_g"), sc2o3_ppm=_column(rows, "sc2o3_ppm"), fingerprint=fp,
                   target_recovery=args.target_recovery, seed=args.seed, label_cutoff=_cutoff(ds.meta),
@@ -186,8 +201,11 @@ def cli_evaluate(args: argparse.Namespace) -> int:
     metrics, curves = evaluate(s, y, model.threshold, mass_g=_column(rows, "mass_g"),
                                sc2o3_ppm=_column(rows, "sc2o3_ppm"), baseline=base,
                                lithotype=_lithotypes(rows))
-    metrics = {"dataset": str(args.dataset), "split": split, "n_failed_crops": int((~ok).sum()),
-               "model": {"path": str(args.model), "threshold": model.threshold,
+    # names and content fingerprints, no paths: the report carries nothing of the machine that wrote it
+    metrics = {"dataset": Path(os.path.abspath(args.dataset)).name,
+               "dataset_fingerprint": _data_fingerprint([r for r, k in zip(rows, ok) if k], cal, X[ok]),
+               "split": split, "n_failed_crops": int((~ok).sum()),
+               "model": {"path": Path(args.model).name, "sha256": _sha256(args.model), "threshold": model.threshold,
                          "feature_version": model.feature_version,
                          "target_recovery": model.meta.get("target_recovery"),
                          "training_fingerprint": model.meta.get("training_fingerprint"),

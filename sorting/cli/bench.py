@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter
+from sorting.config import load_machine, load_ore, load_sorter
 from sorting.errors import InputError
+from sorting.resources import SHIPPED_MODEL, shipped_config
 
 
 def machine_description() -> str:
@@ -151,14 +152,14 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
 
 
 def cli_bench(args) -> int:
-    from sorting.cli.demo import SHIPPED_MODEL
     from sorting.physics import load_materials
     from sorting.twin import simulate_belt
 
     model = args.model or SHIPPED_MODEL
     if not Path(model).is_file():
-        raise InputError(model, "no model file; rebuild the shipped one with models/rebuild.sh")
-    sorter = args.sorter or CONFIG_DIR / "sorter_reference.yaml"
+        raise InputError(model, "no model file" if args.model else
+                         "the shipped model is missing (a source checkout rebuilds it: models/rebuild.sh)")
+    sorter = args.sorter or shipped_config("sorter_reference.yaml")
     # bad inputs fail before seconds of simulation, not after
     from sorting.realtime.runner import check_chunk_lines
     from sorting.stages.inference import load_model

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter
+from sorting.config import load_machine, load_ore, load_sorter
 from sorting.errors import InputError
-
-SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "crater_lake.onnx"
+from sorting.resources import SHIPPED_MODEL, shipped_config
 
 
 def _plot_stretch(path: Path, rec, cal, events: list[dict], lines: int = 1500) -> None:
@@ -66,7 +65,8 @@ def cli_demo(args) -> int:
 
     model_path = args.model or SHIPPED_MODEL
     if not Path(model_path).is_file():
-        raise InputError(model_path, "no model file; rebuild the shipped one with models/rebuild.sh")
+        raise InputError(model_path, "no model file" if args.model else
+                         "the shipped model is missing (a source checkout rebuilds it: models/rebuild.sh)")
     model = load_model(model_path)  # a wrong model fails before the simulation, not after
     out: Path = args.out
     rec_dir = out / "recording"
@@ -77,7 +77,7 @@ def cli_demo(args) -> int:
     simulate_belt(rec_dir, args.seconds, args.seed, load_machine(), load_ore(), load_materials(), occupancy=0.3,
                   touching=0.05)
     rec = read_belt_recording(rec_dir)
-    sorter_path = CONFIG_DIR / "sorter_reference.yaml"
+    sorter_path = shipped_config("sorter_reference.yaml")
     sorter = load_sorter(sorter_path)
     timing = timing_of(rec.meta)
 

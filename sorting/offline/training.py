@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+import os
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from sorting.errors import InputError
 from sorting.offline.metallurgy import (
     label_cutoff_ppm,
     make_feed,
@@ -102,7 +103,7 @@ class TrainedModel:
             "training_metrics": self.metrics,
             "versions": {"sorting": VERSION, "sklearn": sklearn.__version__,
                          "skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__},
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": created_utc(),
         }
 
     def to_onnx(self):
@@ -125,13 +126,31 @@ class TrainedModel:
         return onx
 
     def save(self, path: str | Path) -> Path:
+        """Write the ONNX file atomically; a symbolic link is written through (its target is replaced)."""
         path = Path(path)
+        if path.is_symlink():
+            path = path.resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.to_onnx().SerializeToString()
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(path)
         return path
+
+
+def created_utc() -> str:
+    """The model's date: now, or ``SOURCE_DATE_EPOCH`` where set (the reproducible-builds
+    convention: a build at a given source date gives the same bytes), ISO 8601 to the second."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch:
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        if not epoch.isdigit():
+            raise ValueError(epoch)
+        when = datetime.fromtimestamp(int(epoch), timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise InputError("SOURCE_DATE_EPOCH", f"must be whole seconds since 1970-01-01 UTC, got {epoch!r}") from None
+    return when.isoformat(timespec="seconds")
 
 
 def _check_xy(X: np.ndarray, y: np.ndarray, feature_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +237,6 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
     X, y = _check_xy(X, y, tuple(feature_names))
     if not 0.0 < target_recovery <= 1.0:
         raise ValueError(f"target recovery {target_recovery} is not in (0, 1]")
-    t0 = time.perf_counter()
     n_folds = int(min(CV_FOLDS, y.sum(), (~y).sum()))
     if n_folds < 2:
         raise ValueError("training needs at least 2 rocks of each class for cross-validation")
@@ -251,8 +269,7 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
         "cv_upgrade_ratio": bal["upgrade_ratio"],
         "recovery_basis": feed.recovery_basis, "mass_basis": feed.mass_basis,
         "targets": "soft" if soft else "hard", "label_cutoff_ppm": cut,
-        "soft_width": soft_width if soft else None,
-        "train_seconds": round(time.perf_counter() - t0, 2),
+        "soft_width": soft_width if soft else None, "seed": seed,
     }
     return TrainedModel(clf, tuple(feature_names), feature_version, float(threshold),
                         float(target_recovery), fingerprint, metrics)

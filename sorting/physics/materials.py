@@ -1,4 +1,4 @@
-"""Material library (``configs/materials.yaml``) and linear attenuation from xraydb."""
+"""Material library (YAML; default: the shipped ``configs/materials.yaml``) and linear attenuation from xraydb."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import xraydb
 
-from sorting.config import CONFIG_DIR, read_yaml
+from sorting.config import read_yaml
 from sorting.errors import InputError
+from sorting.resources import MATERIALS
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def _mu(formula: str, density: float, energies_kev: tuple[float, ...]) -> np.nda
 
 
 def load_materials(path: str | Path | None = None) -> MaterialLibrary:
-    path = Path(path) if path is not None else CONFIG_DIR / "materials.yaml"
+    path = Path(path) if path is not None else MATERIALS
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise InputError(path, "must map material names to {formula, density_g_cm3}")

@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from sorting.errors import InputError
-
-TABLE = Path(__file__).resolve().parent / "data" / "tungsten_spectra.csv"
+from sorting.resources import SPECTRA_TABLE
 
 
 @lru_cache(maxsize=1)
 def _table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with open(TABLE) as fh:
+    with open(SPECTRA_TABLE) as fh:
         header = next(line for line in fh if not line.startswith("#"))
     kvps = np.array([float(h.split("_")[1]) for h in header.strip().split(",")[1:]])
-    data = np.loadtxt(TABLE, delimiter=",", comments="#", skiprows=3)
+    data = np.loadtxt(SPECTRA_TABLE, delimiter=",", comments="#", skiprows=3)
     return data[:, 0], kvps, data[:, 1:]
 
 
