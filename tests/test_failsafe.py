@@ -207,6 +207,23 @@ def test_planning_that_raises_passes_only_its_particles(rec, model, sorter, clea
     _check(rec, clean[0].events, _run(rec, model, sorter), targets, "planning")
 
 
+def test_failed_particles_pass_when_the_jets_blow_out_waste(rec, model, sorter, monkeypatch):
+    """A failed particle scores 0 (class waste): with the jets on waste it must still pass."""
+    waste = dataclasses.replace(sorter, sorting=dataclasses.replace(sorter.sorting, eject="waste"))
+    clean_events = _run(rec, model, waste).events
+    targets = _targets(clean_events)
+    failed = {t["first_line"] for t in targets}
+    real = stream.features_from_ring
+
+    def features(ring, boxes, masks, *args, **kwargs):
+        if np.isin(boxes[:, 0], list(failed)).any():
+            raise Boom("features")
+        return real(ring, boxes, masks, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "features_from_ring", features)
+    _check(rec, clean_events, _run(rec, model, waste), targets, "features")
+
+
 # ------------------------------------------------------------------ the command line, one worker and lanes
 def test_cli_run_reports_particle_errors_with_one_worker_and_with_lanes(small_belt, small_model, clean, tmp_path,
                                                                        monkeypatch, capsys):

@@ -32,15 +32,13 @@ from sorting.stages.inference import OnnxModel
 from sorting.stages.normalize import attenuation_into, counts_log_into, from_log_row
 from sorting.stages.particles import Completed, SegmentConfig
 from sorting.stages.segment import detect_row, detector_arrays, foreground
-from sorting.stages.stitch import SPLIT_STAGE, StreamSegmenter
+from sorting.stages.stitch import StreamSegmenter
 from sorting.stages.stitch import warm_up as stitch_warm_up
 
 #: a particle is left undecided when less than this remains before its command is due
 SHED_MARGIN_MS = 1.0
 #: spare ring lines beyond a particle's own (its box is read from the ring when it completes)
 CROP_MARGIN_PX = 4
-#: the stages named in a particle's ``error`` (``"stage: ExceptionType"``), in the loop's order
-ERROR_STAGES = (SPLIT_STAGE, "planning", "features", "inference")
 #: the alarm kind of an episode of particle errors (consecutive chunks with failed particles)
 ERROR_ALARM = "particle_error"
 
