@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -222,6 +223,45 @@ def test_failed_particles_pass_when_the_jets_blow_out_waste(rec, model, sorter, 
 
     monkeypatch.setattr(stream, "features_from_ring", features)
     _check(rec, clean_events, _run(rec, model, waste), targets, "features")
+
+
+def test_failures_and_overload_together(rec, model, sorter, clean, monkeypatch):
+    """With overload shedding on, a particle shed as undecided is never classified, so its
+    failing features cannot fail it; the others fail as without shedding. The chunk holding
+    the last line of the pair's second particle is stamped long ago (its particles are
+    overdue and shed), every other chunk in the future (none is shed, however slow the run)."""
+    first, a, b, last = _targets(clean[0].events)
+    overdue = {b["last_line"] // CHUNK}
+
+    def run():
+        pipe = build_pipeline(rec.calibration, model, sorter, timing_of(rec.meta), str(SORTER_YAML), CHUNK,
+                              shed_late=True)
+        chunks = ((f, raw, -1000.0 if f // CHUNK in overdue else time.perf_counter() + 1000.0)
+                  for f, raw, _ in replay(rec.lines, rec.line_rate_hz, CHUNK))
+        return run_loop(chunks, pipe)
+
+    calm = run()
+    failed = {t["first_line"] for t in (first, a, b, last)}
+    real = stream.features_from_ring
+
+    def features(ring, boxes, masks, *args, **kwargs):
+        if np.isin(boxes[:, 0], list(failed)).any():
+            raise Boom("features")
+        return real(ring, boxes, masks, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "features_from_ring", features)
+    result = run()
+    shed = [e for e in result.events if e["last_line"] // CHUNK in overdue]
+    assert shed and all(e["undecided"] and e["decision"] == "pass" for e in shed)
+    assert not any(e["undecided"] for e in result.events if e["last_line"] // CHUNK not in overdue)
+    assert not any("error" in e for e in shed)  # b among them: shed, not failed
+    assert [e["first_line"] for e in result.events if "error" in e] == [first["first_line"], a["first_line"],
+                                                                        last["first_line"]]
+    assert result.summary["undecided"] == len(shed) and result.summary["particle_errors"] == 3
+    assert result.summary["alarms"][stream.ERROR_ALARM] == _episodes(clean[0].events, failed - {b["first_line"]}) == 3
+    keep = failed - {b["first_line"]}
+    assert _strip([e for e in result.events if e["first_line"] not in keep]) == _strip(
+        [e for e in calm.events if e["first_line"] not in keep])
 
 
 # ------------------------------------------------------------------ the command line, one worker and lanes
