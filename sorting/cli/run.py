@@ -33,11 +33,15 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
         f"latency ms (last line in -> decision out): p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
         f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {_num(s['cpu_fraction'], '.2f')} of stream time",
     ]
+    if s.get("particle_errors"):
+        lines.append(f"particle errors {s['particle_errors']}: their own processing raised; each passed, logged with "
+                     "its `error` (stage: exception) in the event log")
     if s.get("stopped_by_signal"):
         lines.append("stopped by a signal: the event log holds every particle decided until then")
     if any(s.get("alarms", {}).values()):
+        affected = ", ".join(f"{k} {v}" for k, v in s["fault_lines"].items() if v)
         lines.append("alarms (fault episodes): " + ", ".join(f"{k} {v}" for k, v in s["alarms"].items() if v)
-                     + "; lines affected: " + ", ".join(f"{k} {v}" for k, v in s["fault_lines"].items() if v))
+                     + (f"; lines affected: {affected}" if affected else ""))
     if detection:
         lines.append(f"detection: {detection['found_once']}/{detection['truth_rocks']} truth rocks found once, "
                      f"{detection['missed']} missed, {detection['duplicated']} duplicated, "

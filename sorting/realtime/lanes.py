@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sorting.errors import InputError
-from sorting.realtime.stream import LatencyHistogram
+from sorting.realtime.stream import ERROR_ALARM, LatencyHistogram
 
 #: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
 DEFAULT_OVERLAP_MM = 200.0
@@ -321,11 +321,12 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
     buffer: list = []  # (chunk, line1, line0, col0, event, t_in)
     merged: list[dict] = []
     latency = LatencyHistogram()
-    late = ejected = 0
+    late = ejected = errors = error_episodes = 0
+    error_episode = False  # the last chunk with particles had a failed one (as Pipeline._end_chunk)
     resp_s = sorter.ejector.response_ms / 1000.0
 
     def release(upto: int) -> None:
-        nonlocal buffer, late, ejected
+        nonlocal buffer, late, ejected, errors, error_episodes, error_episode
         ready = [b for b in buffer if b[0] <= upto]
         if not ready:
             return
@@ -352,11 +353,20 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
             # unpaced, a lane may run ahead of the other, so the wait in the merge says nothing:
             # each event keeps its lane's own latency, slack and lateness
             latency.add_many(np.array([e["latency_ms"] for e in out]))
-        for i, e in enumerate(out):
+        chunk, failed = ready[0][0], False
+        for i, (b, e) in enumerate(zip(ready, out)):
             e["particle"] = first + i
             if e["decision"] == "eject":
                 ejected += 1
                 late += e["late"]
+            if b[0] != chunk:  # a chunk's particles are all here: one worker's episodes of particle errors
+                error_episodes += failed and not error_episode
+                error_episode, chunk, failed = failed, b[0], False
+            if "error" in e:
+                errors += 1
+                failed = True
+        error_episodes += failed and not error_episode
+        error_episode = failed
         if valves is not None:
             valves.send(out)
         if log is not None:
@@ -389,6 +399,7 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
     workers_c = [f["counters"] for f in finished]
     # every lane sees every line: stream-level counters agree across lanes; take the worst
     alarms = {kind: max(f["alarms"][kind] for f in finished) for kind in finished[0]["alarms"]}
+    alarms[ERROR_ALARM] = error_episodes  # each lane's particles are its own: counted on the merged chunks
     fault_lines = {kind: max(f["fault_lines"][kind] for f in finished) for kind in finished[0]["fault_lines"]}
     summary = {
         "workers": workers, "lanes": [(lane.lo, lane.hi) for lane in lanes],
@@ -396,7 +407,7 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
         "chunks": max(c["chunks"] for c in workers_c), "lines": lines, "particles": len(merged),
         "ejected": ejected, "passed": len(merged) - ejected, "late": late,
         "undecided": sum(bool(e.get("undecided")) for e in merged), "cut": sum(bool(e["cut"]) for e in merged),
-        "too_long": sum(bool(e["too_long"]) for e in merged),
+        "too_long": sum(bool(e["too_long"]) for e in merged), "particle_errors": errors,
         "gaps": max(c["gaps"] for c in workers_c), "dropped_lines": max(c["dropped_lines"] for c in workers_c),
         "valve_errors": valves.errors if valves is not None else 0,
         "alarms": alarms, "fault_lines": fault_lines,

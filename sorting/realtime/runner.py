@@ -121,7 +121,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     if valves is not None:
         c.valve_errors = valves.errors
     summary = c.summary()
-    summary["alarms"] = dict(pipeline.health.episodes)  # fault episodes per kind
+    summary["alarms"] = pipeline.alarms  # fault episodes per kind, and episodes of particle errors
     summary["fault_lines"] = dict(pipeline.health.lines)
     stream_s = c.lines / pipeline.timing.line_rate_hz
     summary.update({

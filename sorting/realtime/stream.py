@@ -4,6 +4,12 @@ Per chunk (default 32 lines): calibrated normalization into preallocated buffers
 per-pixel foreground -> stitching across chunks (each particle once, complete when the
 line after its last line arrives) -> features on the particle's box, cut from a ring
 buffer of attenuation lines (the same code as training) -> one ONNX batch -> valve plan.
+
+Fail-safe: when one particle's own processing raises (splitting its component, features,
+inference, planning), that particle passes, logged with an ``error`` key, and the belt goes
+on. Each stage runs on the chunk's whole batch; only when the batch raises is it redone one
+particle at a time, so the common path pays nothing and the other particles of the chunk get
+the decisions a clean run gives them.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ from sorting.stages.stitch import warm_up as stitch_warm_up
 SHED_MARGIN_MS = 1.0
 #: spare ring lines beyond a particle's own (its box is read from the ring when it completes)
 CROP_MARGIN_PX = 4
+#: the alarm kind of an episode of particle errors (consecutive chunks with failed particles)
+ERROR_ALARM = "particle_error"
 
 
 #: decimals of the logged centroid line, centroid column, area, score, open, close, latency, slack
@@ -174,6 +182,8 @@ class Counters:
     dropped_lines: int = 0
     valve_errors: int = 0
     undecided: int = 0
+    particle_errors: int = 0  # particles passed because their own processing raised
+    error_episodes: int = 0  # ... alarms: runs of consecutive chunks with such particles
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def summary(self) -> dict:
@@ -183,6 +193,7 @@ class Counters:
             "too_long": self.too_long, "gaps": self.gaps, "dropped_lines": self.dropped_lines,
             "valve_errors": self.valve_errors,
             "undecided": self.undecided,
+            "particle_errors": self.particle_errors,
             "latency_ms": self.latency.summary(),
         }
 
@@ -224,6 +235,8 @@ class Pipeline:
         self._next_id = 0
         self._expected: int | None = None
         self._cost_ms = 0.5  # running mean of the time to decide one particle
+        self._seg_errors = 0  # the segmenter's failed splits already seen
+        self._chunk_failed = self._chunk_decided = self._error_episode = False
         self.health = LineHealth(cal, self.x0, self.pixels)
         self.air = AirTracker(cal, x0=self.x0, width=self.pixels)
         self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
@@ -300,6 +313,12 @@ class Pipeline:
         so the tracked air level a line is normalized with does not depend on chunking. A
         chunk of no lines changes nothing.
         """
+        events = self._epochs(first_line, raw, t_in)
+        self._end_chunk()
+        return events
+
+    def _epochs(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
+        """:meth:`step`'s work, cut at the air tracker's epoch boundaries."""
         epoch = self.air.epoch_lines
         n = raw.shape[0]
         if n == 0:
@@ -309,7 +328,7 @@ class Pipeline:
             k = boundary - first_line
             events = self._step(first_line, raw[:k], t_in - (n - k) / self.timing.line_rate_hz)
             self.air.end_epoch()
-            return events + self.step(boundary, raw[k:], t_in)
+            return events + self._epochs(boundary, raw[k:], t_in)
         events = self._step(first_line, raw, t_in)
         if first_line + n == boundary:
             self.air.end_epoch()
@@ -382,7 +401,85 @@ class Pipeline:
 
     def finish(self) -> list[dict]:
         """End of stream: particles still open are cut."""
-        return self._decide(self.segmenter.flush())
+        events = self._decide(self.segmenter.flush())
+        self._end_chunk()
+        return events
+
+    def _end_chunk(self) -> None:
+        """An episode of particle errors (one alarm) runs over consecutive chunks with a failed
+        particle; a chunk whose particles all went through cleanly ends it (a chunk that
+        completes no particle says nothing either way)."""
+        if self._chunk_decided:
+            if self._chunk_failed and not self._error_episode:
+                self.counters.error_episodes += 1
+            self._error_episode = self._chunk_failed
+            self._chunk_failed = self._chunk_decided = False
+
+    @property
+    def alarms(self) -> dict[str, int]:
+        """Alarms so far per kind: the line-health fault episodes and the particle-error episodes."""
+        return {**self.health.episodes, ERROR_ALARM: self.counters.error_episodes}
+
+    # ------------------------------------------------------------ the fail-safe fallbacks
+    def _plan_each(self, ints: np.ndarray, err: list) -> tuple:
+        """:func:`_chunk_plan` one particle at a time, after the chunk's batch raised. A particle
+        whose plan raises gets no valve and an air window due when its last line has passed the
+        scan line (it passes; its slack reads negative)."""
+        n = ints.shape[0]
+        lo, hi = np.zeros(n, np.int64), np.full(n, -1, np.int64)
+        times = np.empty((4, n), np.float64)
+        boxes = np.empty((n, 4), np.int64)
+        for i in range(n):
+            try:
+                r = _chunk_plan(ints[i:i + 1], self.x0, self._plan_p)
+                lo[i], hi[i], times[:, i], boxes[i] = r[0][0], r[1][0], r[2][:, 0], r[3][0]
+            except Exception as exc:  # noqa: BLE001 - this particle passes; the belt goes on
+                err[i] = err[i] or f"planning: {type(exc).__name__}"
+                line0, col0, line1, col1 = ints[i, :4].tolist()
+                times[:3, i] = (line1 + 1) / self.timing.line_rate_hz  # (only its logged slack reads them)
+                times[3, i] = np.inf  # never shed as undecided: it is not classified anyway
+                boxes[i] = line0, col0, line1 - line0 + 1, col1 - col0 + 1
+        return lo, hi, times, boxes
+
+    def _features(self, boxes: np.ndarray, masks: list, out: np.ndarray, index: np.ndarray | None,
+                  err: list | None, n: int) -> list | None:
+        """``features_from_ring`` into ``out`` for the particles ``index`` (None: all) of the
+        chunk; when the batch raises, one particle at a time (a particle computes alone in its
+        box: the same numbers), a failing one left at zeros with its error. Returns ``err``."""
+        pp, lp = self.timing.pixel_pitch_mm, self.line_pitch_mm
+        try:
+            features_from_ring(self._ring, boxes, masks, self.cal, pp, lp, out=out)
+            return err
+        except Exception:  # noqa: BLE001 - isolate the failing particle(s) below
+            pass
+        err = err if err is not None else [None] * n
+        for j in range(boxes.shape[0]):
+            try:
+                features_from_ring(self._ring, boxes[j:j + 1], masks[j:j + 1], self.cal, pp, lp, out=out[j:j + 1])
+            except Exception as exc:  # noqa: BLE001 - this particle passes; the belt goes on
+                out[j] = 0.0
+                i = j if index is None else int(index[j])
+                err[i] = err[i] or f"features: {type(exc).__name__}"
+        return err
+
+    @staticmethod
+    def _failed(err: list, undecided: np.ndarray | None) -> np.ndarray:
+        """(n,) bool: the particles that failed (or, given ``undecided``, failed or were shed)."""
+        failed = np.array([e is not None for e in err], bool)
+        return failed if undecided is None else failed | undecided
+
+    def _scores_each(self, x: np.ndarray, skip: np.ndarray | None, err: list) -> np.ndarray:
+        """The model's scores one particle at a time, after the chunk's batch raised; a failing
+        one scores 0 with its error."""
+        scores = np.zeros(x.shape[0], np.float32)
+        for i in range(x.shape[0]):
+            if skip is not None and skip[i]:
+                continue
+            try:
+                scores[i] = np.clip(self.model.scores_f32(x[i:i + 1]), 0.0, 1.0)[0]
+            except Exception as exc:  # noqa: BLE001 - this particle passes; the belt goes on
+                err[i] = err[i] or f"inference: {type(exc).__name__}"
+        return scores
 
     # ------------------------------------------------------------ decisions
     def _decide(self, done: list[Completed]) -> list[dict]:
@@ -396,8 +493,19 @@ class Pipeline:
         # per particle: first line, first column, last line, last column, area (px); centroid line, column
         ints = np.array([(p.line0, p.col0, p.line1, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
         cents = np.array([(p.centroid_line, p.centroid_px) for p in done], np.float64).reshape(n, 2)
+        # per particle, once one's own processing has raised: "stage: ExceptionType" or None;
+        # None as a whole on the common path (each stage below runs on the chunk's batch and
+        # goes one particle at a time only when that raises)
+        err = None
+        if self.segmenter.errors != self._seg_errors:  # a component came out unsplit
+            self._seg_errors = self.segmenter.errors
+            err = [p.error for p in done]
         # the valve plan, and each box (first line, first column, height, width) in the ring
-        lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
+        try:
+            lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
+        except Exception:  # noqa: BLE001 - isolate the failing particle(s)
+            err = err if err is not None else [None] * n
+            lo, hi, times, boxes = self._plan_each(ints, err)
         # overload: a particle whose command is already due cannot be ejected any more;
         # it is not classified (that time goes to the particles still in time), passes and is
         # logged late and undecided
@@ -408,26 +516,47 @@ class Pipeline:
             busy_ms = SHED_MARGIN_MS + self._cost_ms * n
             undecided = age_ms + busy_ms > times[3]
             n_und = int(np.count_nonzero(undecided))
+        # not classified: shed (overload) or failed
+        skip = undecided if n_und else None
+        if err is not None:
+            skip = self._failed(err, undecided if n_und else None)
+        n_skip = int(np.count_nonzero(skip)) if skip is not None else 0
         # every particle of the chunk in one pass (the same kernel as training), its box read
         # from the ring
-        pp, lp = self.timing.pixel_pitch_mm, self.line_pitch_mm
-        if n_und:
-            x[undecided] = 0.0
-            keep = np.flatnonzero(~undecided)
-            x[keep] = features_from_ring(self._ring, boxes[keep], [done[i].mask for i in keep], self.cal, pp, lp,
-                                         out=np.empty((keep.size, x.shape[1]), np.float32))
+        if n_skip:
+            x[skip] = 0.0
+            keep = np.flatnonzero(~skip)
+            if keep.size:
+                xk = np.empty((keep.size, x.shape[1]), np.float32)
+                err = self._features(boxes[keep], [done[i].mask for i in keep], xk, keep, err, n)
+                x[keep] = xk
         elif n:
-            features_from_ring(self._ring, boxes, [p.mask for p in done], self.cal, pp, lp, out=x)
+            err = self._features(boxes, [p.mask for p in done], x, None, err, n)
         t1 = time.perf_counter()
-        if n > n_und:
-            self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - n_und) - self._cost_ms)
+        if n > n_skip:
+            self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - n_skip) - self._cost_ms)
         x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
-        scores = np.clip(self.model.scores_f32(x), 0.0, 1.0) if n else np.zeros(0, np.float32)
-        if n_und:
-            scores[undecided] = 0.0
+        if n:
+            try:
+                scores = np.clip(self.model.scores_f32(x), 0.0, 1.0)
+            except Exception:  # noqa: BLE001 - isolate the failing particle(s)
+                err = err if err is not None else [None] * n
+                scores = self._scores_each(x, self._failed(err, undecided if n_und else None), err)
+        else:
+            scores = np.zeros(0, np.float32)
+        failed = None
+        if err is not None:
+            failed = self._failed(err, None)
+            skip = failed | undecided if n_und else failed
+        elif n_und:
+            skip = undecided
+        if skip is not None:
+            scores[skip] = 0.0
         t2 = time.perf_counter()
         is_sc = scores >= self.threshold
         eject = is_sc if self.eject_sc else ~is_sc
+        if failed is not None:
+            eject = eject & ~failed  # a particle whose own processing raised passes
         t_out = time.perf_counter()
         px_area = self.timing.pixel_pitch_mm * self.line_pitch_mm
         events = []
@@ -482,6 +611,13 @@ class Pipeline:
                 c.passed += 1
                 c.undecided += und
             events.append(ev)
+        if failed is not None:
+            for i in np.flatnonzero(failed).tolist():
+                events[i]["error"] = err[i]
+            k = int(np.count_nonzero(failed))
+            c.particle_errors += k
+            self._chunk_failed |= k > 0
+        self._chunk_decided |= n > 0
         c.particles += n
         c.latency.add_many(numbers[N_LOGGED])
         c.cut += sum(p.cut for p in done)

@@ -72,6 +72,8 @@ class Completed:
     too_long : emitted after ``max_particle_lines`` without ending.
     touches_border : it reaches detector column 0 or P-1 (the belt edge may hide part).
     split : it was split off a touching neighbour.
+    error : ``"stage: ExceptionType"`` when its own processing raised (it is then passed,
+        never ejected); None on the normal path.
     """
 
     line0: int
@@ -86,6 +88,7 @@ class Completed:
     too_long: bool = False
     touches_border: bool = False
     split: bool = False
+    error: str | None = None
 
 
 _PARTICLE_DTYPES = {"line0": np.int64, "line1": np.int64, "col0": np.int64, "col1": np.int64,

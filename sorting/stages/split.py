@@ -318,6 +318,8 @@ def pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_
     :func:`_surely_shallow` does not clear it (the stitcher reads the bound off its runs).
     """
     area_px = sums[0] if sums is not None else int(np.count_nonzero(mask))
+    if area_px == 0:  # no pixel, no particle (whatever the speck size)
+        return []
     if not bound_deep and is_speck(area_px, pixel_area_mm2(pixel_pitch_mm, line_pitch_mm), config.min_area_mm2):
         return []
     labels = None

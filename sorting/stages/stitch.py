@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # the calibration is only kept for the caller
 
 _SLOTS0 = 256  # open particles, grown by doubling
 _RUNS0 = 8192  # stored runs of open particles, grown by doubling
+#: the stage named in a particle's ``error`` when splitting its component raised
+SPLIT_STAGE = "splitting"
 
 
 class StreamSegmenter:
@@ -58,6 +60,8 @@ class StreamSegmenter:
         # lane-parallel mode: only components this lane owns (decided on the whole component,
         # before touching rocks are split, so two lanes never split the same blob differently)
         self.claim = claim
+        #: components whose split raised, so far (each emitted whole, with ``error`` set)
+        self.errors = 0
         self._parts = np.zeros((_SLOTS0, K.N_PART_COLS), np.int64)
         self._emit_rows = np.zeros((_SLOTS0, K.N_EMIT_COLS), np.int64)
         self._runs = np.zeros((_RUNS0, 4), np.int64)
@@ -155,9 +159,16 @@ class StreamSegmenter:
                 out.append(Completed(line0, line1, col0, col1, mask, area, sum_line / area, sum_col / area,
                                      cut == 1, too_long == 1, edge == 1, False))
             else:
-                out.extend(pieces(mask, line0, col0, self.pixel_pitch_mm, self.line_pitch_mm, self.config,
-                                   cut=cut == 1, too_long=too_long == 1, pixels=self.pixels,
-                                   sums=(area, sum_line, sum_col), bound_deep=True))
+                try:
+                    out.extend(pieces(mask, line0, col0, self.pixel_pitch_mm, self.line_pitch_mm, self.config,
+                                      cut=cut == 1, too_long=too_long == 1, pixels=self.pixels,
+                                      sums=(area, sum_line, sum_col), bound_deep=True))
+                except Exception as exc:  # noqa: BLE001 - one rock's shape must never stop the belt
+                    # the component comes out whole, flagged: the loop passes it and logs why
+                    self.errors += 1
+                    out.append(Completed(line0, line1, col0, col1, mask, area, sum_line / area,
+                                         sum_col / area, cut == 1, too_long == 1, edge == 1, False,
+                                         error=f"{SPLIT_STAGE}: {type(exc).__name__}"))
         return out
 
     def _emit_all_cut(self) -> list[Completed]:
