@@ -80,6 +80,7 @@ def _cutoff(meta: dict) -> float | None:
 
 
 def cli_train(args: argparse.Namespace) -> int:
+    from sorting.offline.intervals import small_sample
     from sorting.offline.training import train, training_fingerprint
     from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
 
@@ -109,19 +110,40 @@ def cli_train(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise InputError(args.out, f"cannot write the model ({exc.strerror})") from None
     m = model.metrics
-    up = m["cv_upgrade_ratio"]
     print(f"trained {m['estimator']} on {m['n_train']} rocks ({m['n_sc']} sc), features v{FEATURE_VERSION}")
-    print(f"{m['cv_folds']}-fold CV: AUC {m['cv_auc']:.3f}; at threshold {model.threshold:.4f}: "
-          f"Sc recovery {100 * m['cv_sc_recovery']:.1f} % ({m['recovery_basis']}), "
-          f"mass pull {100 * m['cv_mass_pull']:.1f} % ({m['mass_basis']}), "
-          f"waste rejection {100 * m['cv_waste_rejection']:.1f} %"
-          + (f", upgrade {up:.2f}" if up is not None else ""))
+    print("\n".join(cv_lines(m, model.threshold)))
+    small = small_sample(m["n_sc"], m["n_train"] - m["n_sc"])
+    if small:
+        _warn(f"{where}: {small}")
     print("candidates (CV AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in m["cv_auc_candidates"].items()))
     if m["targets"] == "soft":
         print(f"soft targets around the {m['label_cutoff_ppm']:.0f} ppm Sc2O3 label cut-off "
               f"(ln-width {m['soft_width']})")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def cv_lines(m: dict, threshold: float) -> list[str]:
+    """The cross-validated training metrics of a model (its ``training_metrics``), with their
+    95 % intervals where the model has them."""
+    from sorting.offline.intervals import format_interval
+
+    ci = m.get("cv_ci95") or {}
+
+    def pct(key: str, ci_key: str, basis: str | None = None) -> str:
+        x = m.get(key)
+        if x is None:
+            return "n/a"
+        extra = ", ".join(p for p in (format_interval(ci.get(ci_key), True), basis and f"{basis} basis") if p)
+        return f"{100 * x:.1f} %" + (f" ({extra})" if extra else "")
+
+    auc_ci = format_interval(ci.get("auc"), False)
+    up = m.get("cv_upgrade_ratio")
+    return [f"{m['cv_folds']}-fold CV: AUC {m['cv_auc']:.3f}" + (f" ({auc_ci})" if auc_ci else ""),
+            f"at threshold {threshold:.4f}: "
+            f"Sc recovery {pct('cv_sc_recovery', 'sc_recovery', m.get('recovery_basis'))}, "
+            f"mass pull {pct('cv_mass_pull', 'mass_pull', m.get('mass_basis'))}, "
+            f"waste rejection {pct('cv_waste_rejection', '')}" + (f", upgrade {up:.2f}" if up is not None else "")]
 
 
 def _scores(model, X: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -197,6 +219,8 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         paths = write_report(args.report, metrics, curves, s, y)
     except OSError as exc:
         raise InputError(args.report, f"cannot write the report ({exc.strerror})") from None
+    if metrics["small_sample"]:
+        _warn(f"{args.dataset}: {metrics['small_sample']}")
     print(f"evaluated {args.model} on {args.dataset} split {split}"
           + (f" ({metrics['n_failed_crops']} failed crops scored as waste)" if metrics["n_failed_crops"] else ""))
     print("\n".join(summary_lines(metrics)))

@@ -156,7 +156,7 @@ def cli_bench(args) -> int:
     from sorting.twin import simulate_belt
 
     model = args.model or SHIPPED_MODEL
-    if not Path(model).is_file():
+    if args.model is None and not Path(model).is_file():
         raise InputError(model, "no model file; rebuild the shipped one with models/rebuild.sh")
     sorter = args.sorter or CONFIG_DIR / "sorter_reference.yaml"
     # bad inputs fail before seconds of simulation, not after

@@ -65,7 +65,7 @@ def cli_demo(args) -> int:
     from sorting.twin import simulate_belt
 
     model_path = args.model or SHIPPED_MODEL
-    if not Path(model_path).is_file():
+    if args.model is None and not Path(model_path).is_file():
         raise InputError(model_path, "no model file; rebuild the shipped one with models/rebuild.sh")
     model = load_model(model_path)  # a wrong model fails before the simulation, not after
     out: Path = args.out

@@ -10,6 +10,7 @@ from sorting.realtime.runner import (
     build_pipeline,
     check_chunk_lines,
     run_loop,
+    signal_name,
     timing_of,
 )
 from sorting.realtime.sinks import EventLog, UDPValveSink
@@ -34,7 +35,9 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
         f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {_num(s['cpu_fraction'], '.2f')} of stream time",
     ]
     if s.get("stopped_by_signal"):
-        lines.append("stopped by a signal: the event log holds every particle decided until then")
+        sig = s.get("signal") or "a signal"
+        lines.append(f"stopped by a signal ({sig}): the event log holds every particle decided until then; "
+                     f"an interrupted run exits {exit_status(s)}")
     if any(s.get("alarms", {}).values()):
         lines.append("alarms (fault episodes): " + ", ".join(f"{k} {v}" for k, v in s["alarms"].items() if v)
                      + "; lines affected: " + ", ".join(f"{k} {v}" for k, v in s["fault_lines"].items() if v))
@@ -57,6 +60,16 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
     return "\n".join(lines)
 
 
+def exit_status(summary: dict) -> int:
+    """0 for a run that read its whole stream; 128 + signum (130 SIGINT, 143 SIGTERM) for a run
+    stopped by a signal: an interrupted run is not a finished one, even with a complete log."""
+    from sorting.realtime.runner import signal_number
+
+    if not summary.get("stopped_by_signal"):
+        return 0
+    return 128 + (signal_number(summary.get("signal")) or 2)
+
+
 def _load_run_inputs(args):
     from sorting.config import load_sorter
     from sorting.io import read_belt_recording
@@ -75,11 +88,15 @@ def truth_read(truth: list[dict], lines: int) -> list[dict]:
 
 
 def cli_run(args) -> int:
-    from sorting.offline.outcome import jets_outcome, match_particles
+    from sorting.io import check_output_file
     from sorting.realtime.sinks import parse_hostport
     from sorting.realtime.sources import TCPLineSource, replay
 
     check_chunk_lines(args.chunk_lines)
+    # output files are checked before minutes of sorting, not after
+    check_output_file(args.events, "--events")
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
     rec, model, sorter = _load_run_inputs(args)
     timing = timing_of(rec.meta)
     if args.workers != 1:
@@ -110,23 +127,44 @@ def cli_run(args) -> int:
     if valves is not None:
         result.summary["valve_datagrams"] = valves.sent
         valves.close()
-    detection = outcome = None
-    if rec.truth is not None and not args.listen:
-        truth = truth_read(rec.truth, result.summary["lines"])
-        detection = match_particles(result.events, truth)
-        outcome = jets_outcome(result.events, truth, sorter, timing)
-        result.summary["detection"] = detection
-        result.summary["outcome"] = outcome
-    print(format_summary(result.summary, outcome, detection))
+    return _score_and_report(args, rec, sorter, timing, result.summary, result.events, log)
+
+
+def _score_and_report(args, rec, sorter, timing, summary: dict, events: list[dict], log) -> int:
+    """Score the run against truth.csv (if any), print the summary, write --summary-json and
+    give the exit status. A stop signal in here does not cut the report short: it is held
+    until the report is out, then the run exits 128 + signum as if it had come a moment earlier."""
+    from sorting.offline.outcome import jets_outcome, match_particles
+    from sorting.realtime.runner import StopOnSignal
+
+    with StopOnSignal() as late:
+        detection = outcome = None
+        if rec.truth is not None and not args.listen:
+            truth = truth_read(rec.truth, summary["lines"])
+            detection = match_particles(events, truth)
+            outcome = jets_outcome(events, truth, sorter, timing)
+            summary["detection"], summary["outcome"] = detection, outcome
+        status = _report(args, summary, outcome, detection, log)
+    if status == 0 and late.requested:
+        sys.stderr.write(f"sorting run: stopped by {signal_name(late.signum)} after the run\n")
+        status = 128 + late.signum
+    return status
+
+
+def _report(args, summary: dict, outcome, detection, log) -> int:
+    """Print the summary, write --summary-json, and give the run's exit status."""
+    print(format_summary(summary, outcome, detection))
     print(f"events: {args.events} ({log.count} particles)")
     if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(result.summary, indent=2, default=float) + "\n")
-    return 0
+        try:
+            args.summary_json.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        except OSError as exc:
+            raise InputError("--summary-json", f"{args.summary_json}: cannot write ({exc.strerror})") from None
+    sys.stdout.flush()
+    return exit_status(summary)
 
 
 def _cli_run_lanes(args, rec, sorter, timing) -> int:
-    from sorting.offline.outcome import jets_outcome, match_particles
     from sorting.realtime.lanes import run_lanes
     from sorting.realtime.sinks import parse_hostport
 
@@ -139,17 +177,5 @@ def _cli_run_lanes(args, rec, sorter, timing) -> int:
     log = EventLog(args.events)
     result = run_lanes(args.recording, args.model, args.sorter, args.workers, args.chunk_lines, args.realtime,
                        log=log, valves=valves)
-    s = result["summary"]
-    detection = outcome = None
-    if rec.truth is not None:
-        truth = truth_read(rec.truth, s["lines"])
-        detection = match_particles(result["events"], truth)
-        outcome = jets_outcome(result["events"], truth, sorter, timing)
-        s["detection"], s["outcome"] = detection, outcome
-    print(f"{args.workers} lane-parallel workers, columns {s['lanes']}")
-    print(format_summary(s, outcome, detection))
-    print(f"events: {args.events} ({log.count} particles)")
-    if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(s, indent=2, default=float) + "\n")
-    return 0
+    print(f"{args.workers} lane-parallel workers, columns {result['summary']['lanes']}")
+    return _score_and_report(args, rec, sorter, timing, result["summary"], result["events"], log)

@@ -31,6 +31,7 @@ from sorting.io.calibration import (
                           read_calibration,
                           write_calibration,
 )
+from sorting.io.common import check_output_file
 from sorting.io.rocks import (
                           CHANNELS,
                           LABELS,
@@ -50,6 +51,6 @@ __all__ = [
     "TRUTH_COLUMNS", "WEDGE_COLUMNS",
     "BeltRecording", "BeltRecordingWriter", "CalibrationScans", "RockDataset", "RockDatasetWriter", "RockRow",
     "WedgeScan",
-    "check_crops", "describe", "read_belt_recording", "read_calibration", "read_rocks_dataset",
+    "check_crops", "check_output_file", "describe", "read_belt_recording", "read_calibration", "read_rocks_dataset",
     "write_calibration",
 ]
