@@ -34,12 +34,19 @@ def _open(path: Path):
     return ds, calibrate(ds.calibration)
 
 
-def _features(ds, cal, indices: list[int], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _features(ds, cal, indices: list[int], progress: bool, reasons: list[str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the rows ``indices``; ``ok`` is False where the crop gave no usable rock. With
+    ``reasons`` (a list), it receives one entry per row: "" or why that crop could not be scored."""
     from sorting.stages.features import dataset_features
 
     X, ok, problems = dataset_features(ds, cal, indices, progress=progress)
     for p in problems:
         _warn(f"{ds.root}: rock {p}; it is scored 0.0 (waste)")
+    if reasons is not None:
+        # one problem per failed row, in row order, each "rock_id: why"
+        why = iter(problems)
+        reasons.extend("" if k else next(why)[len(ds.rows[i].rock_id) + 2:] for i, k in zip(indices, ok))
     return X, ok
 
 
@@ -80,14 +87,14 @@ def _cutoff(meta: dict) -> float | None:
 
 
 def cli_train(args: argparse.Namespace) -> int:
+    from sorting.io import check_output_file
     from sorting.offline.intervals import small_sample
     from sorting.offline.training import train, training_fingerprint
     from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
 
     if not 0.0 < args.target_recovery <= 1.0:
         raise InputError("--target-recovery", f"{args.target_recovery} is not in (0, 1]")
-    if args.out.is_dir():
-        raise InputError(args.out, "is a folder; --out names the model file to write")
+    check_output_file(args.out, "--out")
     t0 = time.perf_counter()
     ds, cal = _open(args.dataset)
     where = Path(args.dataset) / "rocks.csv"
@@ -155,23 +162,24 @@ def _scores(model, X: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 
 def cli_predict(args: argparse.Namespace) -> int:
+    from sorting.io import check_output_file
     from sorting.stages.inference import load_model
 
     model = load_model(args.model)  # a wrong model fails before minutes of features
-    if args.out.is_dir():
-        raise InputError(args.out, "is a folder; --out names the CSV file to write")
+    check_output_file(args.out, "--out")
     ds, cal = _open(args.dataset)
     idx = list(range(len(ds.rows)))
-    X, ok = _features(ds, cal, idx, progress=not args.quiet)
+    reasons: list[str] = []
+    X, ok = _features(ds, cal, idx, progress=not args.quiet, reasons=reasons)
     s = _scores(model, X, ok)
     sc = model.decide(s) & ok
     try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
+            # the three required columns first; `problem` (extra) says why a crop could not be scored
             w.writerow(["rock_id", "score", "decision", "problem"])
-            for r, si, d, k in zip(ds.rows, s, sc, ok):
-                w.writerow([r.rock_id, f"{si:.6f}", "sc" if d else "waste", "" if k else "no usable rock in crop"])
+            for r, si, d, why in zip(ds.rows, s, sc, reasons):
+                w.writerow([r.rock_id, f"{si:.6f}", "sc" if d else "waste", why])
     except OSError as exc:
         raise InputError(args.out, f"cannot write the scores ({exc.strerror})") from None
     print(f"scored {len(idx)} rocks ({int(sc.sum())} sc, {int((~ok).sum())} failed crops) "

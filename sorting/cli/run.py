@@ -50,13 +50,14 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
             return "n/a" if x is None else f"{100 * x:.1f}%"
 
         def ppm(x):
-            return "n/a" if x is None else f"{x:.0f} ppm"
+            return "n/a" if x is None else f"{x:.0f} ppm Sc2O3"
 
         lines.append(f"sort (what the jets hit): mass pull {pct(outcome['mass_pull'])}, Sc recovery "
                      f"{pct(outcome['sc_recovery'])}, feed {ppm(outcome['feed_grade_ppm'])} -> product "
                      f"{ppm(outcome['product_grade_ppm'])}, reject {ppm(outcome['reject_grade_ppm'])}, upgrade "
                      f"{'n/a' if outcome['upgrade_ratio'] is None else format(outcome['upgrade_ratio'], '.2f') + 'x'}, "
                      f"misfires {outcome['misfires']}")
+        lines.append(jets_line(s, outcome))
     return "\n".join(lines)
 
 
@@ -68,6 +69,24 @@ def exit_status(summary: dict) -> int:
     if not summary.get("stopped_by_signal"):
         return 0
     return 128 + (signal_number(summary.get("signal")) or 2)
+
+
+def jets_line(summary: dict, outcome: dict) -> str:
+    """Why "eject N" (the particles the jets were fired at) is not the number of rocks that left
+    with the air: a pulse also catches the neighbours lying under the same air, a misfire
+    catches none, and a late eject is never sent."""
+    sent, blown = outcome["pulses_sent"], outcome["blown_out"]
+    late = summary["ejected"] - sent
+    extra = blown - (sent - outcome["misfires"])
+    if extra > 0:
+        why = f"{extra} more than the pulses that hit, because neighbours lying under the same air went with them"
+    elif extra < 0:
+        why = f"{-extra} fewer than the pulses that hit, because some pulses hit the same rock"
+    else:
+        why = "one per pulse that hit"
+    return (f"jets: eject {summary['ejected']} counts the particles the jets were fired at"
+            + (f" ({late} late, not sent)" if late else "")
+            + f"; they blew out {blown} rocks ({why}); the product holds {outcome['n_product']} rocks")
 
 
 def _load_run_inputs(args):
