@@ -53,12 +53,16 @@ def compile_notice() -> str | None:
 
 def label_position(e: dict, l0: int, l1: int, pixels: int, room_px: int = 40, room_lines: int = 20):
     """Where a rock's score label goes, inside the stretch [l0, l1) x [0, pixels): right of the
-    rock at its first line, or left of it near the right edge, and pulled down (or up) into the
-    stretch for a rock cut by its top (or bottom). Returns (x, y, ha, va)."""
+    rock at its first line, or left of it near the right edge (on it, for a rock as wide as the
+    belt), and pulled down into the stretch for a rock cut by its top, with the text above the
+    anchor near the bottom. ``room_px`` / ``room_lines``: the room a label takes. Returns
+    (x, y, ha, va) for matplotlib's ``text``."""
     if e["x_max_px"] + 2 + room_px <= pixels:
         x, ha = e["x_max_px"] + 2, "left"
-    else:
-        x, ha = max(e["x_min_px"] - 2, 0), "right"
+    elif e["x_min_px"] - 2 - room_px >= 0:
+        x, ha = e["x_min_px"] - 2, "right"
+    else:  # as wide as the belt: on the rock itself
+        x, ha = e["x_min_px"], "left"
     y = min(max(e["first_line"], l0), l1 - 1)
     va = "top" if y + room_lines <= l1 else "bottom"
     return x, y, ha, va
