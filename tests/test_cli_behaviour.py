@@ -183,7 +183,7 @@ def test_a_truncated_tiff_gets_one_message_from_every_verb(small_rocks, small_mo
         assert rc == 2 and len(err.splitlines()) == 1, err
         messages.append(err.split(": error: ", 1)[1].split(": ", 1)[1])  # after the file's path
     assert len(set(messages)) == 1, messages
-    assert messages[0].startswith(f"is truncated: its pixel data ends at byte ")
+    assert messages[0].startswith("is truncated: its pixel data ends at byte ")
     assert messages[0].endswith(f"the file has {len(data) // 2} bytes\n")
     assert "ValueError" not in messages[0]
 
