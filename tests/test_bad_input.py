@@ -1,7 +1,7 @@
-"""The bad-input corpus (issue 6 item 1), driven through the command-line verbs.
+"""The bad-input corpus, driven through the command-line verbs.
 
 Every case hands a verb a damaged copy of a session fixture (or a broken config or
-option) and expects what CONTRACT.md section 6 promises: exit status 2 and exactly one
+option) and expects what docs/cli.md promises: exit status 2 and exactly one
 line on stderr that names the file or option and the problem, never a traceback.
 Extra CSV columns and JSON keys are allowed by the contract: those cases must succeed.
 
@@ -783,7 +783,7 @@ def test_bad_option_exits_2_with_one_line(case, fx, tmp_path, capsys):
 
 # ---------------------------------------------------------------- allowed extras
 def test_extra_columns_and_keys_are_accepted(fx, tmp_path, capsys):
-    """CONTRACT.md: extra keys and columns are allowed; values with commas and quotes too."""
+    """docs/formats.md: extra keys and columns are allowed; values with commas and quotes too."""
     ds = _copy_rocks(fx["rocks"], tmp_path / "ds")
     header, rows = _read_table(ds / "rocks.csv")
     for i, r in enumerate(rows):

@@ -1,4 +1,4 @@
-"""`sorting bench --json` on a given recording: CONTRACT.md section 8's keys, and the
+"""`sorting bench --json` on a given recording: the keys of docs/cli.md, and the
 derived numbers consistent with the measured ones (the speed itself is never asserted)."""
 from __future__ import annotations
 

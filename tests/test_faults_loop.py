@@ -1,4 +1,4 @@
-"""Faults, overload, shutdown and drift through the real streaming loop (issue 6 items 3, 4, 6).
+"""Faults, overload, shutdown and drift through the real streaming loop.
 
 The simulated recording (conftest ``small_belt``: 5625 lines x 1250 px, no rock before line
 159) goes through ``faults.inject`` around ``sources.replay``, ``runner.run_loop`` and a
@@ -41,7 +41,7 @@ THRESHOLD = 0.5  # a fixed cut, so that both decisions occur with the small mode
 CHUNK = 32
 GUARD = 2  # lines after a saturated or dark run that LineHealth also holds back (its default)
 TOL_PX = 2.0  # centroid match, as outcome.match_particles
-#: CONTRACT.md section 7
+#: the event log's keys (docs/cli.md)
 EVENT_KEYS = ("particle", "first_line", "last_line", "x_min_px", "x_max_px", "centroid_line", "centroid_px",
               "area_mm2", "score", "decision", "valves", "open_s", "close_s", "latency_ms", "slack_ms", "late")
 CLOCK_KEYS = ("latency_ms", "slack_ms", "late")
@@ -376,7 +376,7 @@ def test_a_stage_crash_leaves_a_complete_flushed_log(rec, small_belt, small_mode
     proc = subprocess.run([sys.executable, "-c", CRASH.format(n=CRASH_AT_CHUNK), "run", str(small_belt), "--model",
                            str(small_model), "--sorter", str(sorter_yaml), "--events", str(events_path), "--quiet"],
                           check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr  # an internal error (CONTRACT.md section 6)
+    assert proc.returncode == 1, proc.stderr  # an internal error (docs/cli.md)
     assert "injected stage failure" in proc.stderr
     logged = _log(events_path)
     # what the same pipeline decided on the chunks before the failing one, in process

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recording", type=Path, help="xrt-belt/1 folder (its calibration/ and recording.json "
                      "are used; lines come from lines.u16 or, with --listen, from a TCP line stream)")
     run.add_argument("--model", type=Path, required=True)
-    run.add_argument("--sorter", type=Path, required=True, help="sorter YAML (CONTRACT.md section 5)")
+    run.add_argument("--sorter", type=Path, required=True, help="sorter YAML (docs/formats.md)")
     run.add_argument("--events", type=Path, required=True, help="JSON-lines event log to write")
     run.add_argument("--realtime", action="store_true", help="pace the replay at the line rate")
     run.add_argument("--chunk-lines", type=int, default=32)

@@ -1,6 +1,6 @@
 """The metallurgist's verbs on ``xrt-rocks/1`` datasets: ``train``, ``predict``, ``evaluate``.
 
-Each dataset calibrates itself from its own ``calibration/`` (CONTRACT.md section 2),
+Each dataset calibrates itself from its own ``calibration/`` (docs/formats.md),
 so a model trained on one machine scores rocks scanned on another in the same
 physical feature units.
 """
@@ -16,7 +16,7 @@ import numpy as np
 
 from sorting.errors import InputError
 
-# The naive "dense = ore" ranking of the report (DESIGN.md section 2).
+# The naive "dense = ore" ranking of the report (docs/physics.md).
 BASELINE_FEATURE = "a_high_mean"
 
 
@@ -237,7 +237,7 @@ def cli_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    """The ``train``, ``predict`` and ``evaluate`` subparsers (CONTRACT.md section 6)."""
+    """The ``train``, ``predict`` and ``evaluate`` subparsers (docs/cli.md)."""
     tr = sub.add_parser("train", help="train a classifier on a labeled xrt-rocks/1 dataset -> one ONNX file")
     tr.add_argument("dataset", type=Path)
     tr.add_argument("--out", type=Path, required=True, help="model file to write (.onnx)")

@@ -1,4 +1,4 @@
-"""`sorting bench`: throughput and latency against the sorter's timing (CONTRACT.md section 8).
+"""`sorting bench`: throughput and latency against the sorter's timing (docs/cli.md).
 
 One run measures, on the same recording: the floor (normalizing the lines and nothing
 else), the whole pipeline unpaced (throughput), and the pipeline paced at the line rate

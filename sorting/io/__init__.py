@@ -1,4 +1,4 @@
-"""Read, write and validate the project's files (CONTRACT.md sections 2-4).
+"""Read, write and validate the project's files (docs/formats.md).
 
 The one place that touches calibration folders, ``xrt-rocks/1`` datasets and
 ``xrt-belt/1`` recordings. Readers check everything once, at the edge, and turn
@@ -10,8 +10,9 @@ Arrays are ``uint16`` counts ``(lines, pixels, 2)``: axis 0 is time, the last ax
 is the energy channel (0 = low, 1 = high).
 
 Layout: :mod:`.calibration`, :mod:`.rocks` and :mod:`.belt` hold one format each,
-:mod:`.summary` the ``describe`` behind ``sorting inspect``; the private ``_tiff``,
-``_csvjson`` and ``_common`` modules hold the low-level checks they share. Import
+:mod:`.summary` the ``describe`` behind ``sorting inspect`` (of data; models and YAML are
+inspected by the CLI); :mod:`.tiff`, :mod:`.tables` and :mod:`.common` hold the low-level
+checks they share, and the rule for output files (:func:`check_output_file`). Import
 from ``sorting.io``: every public name is re-exported here.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``xrt-belt/1`` recordings (CONTRACT.md section 4): memory-mapped lines.u16, truth.csv, recording.json."""
+"""``xrt-belt/1`` recordings (docs/formats.md): memory-mapped lines.u16, truth.csv, recording.json."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -152,7 +152,7 @@ def _read_truth(path: Path) -> list[dict]:
 
 
 def read_belt_recording(root: Path) -> BeltRecording:
-    """Read and validate an ``xrt-belt/1`` recording (CONTRACT.md section 4); lines are memory-mapped."""
+    """Read and validate an ``xrt-belt/1`` recording (docs/formats.md); lines are memory-mapped."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "recording folder does not exist")

@@ -1,4 +1,4 @@
-"""Calibration folders (CONTRACT.md section 2): dark, air and step-wedge scans."""
+"""Calibration folders (docs/formats.md): dark, air and step-wedge scans."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,7 +69,7 @@ def _read_scan(path: Path) -> np.ndarray:
 
 
 def read_calibration(folder: Path) -> CalibrationScans:
-    """Read and validate a calibration folder (CONTRACT.md section 2)."""
+    """Read and validate a calibration folder (docs/formats.md)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "calibration folder does not exist")

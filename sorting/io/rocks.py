@@ -1,4 +1,4 @@
-"""``xrt-rocks/1`` datasets (CONTRACT.md section 3): one TIFF crop per rock, rocks.csv, dataset.json."""
+"""``xrt-rocks/1`` datasets (docs/formats.md): one TIFF crop per rock, rocks.csv, dataset.json."""
 from __future__ import annotations
 
 import math
@@ -168,7 +168,7 @@ class RockDatasetWriter:
 
 
 def read_rocks_dataset(root: Path) -> RockDataset:
-    """Read and validate an ``xrt-rocks/1`` dataset (CONTRACT.md section 3)."""
+    """Read and validate an ``xrt-rocks/1`` dataset (docs/formats.md)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "dataset folder does not exist")

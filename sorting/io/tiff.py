@@ -11,7 +11,7 @@ from sorting.io.common import oneline, require
 
 
 def _check_pages(path: Path, n_pages: int, shape: tuple, spp: int, planar) -> None:
-    """One page, channels interleaved: the layout of CONTRACT.md section 3 (no guessing)."""
+    """One page, channels interleaved: the layout of docs/formats.md (no guessing)."""
     if n_pages != 1:
         raise InputError(path, f"has {n_pages} pages of shape {shape}; expected one page (h, w, 2) "
                                "with the low and high channels as the 2 samples of each pixel")

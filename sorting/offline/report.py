@@ -2,7 +2,7 @@
 
 Beside the model it always shows two references at the same mass pull: the naive
 baseline (rocks ranked by mean attenuation, the "dense = ore" rule that the Crater
-Lake traps defeat, DESIGN.md section 2) and the oracle (rocks ranked by true assay,
+Lake traps defeat, docs/physics.md) and the oracle (rocks ranked by true assay,
 the best any sorter could do).
 """
 from __future__ import annotations

@@ -79,7 +79,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     kept: list[dict] = []
     intake, step = LatencyHistogram(), LatencyHistogram()
     gc.collect()
-    gc.freeze()  # start-up objects never need another full GC pass (DESIGN.md section 6)
+    gc.freeze()  # start-up objects never need another full GC pass
     # the clocks start with the belt, after start-up (as the pipeline's warm-up)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
