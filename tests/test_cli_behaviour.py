@@ -265,3 +265,22 @@ def test_the_demo_explains_its_numbers(tmp_path, capsys):
     from sorting.cli.demo import kernels_cached
 
     assert kernels_cached() is True  # the demo compiled the loop here, and numba cached it
+
+
+def test_a_signal_in_the_demo_loop_ends_the_demo_with_130(tmp_path, capsys, monkeypatch):
+    """The demo runs the loop as one step of its work: a Ctrl-C there does not go on to a report
+    of half a belt, it ends the verb as unfinished."""
+    from sorting.realtime.stream import Pipeline
+
+    real = Pipeline.step
+
+    def step(self, first_line, raw, t_in):
+        if first_line == 64:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, first_line, raw, t_in)
+
+    monkeypatch.setattr(Pipeline, "step", step)
+    rc, out, err = _cli(["demo", "--seconds", "0.2", "--out", tmp_path / "demo"], capsys)
+    assert rc == 130
+    assert err.splitlines()[-1] == "sorting demo: interrupted (SIGINT)"
+    assert "3/3" not in out and not (tmp_path / "demo" / "summary.json").exists()

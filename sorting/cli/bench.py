@@ -107,6 +107,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
               paced: bool = True, progress: bool = True, workers: int = 2, repeats: int = 3) -> dict:
     """Floor and unpaced pipeline ``repeats`` times each (a shared machine's speed wanders:
     the median run is reported, every run listed), then one paced run and the lanes."""
+    from sorting.cli.run import stop_if_interrupted
     from sorting.io import read_belt_recording
     from sorting.realtime.runner import build_pipeline, run_loop, timing_of
     from sorting.realtime.sources import prefault, replay
@@ -123,6 +124,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
         floor = floor_throughput(rec.lines, pipe.cal, chunk_lines)
         fast = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, False), pipe, keep_events=False,
                         total_lines=rec.n_lines, progress=progress)
+        stop_if_interrupted(fast.summary)
         stages = {k: round(v * 1000.0 / max(pipe.counters.chunks, 1), 4) for k, v in pipe.stage_s.items()}
         per_particle_us = {k: round(pipe.stage_s[k] * 1e6 / max(pipe.counters.particles, 1), 1)
                            for k in ("features", "classify", "decide")}
@@ -162,7 +164,8 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
     if workers > 1:
         from sorting.realtime.lanes import run_lanes
 
-        lane_runs = sorted((run_lanes(recording, model_path, sorter_path, workers, chunk_lines)["summary"]
+        lane_runs = sorted((stop_if_interrupted(run_lanes(recording, model_path, sorter_path, workers,
+                                                          chunk_lines)["summary"])
                             for _ in range(max(repeats, 1))), key=lambda r: r["throughput_lines_s"])
         lanes = lane_runs[len(lane_runs) // 2]
         result["lanes"] = {
@@ -185,6 +188,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
 def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: int, progress: bool = True) -> dict:
     """The pipeline fed at the line rate (wall clock), with overload protection on: latency
     percentiles from a particle's last line to its decision, late count, CPU fraction."""
+    from sorting.cli.run import stop_if_interrupted
     from sorting.io import read_belt_recording
     from sorting.realtime.runner import build_pipeline, run_loop, timing_of
     from sorting.realtime.sources import prefault, replay
@@ -195,7 +199,7 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
     pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines, shed_late=True)
     slow = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, True), pipe, keep_events=False,
                     total_lines=rec.n_lines, progress=progress)
-    p = slow.summary
+    p = stop_if_interrupted(slow.summary)
     return {
         "paced_particles": p["particles"],
         "latency_ms": p["latency_ms"],

@@ -116,7 +116,7 @@ def _plot_stretch(path: Path, rec, cal, events: list[dict], lines: int = 1500) -
 
 
 def cli_demo(args) -> int:
-    from sorting.cli.run import format_summary
+    from sorting.cli.run import format_summary, stop_if_interrupted
     from sorting.io import read_belt_recording
     from sorting.offline.outcome import jets_outcome, match_particles
     from sorting.physics import load_materials
@@ -151,12 +151,13 @@ def cli_demo(args) -> int:
     fast = run_loop(replay(rec.lines, timing.line_rate_hz, 32, False),
                     build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path)),
                     keep_events=False, total_lines=rec.n_lines, progress=True)
+    stop_if_interrupted(fast.summary)
     print("3/3 sorting paced at the line rate (latency), as on the sorter")
     pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), shed_late=True)
     events_path = out / "events.jsonl"
     paced = run_loop(replay(rec.lines, timing.line_rate_hz, 32, True), pipeline, EventLog(events_path),
                      total_lines=rec.n_lines, progress=True)
-    summary = paced.summary
+    summary = stop_if_interrupted(paced.summary)
     summary["throughput_lines_s"] = fast.summary["throughput_lines_s"]
     summary["realtime_factor"] = fast.summary["realtime_factor"]
     summary["wall_s"] = fast.summary["wall_s"]

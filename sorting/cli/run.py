@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from sorting.errors import InputError
+from sorting.errors import InputError, Interrupted
 from sorting.realtime.runner import (
     build_pipeline,
     check_chunk_lines,
@@ -87,6 +87,14 @@ def jets_line(summary: dict, outcome: dict) -> str:
     return (f"jets: eject {summary['ejected']} counts the particles the jets were fired at"
             + (f" ({late} late, not sent)" if late else "")
             + f"; they blew out {blown} rocks ({why}); the product holds {outcome['n_product']} rocks")
+
+
+def stop_if_interrupted(summary: dict) -> dict:
+    """For verbs that run the loop as one step of their work (``demo``, ``bench``): a loop stopped
+    by a signal ends the verb with 128 + signum instead of carrying on with a partial result."""
+    if summary.get("stopped_by_signal"):
+        raise Interrupted(exit_status(summary) - 128)
+    return summary
 
 
 def _load_run_inputs(args):
