@@ -11,10 +11,10 @@ train_seed=1; test_seed=2
 # the same bytes: the reproducible-builds convention. Move it on when a rebuild changes the model.
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1796428800}"  # 2026-12-05T00:00:00Z
 
-sorting simulate rocks "$work/train_set" --n 1500 --seed "$train_seed"
+sorting simulate rocks "$work/train_set" --n 1500 --seed "$train_seed" --force
 # models/crater_lake.onnx links to the packaged file (sorting/data/models/): written through
 sorting train "$work/train_set" --out "$here/crater_lake.onnx" --target-recovery 0.95 --seed 0
 # held out: another simulator seed, every row of it (its own train/test split is ignored)
-sorting simulate rocks "$work/test_set" --n 1000 --seed "$test_seed"
+sorting simulate rocks "$work/test_set" --n 1000 --seed "$test_seed" --force
 sorting evaluate "$work/test_set" --model "$here/crater_lake.onnx" --report "$here/crater_lake_eval" --split all
 echo "datasets in $work"

@@ -15,3 +15,15 @@ class InputError(Exception):
         self.where = str(where) if where is not None else None
         self.problem = problem
         super().__init__(f"{self.where}: {problem}" if self.where else problem)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT or SIGTERM) before the work was finished.
+
+    The CLI exits ``128 + signum``: 130 for SIGINT, 143 for SIGTERM. A KeyboardInterrupt
+    (Python's own Ctrl-C) counts as SIGINT.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)

@@ -500,6 +500,105 @@ def _machine_text_nan(fx, tmp):
     return _simulate_belt(tmp, machine=p), ["machine.yaml", "tube.kvp", "finite"]
 
 
+# ---- output files whose folder does not exist (never created), non-empty simulate folders
+def _events_missing_folder(fx, tmp):
+    argv = _run(fx["belt"], fx["model"], SORTER, tmp)
+    argv[argv.index("--events") + 1] = tmp / "missing" / "dir" / "ev.jsonl"
+    return argv, ["--events", str(tmp / "missing" / "dir")]
+
+
+def _summary_json_missing_folder(workers: int):
+    def build(fx, tmp):
+        return (_run(fx["belt"], fx["model"], SORTER, tmp)
+                + ["--summary-json", tmp / "nowhere" / "s.json", "--workers", str(workers)],
+                ["--summary-json", str(tmp / "nowhere")])
+    return build
+
+
+def _predict_out_missing_folder(fx, tmp):
+    return (["predict", fx["rocks"], "--model", fx["model"], "--out", tmp / "no" / "scores.csv", "--quiet"],
+            ["--out", str(tmp / "no")])
+
+
+def _train_out_missing_folder(fx, tmp):
+    return ["train", fx["rocks"], "--out", tmp / "no" / "m.onnx", "--quiet"], ["--out", str(tmp / "no")]
+
+
+def _bench_json_missing_folder(fx, tmp):
+    return (["bench", "--recording", fx["belt"], "--model", fx["model"], "--json", tmp / "no" / "b.json", "--quiet"],
+            ["--json", str(tmp / "no")])
+
+
+def _not_empty(what: str):
+    def build(fx, tmp):
+        out = tmp / "out"
+        out.mkdir()
+        (out / "old_crop.tiff").write_bytes(b"stale")
+        argv = _simulate_rocks(tmp) if what == "rocks" else _simulate_belt(tmp)
+        return argv, ["out", "not empty", "--force"]
+    return build
+
+
+def _model_is_folder(fx, tmp):
+    d = tmp / "models"
+    d.mkdir()
+    return _predict(fx["rocks"], d, tmp), ["models", "is a folder, not a model file"]
+
+
+def _run_model_is_folder(fx, tmp):
+    return _run(fx["belt"], tmp, SORTER, tmp), [str(tmp), "is a folder, not a model file"]
+
+
+# ---- sorting inspect on damaged files: TIFFs, models, YAML
+def _inspect_truncated_crop(fx, tmp):
+    ds = _copy_rocks(fx["rocks"], tmp / "ds")
+    crop, _ = _first_crop(ds)
+    _truncate(crop, 0.6)
+    return ["inspect", crop], [crop.name, "is truncated"]
+
+
+def _inspect_garbage_tiff(fx, tmp):
+    ds = _copy_rocks(fx["rocks"], tmp / "ds")
+    crop, _ = _first_crop(ds)
+    _garble_header(crop)
+    return ["inspect", crop], [crop.name, "not a readable TIFF"]
+
+
+def _inspect_model_other_version(fx, tmp):
+    return ["inspect", _model_meta(fx["model"], tmp / "other.onnx", feature_version="0")], ["other.onnx",
+                                                                                           "other features"]
+
+
+def _inspect_model_garbage(fx, tmp):
+    bad = tmp / "model.onnx"
+    bad.write_text("this is not a model\n")
+    return ["inspect", bad], ["model.onnx", "not an ONNX model"]
+
+
+def _inspect_yaml(src: Path, edit, *frags, name: str = "cfg.yaml"):
+    def build(fx, tmp):
+        return ["inspect", _yaml_edit(src, tmp / name, edit)], [name, *frags]
+    return build
+
+
+def _inspect_unknown_yaml(fx, tmp):
+    p = tmp / "cfg.yaml"
+    p.write_text("conveyor: {speed: 3}\nlights: on\n")
+    return ["inspect", p], ["cfg.yaml", "top-level keys conveyor, lights", "not a sorter"]
+
+
+def _inspect_not_yaml(fx, tmp):
+    p = tmp / "cfg.yaml"
+    p.write_text("ejector: [distance_mm: 300\n  valves: {\n")
+    return ["inspect", p], ["cfg.yaml", "not valid YAML"]
+
+
+def _inspect_bad_materials(fx, tmp):
+    p = tmp / "materials.yaml"
+    p.write_text("albite: {formula: NaAlSi3O8, density_g_cm3: -2.6}\n")
+    return ["inspect", p], ["materials.yaml", "albite.density_g_cm3"]
+
+
 CASES = {
     # TIFFs: crops and calibration scans
     "crop_truncated": _crop_truncated,
@@ -593,6 +692,34 @@ CASES = {
         {"kryptonite": {"min_pct": 0.0, "max_pct": 1.0}}) or d["mineral_sc2o3_ppm"].update({"kryptonite": 5.0}),
         "kryptonite"),
     "ore_sizes_swapped": _ore_case(lambda d: d.update(size_min_mm=120.0), "size_min_mm"),
+    # output files and folders
+    "events_missing_folder": _events_missing_folder,
+    "summary_json_missing_folder": _summary_json_missing_folder(1),
+    "summary_json_missing_folder_lanes": _summary_json_missing_folder(2),
+    "predict_out_missing_folder": _predict_out_missing_folder,
+    "train_out_missing_folder": _train_out_missing_folder,
+    "bench_json_missing_folder": _bench_json_missing_folder,
+    "simulate_rocks_not_empty": _not_empty("rocks"),
+    "simulate_belt_not_empty": _not_empty("belt"),
+    "model_is_folder": _model_is_folder,
+    "run_model_is_folder": _run_model_is_folder,
+    # sorting inspect
+    "inspect_truncated_crop": _inspect_truncated_crop,
+    "inspect_garbage_tiff": _inspect_garbage_tiff,
+    "inspect_model_other_version": _inspect_model_other_version,
+    "inspect_model_garbage": _inspect_model_garbage,
+    "inspect_sorter_negative_pitch": _inspect_yaml(SORTER, _set("ejector.valve_pitch_mm", -12.5),
+                                                   "ejector.valve_pitch_mm"),
+    "inspect_sorter_missing_key": _inspect_yaml(SORTER, _set("ejector.response_ms", _DELETE), "ejector.response_ms",
+                                                "missing"),
+    "inspect_machine_nan_speed": _inspect_yaml(MACHINE, _set("belt.speed_m_s", float("nan")), "belt.speed_m_s"),
+    "inspect_machine_unknown_material": _inspect_yaml(MACHINE, _set("detector.front.material", "unobtainium"),
+                                                      "unobtainium"),
+    "inspect_ore_negative_grade": _inspect_yaml(ORE, _set("mineral_sc2o3_ppm.albite", -2.0),
+                                                "mineral_sc2o3_ppm.albite"),
+    "inspect_bad_materials": _inspect_bad_materials,
+    "inspect_unknown_yaml": _inspect_unknown_yaml,
+    "inspect_not_yaml": _inspect_not_yaml,
 }
 
 
@@ -707,7 +834,9 @@ def test_extra_truth_columns_are_accepted(fx, tmp_path, capsys):
 
 # ---------------------------------------------------------------- a real terminal
 SUBPROCESS_CASES = ["crop_truncated", "crop_float", "lines_short", "one_class", "model_other_version",
-                    "sorter_nan_distance", "machine_nan_kvp"]
+                    "sorter_nan_distance", "machine_nan_kvp", "events_missing_folder",
+                    "summary_json_missing_folder_lanes", "simulate_belt_not_empty", "model_is_folder",
+                    "inspect_truncated_crop", "inspect_model_other_version", "inspect_sorter_negative_pitch"]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)

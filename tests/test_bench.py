@@ -15,7 +15,17 @@ def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
     assert main(["bench", "--recording", str(small_belt), "--model", str(small_model), "--workers", "1",
                  "--repeats", "3", "--json", str(out), "--quiet"]) == 0
     r = json.loads(out.read_text())
+    printed = capsys.readouterr().out
     rec = read_belt_recording(small_belt)
+    # a short reading on stdout, every number in the file only
+    assert "{" not in printed and len(printed.splitlines()) <= 12
+    assert f"= {r['realtime_factor']:.2f}x the line rate" in printed and "target 10x" in printed
+    lat = r["latency_ms"]
+    assert f"p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  p99.9 {lat['p999']:.2f}  max {lat['max']:.2f} ms" in printed
+    assert f"late: {r['late']} (" in printed and f"CPU {r['cpu_fraction']:.2f}" in printed
+    # the deadline from the reference sorter by hand: (300 - 5 - L) mm / 3 m/s - 3 ms
+    assert r["budget_ms"] == {"rock_10mm": pytest.approx(92.0), "rock_100mm": pytest.approx(62.0)}
+    assert "92 ms for a 10 mm rock, 62 ms for a 100 mm rock" in printed
     for key in ("line_rate_hz", "pixels", "lines", "particles", "throughput_lines_s", "realtime_factor",
                 "latency_ms", "late", "cpu_fraction"):
         assert key in r, key
@@ -39,12 +49,14 @@ def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
     assert "dense" not in r  # only on a belt the bench simulates itself
 
 
-def test_bench_lanes_keys(small_belt, small_model, tmp_path):
+def test_bench_lanes_keys(small_belt, small_model, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--recording", str(small_belt), "--model", str(small_model), "--workers", "2",
                  "--repeats", "1", "--json", str(out), "--quiet"]) == 0
     r = json.loads(out.read_text())
     lanes = r["lanes"]
+    assert (f"lanes: 2 workers {lanes['realtime_factor']:.2f}x = {lanes['speedup_over_one_worker']:.2f}x one worker "
+            "(target 1.7x for 2: ") in capsys.readouterr().out
     assert lanes["workers"] == 2 and lanes["particles"] == r["particles"]
     assert lanes["speedup_over_one_worker"] == pytest.approx(lanes["throughput_lines_s"] / r["throughput_lines_s"])
     assert lanes["realtime_factor"] == pytest.approx(lanes["throughput_lines_s"] / r["line_rate_hz"])

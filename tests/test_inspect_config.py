@@ -14,22 +14,22 @@ def _inspect(path, capsys):
 
 
 def test_shipped_configs_are_recognised_and_summarised(capsys):
-    kinds = {"machine_reference.yaml": "machine config", "machine_example_120kv.yaml": "machine config",
-             "ore_crater_lake.yaml": "ore config", "sorter_reference.yaml": "sorter config",
-             "sorter_example_eject_waste.yaml": "sorter config", "materials.yaml": "material library"}
+    kinds = {"machine_reference.yaml": "machine YAML", "machine_example_120kv.yaml": "machine YAML",
+             "ore_crater_lake.yaml": "ore YAML", "sorter_reference.yaml": "sorter YAML",
+             "sorter_example_eject_waste.yaml": "sorter YAML", "materials.yaml": "material library"}
     for name, kind in kinds.items():
         rc, out, err = _inspect(shipped_config(name), capsys)
         assert rc == 0 and not err and kind in out.splitlines()[0], (name, out, err)
     # figures from the YAML itself: row width = valves x pitch, detector width = pixels x pitch
     s = yaml.safe_load(shipped_config("sorter_reference.yaml").read_text())["ejector"]
     _, out, _ = _inspect(shipped_config("sorter_reference.yaml"), capsys)
-    assert f"{s['valves']} valves x {s['valve_pitch_mm']:g} mm = {s['valves'] * s['valve_pitch_mm']:g} mm" in out
+    assert f"{s['valves']} valves at {s['valve_pitch_mm']:g} mm ({s['valves'] * s['valve_pitch_mm']:g} mm of belt" in out
     m = yaml.safe_load(shipped_config("machine_reference.yaml").read_text())
     _, out, _ = _inspect(shipped_config("machine_reference.yaml"), capsys)
     d = m["detector"]
-    assert f"{d['pixels']} px x {d['pixel_pitch_mm']:g} mm = {d['pixels'] * d['pixel_pitch_mm']:g} mm" in out
+    assert f"{d['pixels']} pixels of {d['pixel_pitch_mm']:g} mm ({d['pixels'] * d['pixel_pitch_mm']:g} mm)" in out
     # one belt line is speed / line rate long
-    assert f"({m['belt']['speed_m_s'] * 1000 / m['belt']['line_rate_hz']:.4g} mm a line)" in out
+    assert f"({m['belt']['speed_m_s'] * 1000 / m['belt']['line_rate_hz']:.4g} mm per line)" in out
 
 
 def test_bad_configs_give_one_line_and_exit_2(tmp_path, capsys):

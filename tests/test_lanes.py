@@ -186,7 +186,7 @@ def test_a_stop_signal_stops_every_lane_at_the_same_chunk(small_belt, small_mode
     monkeypatch.setattr(Pipeline, "step", skewed_step)
     result = run_lanes(small_belt, small_model, SORTER, workers=2)
     s = result["summary"]
-    assert s["stopped_by_signal"] is True
+    assert s["stopped_by_signal"] is True and s["signal"] == "SIGINT"
     rec = read_belt_recording(small_belt)
     assert 1600 + 32 * 10 < s["lines"] < rec.n_lines and s["lines"] % 32 == 0  # lane 1 was well ahead
     monkeypatch.setattr(Pipeline, "step", real_step)

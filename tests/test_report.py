@@ -169,11 +169,24 @@ def test_evaluate_cli_writes_the_report(small_rocks, small_model, tmp_path, caps
 
     rep = tmp_path / "rep"
     assert main(["evaluate", str(small_rocks), "--model", str(small_model), "--report", str(rep), "--quiet"]) == 0
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     for needle in ("AUC: model", "baseline (mean attenuation)", "Sc recovery", "mass pull", "oracle",
-                   "fayalite_cumulate (trap)"):
+                   "fayalite_cumulate (trap)", "ppm Sc2O3"):
         assert needle in out
     doc = json.loads((rep / "metrics.json").read_text())
+    # 95 % intervals beside the point values, in the JSON and the printout
+    ci = doc["ci95"]
+    assert ci["resamples"] == 1000 and ci["level"] == 0.95
+    for key, point in (("auc", doc["auc"]), ("sc_recovery", doc["operating"]["sc_recovery"]),
+                       ("mass_pull", doc["operating"]["mass_pull"])):
+        lo, hi = ci[key]
+        assert 0.0 <= lo <= hi <= 1.0 and hi - lo > 0.0
+        assert (f"95 % CI {lo:.3f}-{hi:.3f}" if key == "auc" else f"95 % CI {100 * lo:.1f}-{100 * hi:.1f} %") in out
+    # the test split is small (~42 rocks): the warning names the class counts
+    n_sc, n_waste = doc["n_sc"], doc["n"] - doc["n_sc"]
+    assert min(n_sc, n_waste) < 30
+    assert f"only {n_sc} sc and {n_waste} waste rocks" in cap.err and doc["small_sample"]
     assert doc["split"] == "test" and doc["baseline_feature"] == "a_high_mean"
     with open(small_rocks / "rocks.csv") as f:
         n_test = sum(1 for ln in f if ln.split(",")[6] == "test")

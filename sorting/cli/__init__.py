@@ -1,15 +1,16 @@
-"""The ``sorting`` command line (docs/cli.md).
+"""The ``sorting`` command line.
 
 Exit status: 0 done; 2 bad usage or bad input (one line on stderr, no traceback);
-1 internal error.
+1 internal error; 130 / 143 stopped by SIGINT / SIGTERM before the work was finished.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from sorting.errors import InputError
+from sorting.errors import InputError, Interrupted
 from sorting.resources import SHIPPED_MODEL, shipped_config
 
 
@@ -56,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="relative tube/gain drift over the run, e.g. -0.05 (air level 5 %% lower at the end)")
     _add_configs(belt)
     for p in (rocks, belt):
+        p.add_argument("--force", action="store_true",
+                       help="replace the contents of a non-empty OUT (refused without it)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    insp = sub.add_parser("inspect", help="validate a dataset, recording, calibration folder, TIFF "
-                          "or config YAML (machine, ore, sorter, materials) and summarize it")
+    insp = sub.add_parser("inspect", help="validate a dataset, recording, calibration folder, TIFF, model "
+                          "(.onnx) or sorter/machine/ore/materials YAML, and summarize it")
     insp.add_argument("path", type=Path)
 
     run = sub.add_parser("run", help="stream a belt recording through the sorting loop")
@@ -133,32 +136,39 @@ def _run(args: argparse.Namespace) -> int:
 
         return VERBS[args.verb](args)
     if args.verb == "inspect":
-        if args.path.suffix.lower() in (".yaml", ".yml"):
-            from sorting.cli.inspect import describe_config
+        from sorting.cli.inspect import describe_any
 
-            print(describe_config(args.path))
-            return 0
-        from sorting.io import describe
-
-        print(describe(args.path))
+        print(describe_any(args.path))
         return 0
     raise AssertionError(args.verb)
 
 
+def _terminated(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM outside the sorting loop (which handles its own) ends the verb as Ctrl-C does: 143
+    try:
+        old_term = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread: the caller owns signals
+        old_term = None
     try:
         return _run(args)
     except InputError as exc:
         sys.stderr.write(f"sorting {args.verb}: error: {exc}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("sorting: interrupted\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", int(signal.SIGINT))
+        sys.stderr.write(f"sorting {args.verb}: interrupted ({signal.Signals(signum).name})\n")
+        return 128 + signum
     except BrokenPipeError:
         # the reader went away (`sorting ... | head`): not an error of ours; silence the final flush
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)

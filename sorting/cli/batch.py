@@ -36,12 +36,19 @@ def _open(path: Path):
     return ds, calibrate(ds.calibration)
 
 
-def _features(ds, cal, indices: list[int], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _features(ds, cal, indices: list[int], progress: bool, reasons: list[str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Features of the rows ``indices``; ``ok`` is False where the crop gave no usable rock. With
+    ``reasons`` (a list), it receives one entry per row: "" or why that crop could not be scored."""
     from sorting.stages.features import dataset_features
 
     X, ok, problems = dataset_features(ds, cal, indices, progress=progress)
     for p in problems:
         _warn(f"{ds.root}: rock {p}; it is scored 0.0 (waste)")
+    if reasons is not None:
+        # one problem per failed row, in row order, each "rock_id: why"
+        why = iter(problems)
+        reasons.extend("" if k else next(why)[len(ds.rows[i].rock_id) + 2:] for i, k in zip(indices, ok))
     return X, ok
 
 
@@ -95,13 +102,14 @@ def _cutoff(meta: dict) -> float | None:
 
 
 def cli_train(args: argparse.Namespace) -> int:
+    from sorting.io import check_output_file
+    from sorting.offline.intervals import small_sample
     from sorting.offline.training import created_utc, train
     from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
 
     if not 0.0 < args.target_recovery <= 1.0:
         raise InputError("--target-recovery", f"{args.target_recovery} is not in (0, 1]")
-    if args.out.is_dir():
-        raise InputError(args.out, "is a folder; --out names the model file to write")
+    check_output_file(args.out, "--out")
     created_utc()  # a bad SOURCE_DATE_EPOCH fails now, not after the training
     t0 = time.perf_counter()
     ds, cal = _open(args.dataset)
@@ -124,19 +132,40 @@ def cli_train(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise InputError(args.out, f"cannot write the model ({exc.strerror})") from None
     m = model.metrics
-    up = m["cv_upgrade_ratio"]
     print(f"trained {m['estimator']} on {m['n_train']} rocks ({m['n_sc']} sc), features v{FEATURE_VERSION}")
-    print(f"{m['cv_folds']}-fold CV: AUC {m['cv_auc']:.3f}; at threshold {model.threshold:.4f}: "
-          f"Sc recovery {100 * m['cv_sc_recovery']:.1f} % ({m['recovery_basis']}), "
-          f"mass pull {100 * m['cv_mass_pull']:.1f} % ({m['mass_basis']}), "
-          f"waste rejection {100 * m['cv_waste_rejection']:.1f} %"
-          + (f", upgrade {up:.2f}" if up is not None else ""))
+    print("\n".join(cv_lines(m, model.threshold)))
+    small = small_sample(m["n_sc"], m["n_train"] - m["n_sc"])
+    if small:
+        _warn(f"{where}: {small}")
     print("candidates (CV AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in m["cv_auc_candidates"].items()))
     if m["targets"] == "soft":
         print(f"soft targets around the {m['label_cutoff_ppm']:.0f} ppm Sc2O3 label cut-off "
               f"(ln-width {m['soft_width']})")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def cv_lines(m: dict, threshold: float) -> list[str]:
+    """The cross-validated training metrics of a model (its ``training_metrics``), with their
+    95 % intervals where the model has them."""
+    from sorting.offline.intervals import format_interval
+
+    ci = m.get("cv_ci95") or {}
+
+    def pct(key: str, ci_key: str, basis: str | None = None) -> str:
+        x = m.get(key)
+        if x is None:
+            return "n/a"
+        extra = ", ".join(p for p in (format_interval(ci.get(ci_key), True), basis and f"{basis} basis") if p)
+        return f"{100 * x:.1f} %" + (f" ({extra})" if extra else "")
+
+    auc_ci = format_interval(ci.get("auc"), False)
+    up = m.get("cv_upgrade_ratio")
+    return [f"{m['cv_folds']}-fold CV: AUC {m['cv_auc']:.3f}" + (f" ({auc_ci})" if auc_ci else ""),
+            f"at threshold {threshold:.4f}: "
+            f"Sc recovery {pct('cv_sc_recovery', 'sc_recovery', m.get('recovery_basis'))}, "
+            f"mass pull {pct('cv_mass_pull', 'mass_pull', m.get('mass_basis'))}, "
+            f"waste rejection {pct('cv_waste_rejection', '')}" + (f", upgrade {up:.2f}" if up is not None else "")]
 
 
 def _scores(model, X: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -148,23 +177,24 @@ def _scores(model, X: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 
 def cli_predict(args: argparse.Namespace) -> int:
+    from sorting.io import check_output_file
     from sorting.stages.inference import load_model
 
     model = load_model(args.model)  # a wrong model fails before minutes of features
-    if args.out.is_dir():
-        raise InputError(args.out, "is a folder; --out names the CSV file to write")
+    check_output_file(args.out, "--out")
     ds, cal = _open(args.dataset)
     idx = list(range(len(ds.rows)))
-    X, ok = _features(ds, cal, idx, progress=not args.quiet)
+    reasons: list[str] = []
+    X, ok = _features(ds, cal, idx, progress=not args.quiet, reasons=reasons)
     s = _scores(model, X, ok)
     sc = model.decide(s) & ok
     try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
+            # the three required columns first; `problem` (extra) says why a crop could not be scored
             w.writerow(["rock_id", "score", "decision", "problem"])
-            for r, si, d, k in zip(ds.rows, s, sc, ok):
-                w.writerow([r.rock_id, f"{si:.6f}", "sc" if d else "waste", "" if k else "no usable rock in crop"])
+            for r, si, d, why in zip(ds.rows, s, sc, reasons):
+                w.writerow([r.rock_id, f"{si:.6f}", "sc" if d else "waste", why])
     except OSError as exc:
         raise InputError(args.out, f"cannot write the scores ({exc.strerror})") from None
     print(f"scored {len(idx)} rocks ({int(sc.sum())} sc, {int((~ok).sum())} failed crops) "
@@ -215,6 +245,8 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         paths = write_report(args.report, metrics, curves, s, y)
     except OSError as exc:
         raise InputError(args.report, f"cannot write the report ({exc.strerror})") from None
+    if metrics["small_sample"]:
+        _warn(f"{args.dataset}: {metrics['small_sample']}")
     print(f"evaluated {args.model} on {args.dataset} split {split}"
           + (f" ({metrics['n_failed_crops']} failed crops scored as waste)" if metrics["n_failed_crops"] else ""))
     print("\n".join(summary_lines(metrics)))

@@ -1,4 +1,4 @@
-"""`sorting bench`: throughput and latency against the sorter's timing (docs/cli.md, bench keys).
+"""`sorting bench`: throughput and latency against the sorter's timing (docs/cli.md).
 
 One run measures, on the same recording: the floor (normalizing the lines and nothing
 else), the whole pipeline unpaced (throughput), and the pipeline paced at the line rate
@@ -18,6 +18,7 @@ import numpy as np
 
 from sorting.config import load_machine, load_ore, load_sorter
 from sorting.errors import InputError
+from sorting.io import check_output_file
 from sorting.resources import SHIPPED_MODEL, shipped_config
 
 
@@ -31,6 +32,63 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+#: what the loop is held to (docs/performance.md): throughput on one core, paced p99.9 latency,
+#: and the lane-parallel speed-up of 2 workers over one
+TARGET_REALTIME_FACTOR = 10.0
+TARGET_P999_MS = 15.0
+TARGET_LANES_SPEEDUP = 1.7
+#: rock lengths (along the belt) the budget is reported for: a small and the largest Crater Lake rock
+BUDGET_ROCKS_MM = (10.0, 100.0)
+
+
+def budget_ms(sorter, belt_speed_m_s: float, length_mm: float) -> float:
+    """Milliseconds from a rock's last scanned line to the moment its valve command must leave:
+    ``(distance_mm - margin_mm - length_mm) / belt_speed_m_s - response_ms``."""
+    e = sorter.ejector
+    return (e.distance_mm - e.margin_mm - length_mm) / belt_speed_m_s - e.response_ms
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def format_bench(r: dict) -> list[str]:
+    """A short human reading of a bench result against the sorter's timing."""
+    f = r["line_rate_hz"]
+    lines = [f"recording: {r['lines']} lines ({r['stream_s']:.2f} s of belt), {r['pixels']} px at {f:g} lines/s, "
+             f"{r['particles']} particles, {r['chunk_lines']}-line chunks",
+             f"throughput, unpaced, one core: {r['throughput_lines_s']:.0f} lines/s = {r['realtime_factor']:.2f}x the "
+             f"line rate (1x = keeping up: {'yes' if r['realtime_factor'] >= 1 else 'NO'}; "
+             f"target {TARGET_REALTIME_FACTOR:g}x: {_verdict(r['realtime_factor'] >= TARGET_REALTIME_FACTOR)}); "
+             f"runs {' / '.join(f'{x:.2f}' for x in sorted(r['realtime_factor_runs']))}x",
+             f"floor (normalizing only): {r['floor_realtime_factor']:.0f}x; the loop runs at "
+             f"{r['pipeline_over_floor']:.3f} of it"]
+    b = r.get("budget_ms") or {}
+    if "latency_ms" in r:
+        lat = r["latency_ms"]
+        lines.append(f"latency, paced, last line -> decision: p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
+                     f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f} ms (target p99.9 <= {TARGET_P999_MS:g} ms: "
+                     f"{_verdict(lat['p999'] <= TARGET_P999_MS)})")
+        if b:
+            rocks = [f"{v:.0f} ms for a {k.split('_')[1].replace('mm', ' mm')} rock" for k, v in b.items()]
+            lines.append(f"deadline: {', '.join(rocks)}; max latency {lat['max']:.1f} ms uses "
+                         f"{100 * lat['max'] / min(b.values()):.0f} % of the shortest")
+        lines.append(f"late: {r['late']} ({r['late_ejects']} late ejects, {r['undecided']} left undecided); "
+                     f"CPU {r['cpu_fraction']:.2f} of stream time")
+    if "dense" in r:
+        d = r["dense"]
+        lines.append(f"twice the occupancy ({d['occupancy']:.2f} laid), paced: p99.9 {d['latency_ms']['p999']:.2f} ms, "
+                     f"late {d['late']}, CPU {d['cpu_fraction']:.2f}")
+    if "lanes" in r:
+        ln = r["lanes"]
+        speedup = ln["speedup_over_one_worker"]
+        target = (f" (target {TARGET_LANES_SPEEDUP:g}x for 2: {_verdict(speedup >= TARGET_LANES_SPEEDUP)})"
+                  if ln["workers"] == 2 else "")
+        lines.append(f"lanes: {ln['workers']} workers {ln['realtime_factor']:.2f}x = {speedup:.2f}x one worker{target}")
+    lines.append(f"peak memory {r['peak_rss_mb']:.0f} MiB; machine: {r['machine']}")
+    return lines
 
 
 def floor_throughput(lines: np.ndarray, cal, chunk_lines: int) -> float:
@@ -50,6 +108,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
               paced: bool = True, progress: bool = True, workers: int = 2, repeats: int = 3) -> dict:
     """Floor and unpaced pipeline ``repeats`` times each (a shared machine's speed wanders:
     the median run is reported, every run listed), then one paced run and the lanes."""
+    from sorting.cli.run import stop_if_interrupted
     from sorting.io import read_belt_recording
     from sorting.realtime.runner import build_pipeline, run_loop, timing_of
     from sorting.realtime.sources import prefault, replay
@@ -66,6 +125,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
         floor = floor_throughput(rec.lines, pipe.cal, chunk_lines)
         fast = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, False), pipe, keep_events=False,
                         total_lines=rec.n_lines, progress=progress)
+        stop_if_interrupted(fast.summary)
         stages = {k: round(v * 1000.0 / max(pipe.counters.chunks, 1), 4) for k, v in pipe.stage_s.items()}
         per_particle_us = {k: round(pipe.stage_s[k] * 1e6 / max(pipe.counters.particles, 1), 1)
                            for k in ("features", "classify", "decide")}
@@ -95,6 +155,9 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
         "pipeline_over_floor": throughput / floor,
         "stage_ms_per_chunk": stages,
         "stage_us_per_particle": per_particle_us,
+        # the time the loop has from a rock's last line to its valve command (docs/performance.md)
+        "budget_ms": {f"rock_{int(mm)}mm": round(budget_ms(sorter, timing.belt_speed_m_s, mm), 2)
+                      for mm in BUDGET_ROCKS_MM},
     }
     if paced:
         result.update(paced_run(recording, model, sorter, sorter_path, chunk_lines, progress))
@@ -102,7 +165,8 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
     if workers > 1:
         from sorting.realtime.lanes import run_lanes
 
-        lane_runs = sorted((run_lanes(recording, model_path, sorter_path, workers, chunk_lines)["summary"]
+        lane_runs = sorted((stop_if_interrupted(run_lanes(recording, model_path, sorter_path, workers,
+                                                          chunk_lines)["summary"])
                             for _ in range(max(repeats, 1))), key=lambda r: r["throughput_lines_s"])
         lanes = lane_runs[len(lane_runs) // 2]
         result["lanes"] = {
@@ -125,6 +189,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
 def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: int, progress: bool = True) -> dict:
     """The pipeline fed at the line rate (wall clock), with overload protection on: latency
     percentiles from a particle's last line to its decision, late count, CPU fraction."""
+    from sorting.cli.run import stop_if_interrupted
     from sorting.io import read_belt_recording
     from sorting.realtime.runner import build_pipeline, run_loop, timing_of
     from sorting.realtime.sources import prefault, replay
@@ -135,7 +200,7 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
     pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines, shed_late=True)
     slow = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, True), pipe, keep_events=False,
                     total_lines=rec.n_lines, progress=progress)
-    p = slow.summary
+    p = stop_if_interrupted(slow.summary)
     return {
         "paced_particles": p["particles"],
         "latency_ms": p["latency_ms"],
@@ -156,9 +221,8 @@ def cli_bench(args) -> int:
     from sorting.twin import simulate_belt
 
     model = args.model or SHIPPED_MODEL
-    if not Path(model).is_file():
-        raise InputError(model, "no model file" if args.model else
-                         "the shipped model is missing (a source checkout rebuilds it: models/rebuild.sh)")
+    if args.model is None and not Path(model).is_file():
+        raise InputError(model, "the shipped model is missing (a source checkout rebuilds it: models/rebuild.sh)")
     sorter = args.sorter or shipped_config("sorter_reference.yaml")
     # bad inputs fail before seconds of simulation, not after
     from sorting.realtime.runner import check_chunk_lines
@@ -169,6 +233,8 @@ def cli_bench(args) -> int:
     check_chunk_lines(args.chunk_lines)
     if args.repeats < 1:
         raise InputError("--repeats", f"must be at least 1, got {args.repeats}")
+    if args.json:
+        check_output_file(args.json, "--json")
     with tempfile.TemporaryDirectory(prefix="sorting_bench_") as tmp:
         recording = args.recording
         if recording is None:
@@ -194,9 +260,11 @@ def cli_bench(args) -> int:
                                "stream_s": args.dense_seconds, "rocks_truth": meta.get("rocks"),
                                **paced_run(dense, load_model(model), load_sorter(sorter), Path(sorter),
                                            args.chunk_lines, not args.quiet)}
-    text = json.dumps(result, indent=2)
-    print(text)
+    print("\n".join(format_bench(result)))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+        try:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            raise InputError("--json", f"{args.json}: cannot write ({exc.strerror})") from None
+        print(f"every number: {args.json}")
     return 0

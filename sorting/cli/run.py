@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
-from sorting.errors import InputError
+from sorting.errors import InputError, Interrupted
 from sorting.realtime.runner import (
     build_pipeline,
     check_chunk_lines,
     run_loop,
+    signal_name,
     timing_of,
 )
 from sorting.realtime.sinks import EventLog, UDPValveSink
@@ -37,7 +38,9 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
         lines.append(f"particle errors {s['particle_errors']}: their own processing raised; each passed, logged with "
                      "its `error` (stage: exception) in the event log")
     if s.get("stopped_by_signal"):
-        lines.append("stopped by a signal: the event log holds every particle decided until then")
+        sig = s.get("signal") or "a signal"
+        lines.append(f"stopped by a signal ({sig}): the event log holds every particle decided until then; "
+                     f"an interrupted run exits {exit_status(s)}")
     if any(s.get("alarms", {}).values()):
         affected = ", ".join(f"{k} {v}" for k, v in s["fault_lines"].items() if v)
         lines.append("alarms (fault episodes): " + ", ".join(f"{k} {v}" for k, v in s["alarms"].items() if v)
@@ -51,14 +54,51 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
             return "n/a" if x is None else f"{100 * x:.1f}%"
 
         def ppm(x):
-            return "n/a" if x is None else f"{x:.0f} ppm"
+            return "n/a" if x is None else f"{x:.0f} ppm Sc2O3"
 
         lines.append(f"sort (what the jets hit): mass pull {pct(outcome['mass_pull'])}, Sc recovery "
                      f"{pct(outcome['sc_recovery'])}, feed {ppm(outcome['feed_grade_ppm'])} -> product "
                      f"{ppm(outcome['product_grade_ppm'])}, reject {ppm(outcome['reject_grade_ppm'])}, upgrade "
                      f"{'n/a' if outcome['upgrade_ratio'] is None else format(outcome['upgrade_ratio'], '.2f') + 'x'}, "
                      f"misfires {outcome['misfires']}")
+        lines.append(jets_line(s, outcome))
     return "\n".join(lines)
+
+
+def exit_status(summary: dict) -> int:
+    """0 for a run that read its whole stream; 128 + signum (130 SIGINT, 143 SIGTERM) for a run
+    stopped by a signal: an interrupted run is not a finished one, even with a complete log."""
+    from sorting.realtime.runner import signal_number
+
+    if not summary.get("stopped_by_signal"):
+        return 0
+    return 128 + (signal_number(summary.get("signal")) or 2)
+
+
+def jets_line(summary: dict, outcome: dict) -> str:
+    """Why "eject N" (the particles the jets were fired at) is not the number of rocks that left
+    with the air: a pulse also catches the neighbours lying under the same air, a misfire
+    catches none, and a late eject is never sent."""
+    sent, blown = outcome["pulses_sent"], outcome["blown_out"]
+    late = summary["ejected"] - sent
+    extra = blown - (sent - outcome["misfires"])
+    if extra > 0:
+        why = f"{extra} more than the pulses that hit, because neighbours lying under the same air went with them"
+    elif extra < 0:
+        why = f"{-extra} fewer than the pulses that hit, because some pulses hit the same rock"
+    else:
+        why = "one per pulse that hit"
+    return (f"jets: eject {summary['ejected']} counts the particles the jets were fired at"
+            + (f" ({late} late, not sent)" if late else "")
+            + f"; they blew out {blown} rocks ({why}); the product holds {outcome['n_product']} rocks")
+
+
+def stop_if_interrupted(summary: dict) -> dict:
+    """For verbs that run the loop as one step of their work (``demo``, ``bench``): a loop stopped
+    by a signal ends the verb with 128 + signum instead of carrying on with a partial result."""
+    if summary.get("stopped_by_signal"):
+        raise Interrupted(exit_status(summary) - 128)
+    return summary
 
 
 def _load_run_inputs(args):
@@ -79,11 +119,15 @@ def truth_read(truth: list[dict], lines: int) -> list[dict]:
 
 
 def cli_run(args) -> int:
-    from sorting.offline.outcome import jets_outcome, match_particles
+    from sorting.io import check_output_file
     from sorting.realtime.sinks import parse_hostport
     from sorting.realtime.sources import TCPLineSource, replay
 
     check_chunk_lines(args.chunk_lines)
+    # output files are checked before minutes of sorting, not after
+    check_output_file(args.events, "--events")
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
     rec, model, sorter = _load_run_inputs(args)
     timing = timing_of(rec.meta)
     if args.workers != 1:
@@ -114,23 +158,44 @@ def cli_run(args) -> int:
     if valves is not None:
         result.summary["valve_datagrams"] = valves.sent
         valves.close()
-    detection = outcome = None
-    if rec.truth is not None and not args.listen:
-        truth = truth_read(rec.truth, result.summary["lines"])
-        detection = match_particles(result.events, truth)
-        outcome = jets_outcome(result.events, truth, sorter, timing)
-        result.summary["detection"] = detection
-        result.summary["outcome"] = outcome
-    print(format_summary(result.summary, outcome, detection))
+    return _score_and_report(args, rec, sorter, timing, result.summary, result.events, log)
+
+
+def _score_and_report(args, rec, sorter, timing, summary: dict, events: list[dict], log) -> int:
+    """Score the run against truth.csv (if any), print the summary, write --summary-json and
+    give the exit status. A stop signal in here does not cut the report short: it is held
+    until the report is out, then the run exits 128 + signum as if it had come a moment earlier."""
+    from sorting.offline.outcome import jets_outcome, match_particles
+    from sorting.realtime.runner import StopOnSignal
+
+    with StopOnSignal() as late:
+        detection = outcome = None
+        if rec.truth is not None and not args.listen:
+            truth = truth_read(rec.truth, summary["lines"])
+            detection = match_particles(events, truth)
+            outcome = jets_outcome(events, truth, sorter, timing)
+            summary["detection"], summary["outcome"] = detection, outcome
+        status = _report(args, summary, outcome, detection, log)
+    if status == 0 and late.requested:
+        sys.stderr.write(f"sorting run: stopped by {signal_name(late.signum)} after the run\n")
+        status = 128 + late.signum
+    return status
+
+
+def _report(args, summary: dict, outcome, detection, log) -> int:
+    """Print the summary, write --summary-json, and give the run's exit status."""
+    print(format_summary(summary, outcome, detection))
     print(f"events: {args.events} ({log.count} particles)")
     if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(result.summary, indent=2, default=float) + "\n")
-    return 0
+        try:
+            args.summary_json.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        except OSError as exc:
+            raise InputError("--summary-json", f"{args.summary_json}: cannot write ({exc.strerror})") from None
+    sys.stdout.flush()
+    return exit_status(summary)
 
 
 def _cli_run_lanes(args, rec, sorter, timing) -> int:
-    from sorting.offline.outcome import jets_outcome, match_particles
     from sorting.realtime.lanes import run_lanes
     from sorting.realtime.sinks import parse_hostport
 
@@ -143,17 +208,5 @@ def _cli_run_lanes(args, rec, sorter, timing) -> int:
     log = EventLog(args.events)
     result = run_lanes(args.recording, args.model, args.sorter, args.workers, args.chunk_lines, args.realtime,
                        log=log, valves=valves)
-    s = result["summary"]
-    detection = outcome = None
-    if rec.truth is not None:
-        truth = truth_read(rec.truth, s["lines"])
-        detection = match_particles(result["events"], truth)
-        outcome = jets_outcome(result["events"], truth, sorter, timing)
-        s["detection"], s["outcome"] = detection, outcome
-    print(f"{args.workers} lane-parallel workers, columns {s['lanes']}")
-    print(format_summary(s, outcome, detection))
-    print(f"events: {args.events} ({log.count} particles)")
-    if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(s, indent=2, default=float) + "\n")
-    return 0
+    print(f"{args.workers} lane-parallel workers, columns {result['summary']['lanes']}")
+    return _score_and_report(args, rec, sorter, timing, result["summary"], result["events"], log)

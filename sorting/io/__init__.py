@@ -10,8 +10,9 @@ Arrays are ``uint16`` counts ``(lines, pixels, 2)``: axis 0 is time, the last ax
 is the energy channel (0 = low, 1 = high).
 
 Layout: :mod:`.calibration`, :mod:`.rocks` and :mod:`.belt` hold one format each,
-:mod:`.summary` the ``describe`` behind ``sorting inspect``; the private ``_tiff``,
-``_csvjson`` and ``_common`` modules hold the low-level checks they share. Import
+:mod:`.summary` the ``describe`` behind ``sorting inspect`` (of data; models and YAML are
+inspected by the CLI); :mod:`.tiff`, :mod:`.tables` and :mod:`.common` hold the low-level
+checks they share, and the rule for output files (:func:`check_output_file`). Import
 from ``sorting.io``: every public name is re-exported here.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sorting.io.calibration import (
                           read_calibration,
                           write_calibration,
 )
+from sorting.io.common import check_output_file
 from sorting.io.rocks import (
                           CHANNELS,
                           LABELS,
@@ -50,6 +52,6 @@ __all__ = [
     "TRUTH_COLUMNS", "WEDGE_COLUMNS",
     "BeltRecording", "BeltRecordingWriter", "CalibrationScans", "RockDataset", "RockDatasetWriter", "RockRow",
     "WedgeScan",
-    "check_crops", "describe", "read_belt_recording", "read_calibration", "read_rocks_dataset",
+    "check_crops", "check_output_file", "describe", "read_belt_recording", "read_calibration", "read_rocks_dataset",
     "write_calibration",
 ]

@@ -69,7 +69,7 @@ def describe(path: Path) -> str:
         if path.suffix.lower() in (".tif", ".tiff"):
             a = read_tiff(path)
             return f"{path}: TIFF {a.shape} uint16, channel means {a.reshape(-1, 2).mean(axis=0).round(1).tolist()}"
-        raise InputError(path, "not a dataset, recording or calibration folder, nor a .tiff")
+        raise InputError(path, "not a dataset, recording or calibration folder, nor a .tiff, .onnx or .yaml file")
     if (path / "dataset.json").exists():
         return _describe_rocks(read_rocks_dataset(path))
     if (path / "recording.json").exists():

@@ -20,18 +20,36 @@ def _check_pages(path: Path, n_pages: int, shape: tuple, spp: int, planar) -> No
                                "(h, w, 2) with planarconfig contig (samples interleaved per pixel)")
 
 
-def read_tiff(path: Path) -> np.ndarray:
-    """One single-page ``(h, w, 2)`` uint16 TIFF, channels as samples; native byte order."""
+def _open_page(path: Path, decode: bool) -> tuple[tuple, np.dtype, np.ndarray | None]:
+    """The one place a TIFF is opened and checked: pages, layout, that the pixel data lies
+    inside the file (a truncated copy), and, with ``decode``, the pixels themselves. Every
+    failure is an InputError with the same wording, whichever verb reads the file."""
     require(path)
+    data = None
     try:
+        size = path.stat().st_size
         with tifffile.TiffFile(path) as tif:
             n_pages = len(tif.pages)
             page = tif.pages[0]
-            shape, spp, planar = tuple(page.shape), page.samplesperpixel, page.planarconfig
-            data = page.asarray() if n_pages == 1 else None
+            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+            spp, planar = page.samplesperpixel, page.planarconfig
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+            _check_pages(path, n_pages, shape, spp, planar)
+            _check_layout(path, shape, dtype, "TIFF")
+            if end > size:
+                raise InputError(path, f"is truncated: its pixel data ends at byte {end}, the file has {size} bytes")
+            if decode:
+                data = page.asarray()
+    except InputError:
+        raise
     except Exception as exc:  # tifffile raises many types on corrupt files; all mean bad input
-        raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {oneline(exc)})") from None
-    _check_pages(path, n_pages, shape, spp, planar)
+        raise InputError(path, f"not a readable TIFF ({oneline(exc)})") from None
+    return shape, dtype, data
+
+
+def read_tiff(path: Path) -> np.ndarray:
+    """One single-page ``(h, w, 2)`` uint16 TIFF, channels as samples; native byte order."""
+    _, _, data = _open_page(path, decode=True)
     return _check_counts(path, data, "TIFF")
 
 
@@ -55,21 +73,7 @@ def _check_counts(path: Path, a: np.ndarray, what: str) -> np.ndarray:
 def tiff_shape(path: Path) -> tuple[int, ...]:
     """The checks of :func:`read_tiff` that need no decoding: pages, layout, dtype, and
     that the pixel data lies inside the file (a truncated copy fails here). Returns the shape."""
-    require(path)
-    try:
-        size = path.stat().st_size
-        with tifffile.TiffFile(path) as tif:
-            n_pages = len(tif.pages)
-            page = tif.pages[0]
-            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-            spp, planar = page.samplesperpixel, page.planarconfig
-            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
-    except Exception as exc:  # as in read_tiff: every failure to parse is bad input
-        raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {oneline(exc)})") from None
-    _check_pages(path, n_pages, shape, spp, planar)
-    _check_layout(path, shape, dtype, "TIFF")
-    if end > size:
-        raise InputError(path, f"is truncated: its pixel data ends at byte {end}, the file has {size} bytes")
+    shape, _, _ = _open_page(path, decode=False)
     return shape
 
 

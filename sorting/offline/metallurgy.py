@@ -1,4 +1,4 @@
-"""Metallurgical accounting of a rock-by-rock sort (docs/physics.md).
+"""Metallurgical accounting of a rock-by-rock sort (definitions: docs/physics.md).
 
 Pure functions on 1-D arrays, one entry per rock. What a metallurgist reads:
 mass pull (mass to product), Sc recovery (Sc2O3 units to product), product and

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sorting.offline.intervals import format_interval, small_sample, sort_intervals
 from sorting.offline.metallurgy import (
     Feed,
     grade_recovery_curve,
@@ -75,7 +76,10 @@ def evaluate(scores: np.ndarray, is_sc: np.ndarray, threshold: float, *,
     sel = s >= threshold
     op = sort_balance(sel, y, feed)
     metrics = {"n": int(len(s)), "n_sc": int(y.sum()), "threshold": float(threshold),
-               "auc": roc_auc(s, y), "operating": op}
+               "auc": roc_auc(s, y), "operating": op,
+               # how sure: bootstrap over the rocks (fixed seed), threshold held
+               "ci95": sort_intervals(s, y, threshold, feed),
+               "small_sample": small_sample(int(y.sum()), int((~y).sum()))}
     curves = {"model": grade_recovery_curve(s, feed)}
     # oracle: the assay itself (or the label where rocks are not assayed)
     oracle = feed.grade_ppm if feed.grade_ppm is not None else y.astype(np.float64)
@@ -107,20 +111,30 @@ def _fmt(x: float | None, pct: bool = True) -> str:
     return f"{100 * x:.1f} %" if pct else f"{x:.3f}"
 
 
+def _with_ci(x: float | None, ci, pct: bool = True) -> str:
+    text = format_interval(ci, pct)
+    return _fmt(x, pct) + (f" ({text})" if text and x is not None else "")
+
+
 def summary_lines(metrics: dict) -> list[str]:
     """A short human summary of :func:`evaluate` metrics."""
     op = metrics["operating"]
+    ci = metrics.get("ci95") or {}
     lines = [f"rocks: {metrics['n']} ({metrics['n_sc']} sc), threshold {metrics['threshold']:.4f}, "
-             f"mass basis {op['mass_basis']}, recovery basis {op['recovery_basis']}",
-             f"AUC: model {_fmt(metrics['auc'], False)}"
-             + (f", baseline (mean attenuation) {_fmt(metrics['baseline']['auc'], False)}"
-                if "baseline" in metrics else ""),
-             f"operating point: Sc recovery {_fmt(op['sc_recovery'])}, mass pull {_fmt(op['mass_pull'])}, "
-             f"waste rejection {_fmt(op['waste_rejection'])}"]
+             f"mass basis {op['mass_basis']}, recovery basis {op['recovery_basis']}"]
+    lines += [f"AUC: model {_with_ci(metrics['auc'], ci.get('auc'), False)}"
+              + (f", baseline (mean attenuation) {_fmt(metrics['baseline']['auc'], False)}"
+                 if "baseline" in metrics else ""),
+              f"operating point: Sc recovery {_with_ci(op['sc_recovery'], ci.get('sc_recovery'))}, "
+              f"mass pull {_with_ci(op['mass_pull'], ci.get('mass_pull'))}, "
+              f"waste rejection {_fmt(op['waste_rejection'])}"]
+    if ci:
+        lines.append(f"  (95 % intervals: bootstrap over the {metrics['n']} rocks, {ci['resamples']} resamples, "
+                     f"seed {ci['seed']}, threshold held)")
     if op["product_grade_ppm"] is not None:
         rej = op["reject_grade_ppm"]
-        lines.append(f"grades Sc2O3: feed {op['feed_grade_ppm']:.0f} ppm, product {op['product_grade_ppm']:.0f} ppm, "
-                     f"reject {'n/a' if rej is None else f'{rej:.0f}'} ppm, "
+        lines.append(f"grades: feed {op['feed_grade_ppm']:.0f} ppm Sc2O3, product {op['product_grade_ppm']:.0f} "
+                     f"ppm Sc2O3, reject {'n/a' if rej is None else f'{rej:.0f}'} ppm Sc2O3, "
                      f"upgrade ratio {_fmt(op['upgrade_ratio'], False)}")
     c = op["confusion"]
     lines.append(f"confusion (positive = sc): tp {c['tp']}  fp {c['fp']}  fn {c['fn']}  tn {c['tn']}")
@@ -162,7 +176,16 @@ def plot_grade_recovery(curves: dict, metrics: dict, path: Path) -> Path:
         ax.plot(100 * c["mass_pull"], 100 * c["sc_recovery"], color=col, ls=ls, label=labels[name])
     ax.plot([0, 100], [0, 100], color="0.7", lw=0.8, label="no sorting")
     if op["mass_pull"] is not None and op["sc_recovery"] is not None:
-        ax.plot(100 * op["mass_pull"], 100 * op["sc_recovery"], "o", color="C0", label="operating point")
+        ci = metrics.get("ci95") or {}
+        if ci.get("mass_pull") and ci.get("sc_recovery"):
+            # the 95 % bootstrap intervals of the operating point, as error bars
+            x, y = 100 * op["mass_pull"], 100 * op["sc_recovery"]
+            xe = [[x - 100 * ci["mass_pull"][0]], [100 * ci["mass_pull"][1] - x]]
+            ye = [[y - 100 * ci["sc_recovery"][0]], [100 * ci["sc_recovery"][1] - y]]
+            ax.errorbar(x, y, xerr=np.maximum(xe, 0), yerr=np.maximum(ye, 0), fmt="o", color="C0", capsize=3,
+                        label="operating point (95 % CI)")
+        else:
+            ax.plot(100 * op["mass_pull"], 100 * op["sc_recovery"], "o", color="C0", label="operating point")
     ax.set(xlabel=f"mass pull ({op['mass_basis']}) %", ylabel="Sc recovery %", xlim=(0, 100), ylim=(0, 101))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
@@ -173,7 +196,8 @@ def plot_grade_recovery(curves: dict, metrics: dict, path: Path) -> Path:
             ax.plot(100 * c["sc_recovery"][1:], c["product_grade_ppm"][1:], color=col, ls=ls, label=labels[name])
         if op["product_grade_ppm"] is not None:
             ax.plot(100 * op["sc_recovery"], op["product_grade_ppm"], "o", color="C0")
-            ax.axhline(op["feed_grade_ppm"], color="0.7", lw=0.8, label="feed grade")
+            ax.axhline(op["feed_grade_ppm"], color="0.7", lw=0.8,
+                       label=f"feed grade ({op['feed_grade_ppm']:.0f} ppm Sc2O3)")
         ax.set(xlabel="Sc recovery %", ylabel="product grade, ppm Sc2O3", xlim=(0, 101))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sorting.errors import InputError
+from sorting.offline.intervals import sort_intervals
 from sorting.offline.metallurgy import (
     label_cutoff_ppm,
     make_feed,
@@ -261,6 +262,8 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
     feed = make_feed(y, mass_g, sc2o3_ppm)
     threshold = threshold_for_recovery(oof[best], feed.units, target_recovery)
     bal = sort_balance(oof[best] >= threshold, y, feed)
+    # how sure those out-of-fold numbers are: bootstrap over the training rocks, threshold held
+    ci = sort_intervals(oof[best], y, threshold, feed, seed=seed)
     metrics = {
         "n_train": int(len(y)), "n_sc": int(y.sum()), "cv_folds": n_folds,
         "estimator": best, "cv_auc": cv_auc[best], "cv_auc_candidates": cv_auc,
@@ -270,6 +273,7 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
         "recovery_basis": feed.recovery_basis, "mass_basis": feed.mass_basis,
         "targets": "soft" if soft else "hard", "label_cutoff_ppm": cut,
         "soft_width": soft_width if soft else None, "seed": seed,
+        "cv_ci95": ci,
     }
     return TrainedModel(clf, tuple(feature_names), feature_version, float(threshold),
                         float(target_recovery), fingerprint, metrics)

@@ -18,13 +18,14 @@ import multiprocessing as mp
 import operator
 import os
 import queue as queue_errors
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sorting.errors import InputError
+from sorting.errors import InputError, Interrupted
 from sorting.realtime.stream import ERROR_ALARM, LatencyHistogram
 
 #: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
@@ -154,7 +155,6 @@ def _stop_before(chunk: int, reached, stop_at, lock) -> bool:
 def _die_with_parent(parent_pid: int) -> None:
     """A lane ends when the process that merges its decisions ends, however that ends."""
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
@@ -173,8 +173,6 @@ def _arrivals(pipe, events: list[dict]) -> list[float]:
 
 def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: str, chunk_lines: int,
             realtime: bool, parent: int, shared: dict, queue, flush_s: float) -> None:
-    import signal
-
     # a stop signal (Ctrl-C to the terminal's process group, a supervisor's SIGTERM to the
     # control group) is the parent's to act on: it asks every lane to stop at the same chunk
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -299,6 +297,8 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
 
 def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realtime, log, valves) -> dict:
     """Wait for the lanes to set up, merge their decisions as they come, and sum up the run."""
+    from sorting.realtime.runner import signal_name
+
     workers = len(lanes)
     ready = 0
     done = [-1] * workers
@@ -310,7 +310,8 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
             raise RuntimeError(f"lane {k} failed: {payload['error']}")
         ready += tag == "ready"
         if stopper.requested:
-            raise KeyboardInterrupt  # before the belt started: nothing was decided (the lanes are killed)
+            # before the belt started: nothing was decided (the lanes are killed); the CLI exits 128 + signum
+            raise Interrupted(stopper.signum if stopper.signum is not None else signal.SIGINT)
         if time.perf_counter() - t_setup > SETUP_TIMEOUT_S:
             raise RuntimeError(f"the lanes were not set up after {SETUP_TIMEOUT_S:.0f} s")
     # the stream starts now for every lane (setup, like the single loop's, is not throughput)
@@ -394,6 +395,7 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
     for p in watch.procs:
         p.join(10.0)  # each has sent its last message: it is only exiting
     lines = max(f["lines"] for f in finished)  # the whole recording, unless a signal stopped the lanes
+    stopped = stopper.requested or any(f["stopped"] for f in finished)
     stream_s = lines / timing.line_rate_hz
     cpu = sum(f["cpu_s"] for f in finished) + merge_cpu
     workers_c = [f["counters"] for f in finished]
@@ -403,7 +405,9 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
     fault_lines = {kind: max(f["fault_lines"][kind] for f in finished) for kind in finished[0]["fault_lines"]}
     summary = {
         "workers": workers, "lanes": [(lane.lo, lane.hi) for lane in lanes],
-        "stopped_by_signal": any(f["stopped"] for f in finished),
+        # as the single loop: a signal received while the lanes ran means the run was interrupted
+        "stopped_by_signal": stopped,
+        "signal": signal_name(stopper.signum) if stopped else None,
         "chunks": max(c["chunks"] for c in workers_c), "lines": lines, "particles": len(merged),
         "ejected": ejected, "passed": len(merged) - ejected, "late": late,
         "undecided": sum(bool(e.get("undecided")) for e in merged), "cut": sum(bool(e["cut"]) for e in merged),

@@ -33,10 +33,11 @@ class RunResult:
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM -> stop after the current chunk."""
+    """SIGINT/SIGTERM -> stop after the current chunk; ``signum`` is the first signal received."""
 
     def __init__(self, on_signal: Callable[[], None] | None = None) -> None:
         self.requested = False
+        self.signum: int | None = None
         self.on_signal = on_signal  # e.g. a blocking source's stop(), so a silent peer cannot hold us
         self._old = {}
 
@@ -49,6 +50,8 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = int(signum)
         self.requested = True
         if self.on_signal is not None:
             self.on_signal()
@@ -76,13 +79,14 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     kept: list[dict] = []
     intake, step = LatencyHistogram(), LatencyHistogram()
     gc.collect()
-    gc.freeze()  # start-up objects never need another full GC pass (docs/performance.md)
+    gc.freeze()  # start-up objects never need another full GC pass
     # the clocks start with the belt, after start-up (as the pipeline's warm-up)
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     bar = tqdm(total=total_lines, unit="line", unit_scale=True, desc="sorting", disable=None if progress else True,
                mininterval=0.5)
     stopped = False
+    signum = None
     try:
         # the loop is single-threaded by design (one core per belt or lane): a BLAS thread pool
         # would only spin against the other lanes and the acquisition
@@ -110,6 +114,10 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
                     stopped = True
                     break
             deliver(pipeline.finish())
+            # a signal that came during the last chunk or the final flush still means the run was
+            # interrupted: the caller exits 128 + signum (see signal_name)
+            stopped = stopped or stop.requested
+            signum = stop.signum
     finally:
         bar.close()
         if log is not None:
@@ -126,6 +134,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     stream_s = c.lines / pipeline.timing.line_rate_hz
     summary.update({
         "stopped_by_signal": stopped,
+        "signal": signal_name(signum) if stopped else None,
         "intake_lag_ms": intake.summary(),
         "step_ms": step.summary(),
         "wall_s": wall,
@@ -138,6 +147,16 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
         "pixels": pipeline.pixels,
     })
     return RunResult(summary, kept)
+
+
+def signal_name(signum: int | None) -> str | None:
+    """``"SIGINT"`` / ``"SIGTERM"`` for a signal number (None for None)."""
+    return None if signum is None else signal.Signals(signum).name
+
+
+def signal_number(name: str | None) -> int | None:
+    """The inverse of :func:`signal_name`."""
+    return None if name is None else int(signal.Signals[name])
 
 
 def timing_of(meta: dict) -> Timing:

@@ -84,6 +84,8 @@ def load_model(path: str | Path, *, expected_names: tuple[str, ...] | None = Non
     import onnxruntime as ort
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a model file (give the .onnx file written by `sorting train`)")
     if not path.is_file():
         raise InputError(path, "no such model file")
     data = path.read_bytes()
