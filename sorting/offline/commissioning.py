@@ -160,8 +160,13 @@ def build_dataset(recording: Path, assays_path: Path, out: Path, cutoff_ppm: flo
             if i in listed or al.particle_slot[i] >= 0 or i in touching_particles:
                 continue
             status = al.particle_status[i]
+            c = particles[i]
+            flags = [t for t, on in (("reaches the belt edge", c.touches_border),
+                                     ("split off a touching rock", c.split),
+                                     ("cut by the recording's start or end", c.cut)) if on]
             exclude(None, i, "debris" if status == "debris" else "ambiguous",
-                    f"particle of {al.calibrated_mass_g[i]:.3g} g (estimated) tied to no feed number")
+                    f"particle of {al.calibrated_mass_g[i]:.3g} g (estimated) tied to no feed number"
+                    + (f" ({', '.join(flags)})" if flags else ""))
     # feed numbers in order, then the particles without one in belt order
     excluded.sort(key=lambda r: (r["seq"] is None, r["seq"] or 0, r["particle_first_line"] or 0))
     write_csv(out / "excluded.csv", EXCLUDED_COLUMNS, excluded)

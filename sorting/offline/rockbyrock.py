@@ -384,7 +384,7 @@ def align(est_mass_g: np.ndarray, assay_mass_g: np.ndarray, covariates: np.ndarr
         k_best = post.match.argmax(axis=0)
         p_best = post.match[k_best, np.arange(m)]
         sure = known & (p_best >= 0.9)
-        if sure.sum() < 3:
+        if sure.sum() < 2:
             break
         idx = k_best[sure]
         y = lw[sure] - le0[idx]
