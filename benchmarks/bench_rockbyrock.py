@@ -18,7 +18,7 @@ scored against what the twin says really happened (``truth_rockbyrock.csv``, ``t
 - ``wrong_labels``: kept rows whose label disagrees with their assay at the cut-off;
 - ``excluded``: excluded.csv's rows by reason; ``truth``: the slips the twin made;
 - ``dataset_s``: wall seconds of `sorting dataset` (recording scan, alignment, crops), and
-  ``simulate_s`` of the simulation. On a shared machine these are indicative only.
+  ``simulate_s`` of the simulation. On a busy machine these are indicative only.
 """
 from __future__ import annotations
 

@@ -98,17 +98,19 @@ def _touching_place(a: _Object, mask: np.ndarray, p: int, rng: np.random.Generat
     h, w = mask.shape
     cy = a.line0 + a.mask.shape[0] / 2
     cx = a.col0 + a.mask.shape[1] / 2
-    for _ in range(50):
+    for _ in range(200):
         angle = rng.uniform(0.15 * np.pi, 0.85 * np.pi)  # downstream: it comes after a, in contact
         dy, dx = np.sin(angle), np.cos(angle)
-        for step in range(2 * (max(a.mask.shape) + max(h, w))):
+        sy, sx = (1 if dy > 0 else -1), (1 if dx > 0 else -1)
+        for step in np.arange(0.0, 2.0 * (max(a.mask.shape) + max(h, w)), 0.25):
             line0 = int(round(cy + dy * step - h / 2))
             col0 = int(round(cx + dx * step - w / 2))
-            if col0 < CLEAR_PX or col0 + w > p - CLEAR_PX:
-                break
             if not _overlaps(a, mask, line0, col0):
-                if _overlaps(a, mask, line0, col0, grow=1):
-                    return line0, col0
+                # the first free place on the ray, or one pixel back towards a on one axis
+                for at in ((line0, col0), (line0 - sy, col0), (line0, col0 - sx)):
+                    on_belt = CLEAR_PX <= at[1] and at[1] + w <= p - CLEAR_PX
+                    if on_belt and not _overlaps(a, mask, *at) and _overlaps(a, mask, *at, grow=1):
+                        return at
                 break
     raise RuntimeError("no touching placement found")  # a 1 m belt always has room
 
