@@ -370,7 +370,7 @@ def align(est_mass_g: np.ndarray, assay_mass_g: np.ndarray, covariates: np.ndarr
 
     # 1. coarse scale: the alignment likelihood over a grid of scales, with a broad error
     broad = np.full(n, 0.15)
-    grid = np.linspace(-cfg.scale_search_ln, cfg.scale_search_ln, 41) + (pop[0] - float(np.median(le0)))
+    grid = np.linspace(-cfg.scale_search_ln, cfg.scale_search_ln, 25) + (pop[0] - float(np.median(le0)))
     scores = [_posteriors(le0 + c, lw, broad, pop, cfg, need=False).log_z for c in grid]
     beta = np.array([grid[int(np.argmax(scores))]])
     slopes = False
