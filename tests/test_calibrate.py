@@ -16,8 +16,8 @@ from sorting.errors import InputError
 from sorting.io import CalibrationScans, WedgeScan
 from sorting.physics import load_materials
 from sorting.stages.calibrate import Calibration, calibrate, find_bad_pixels
+from sorting.stages.maps import material_maps
 from sorting.stages.normalize import attenuation, basis_vector
-from sorting.testing import material_maps
 from sorting.twin.detector import build_response, pixel_pattern, sample_counts
 
 #: the crossed wedge grid of docs/formats.md (POM 0-250 mm, Fe 0-12 mm)

@@ -44,7 +44,7 @@ def _window_px(pitch_mm):
 
 def reference_basis(a_low, a_high, lut):
     """(t_pom, t_fe) mm by exact bilinear interpolation of the calibration's table (scipy;
-    edges replicated), at the float32 coordinates ``sorting.testing.basis_thickness`` forms."""
+    edges replicated), at the float32 coordinates ``sorting.stages.maps.basis_thickness`` forms."""
     n_r, n_a = lut.t_pom_mm.shape
     x = a_high * np.float32(1.0 / lut.a_high_step)
     y = (a_low / np.maximum(a_high, np.float32(1e-3)) - np.float32(lut.r_min)) * np.float32(1.0 / lut.r_step)
@@ -55,7 +55,7 @@ def reference_basis(a_low, a_high, lut):
 
 def reference_features(a, mask, cal, pp, lp):
     """The features of one rock, the plain way (float64 statistics)."""
-    from sorting.testing import mafic_line, smooth_inside
+    from sorting.stages.maps import mafic_line, smooth_inside
 
     mask = np.asarray(mask, bool)
     if not mask.any():

@@ -23,7 +23,8 @@ def test_shipped_configs_are_recognised_and_summarised(capsys):
     # figures from the YAML itself: row width = valves x pitch, detector width = pixels x pitch
     s = yaml.safe_load(shipped_config("sorter_reference.yaml").read_text())["ejector"]
     _, out, _ = _inspect(shipped_config("sorter_reference.yaml"), capsys)
-    assert f"{s['valves']} valves at {s['valve_pitch_mm']:g} mm ({s['valves'] * s['valve_pitch_mm']:g} mm of belt" in out
+    width = s['valves'] * s['valve_pitch_mm']
+    assert f"{s['valves']} valves at {s['valve_pitch_mm']:g} mm ({width:g} mm of belt" in out
     m = yaml.safe_load(shipped_config("machine_reference.yaml").read_text())
     _, out, _ = _inspect(shipped_config("machine_reference.yaml"), capsys)
     d = m["detector"]

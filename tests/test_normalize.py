@@ -9,8 +9,9 @@ from sorting.config import load_machine
 from sorting.physics import load_materials
 from sorting.stages.calibrate import calibrate
 from sorting.stages.counts import STARVED_A
+from sorting.stages.maps import material_maps, ratio
 from sorting.stages.normalize import attenuation
-from sorting.testing import material_maps, ratio, starved
+from sorting.testing import starved
 from sorting.twin.detector import build_response, pixel_pattern
 
 
@@ -199,7 +200,7 @@ def test_noisy_plates_read_their_mafic_fraction(machine, resp, cal, rock, t_mm, 
 def test_basis_thickness_reads_the_calibration_table(machine, resp, cal):
     """One interleaved lookup gives exactly what the calibration's own inverse gives, for
     maps and for flat pixel lists, including pairs far outside the table (clamped)."""
-    from sorting.testing import basis_thickness
+    from sorting.stages.maps import basis_thickness
 
     rng = np.random.default_rng(7)
     a_high = rng.uniform(0.0, 1.2 * cal.lut.a_high_max, 5000).astype(np.float32)

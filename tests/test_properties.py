@@ -20,11 +20,12 @@ from test_calibrate import make_scans
 from sorting.config import load_machine
 from sorting.stages.calibrate import calibrate
 from sorting.stages.features import FEATURE_NAMES, particle_features
+from sorting.stages.maps import material_maps, ratio
 from sorting.stages.normalize import attenuation
 from sorting.stages.particles import SegmentConfig
 from sorting.stages.segment import foreground, segment_crop
 from sorting.stages.stitch import StreamSegmenter
-from sorting.testing import material_maps, ratio, starved
+from sorting.testing import starved
 
 settings.register_profile("sorting-properties", derandomize=True, max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2,
                        help="also measure lane-parallel throughput with this many workers (0 = skip)")
     bench.add_argument("--quiet", action="store_true")
+
+    # commissioning on the machine itself: `dataset` and `simulate rockbyrock` (sorting/cli/dataset.py)
+    from sorting.cli.dataset import add_parsers as _add_dataset_parsers
+
+    _add_dataset_parsers(sub, simsub, _add_configs)
     return parser
 
 
@@ -118,6 +123,10 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.what == "rocks":
             return simulate.cli_rocks(args)
+        if args.what == "rockbyrock":
+            from sorting.cli.dataset import cli_rockbyrock
+
+            return cli_rockbyrock(args)
         return simulate.cli_belt(args)
     if args.verb == "run":
         from sorting.cli.run import cli_run
@@ -135,6 +144,10 @@ def _run(args: argparse.Namespace) -> int:
         from sorting.cli.batch import VERBS
 
         return VERBS[args.verb](args)
+    if args.verb == "dataset":
+        from sorting.cli.dataset import cli_dataset
+
+        return cli_dataset(args)
     if args.verb == "inspect":
         from sorting.cli.inspect import describe_any
 

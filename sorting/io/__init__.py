@@ -17,6 +17,7 @@ from ``sorting.io``: every public name is re-exported here.
 """
 from __future__ import annotations
 
+from sorting.io.assays import ASSAY_COLUMNS, Assays, read_assays
 from sorting.io.belt import (
                           BELT_FORMAT,
                           TRUTH_COLUMNS,
@@ -48,6 +49,7 @@ from sorting.io.rocks import (
 from sorting.io.summary import describe
 
 __all__ = [
+    "ASSAY_COLUMNS", "Assays", "read_assays",
     "BELT_FORMAT", "CHANNELS", "LABELS", "MIN_CALIBRATION_LINES", "ROCKS_FORMAT", "ROCK_COLUMNS", "SPLITS",
     "TRUTH_COLUMNS", "WEDGE_COLUMNS",
     "BeltRecording", "BeltRecordingWriter", "CalibrationScans", "RockDataset", "RockDatasetWriter", "RockRow",

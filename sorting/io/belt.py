@@ -151,8 +151,10 @@ def _read_truth(path: Path) -> list[dict]:
     return out
 
 
-def read_belt_recording(root: Path) -> BeltRecording:
-    """Read and validate an ``xrt-belt/1`` recording (docs/formats.md); lines are memory-mapped."""
+def read_belt_recording(root: Path, *, with_truth: bool = True) -> BeltRecording:
+    """Read and validate an ``xrt-belt/1`` recording (docs/formats.md); lines are memory-mapped.
+    ``with_truth=False`` leaves ``truth.csv`` unread (``truth`` is None), for tools that must
+    work from the lines alone."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "recording folder does not exist")
@@ -181,5 +183,5 @@ def read_belt_recording(root: Path) -> BeltRecording:
         except (OSError, ValueError) as exc:
             raise InputError(lpath, f"cannot memory-map ({oneline(exc)})") from None
     tpath = root / "truth.csv"
-    truth = _read_truth(tpath) if tpath.exists() else None
+    truth = _read_truth(tpath) if with_truth and tpath.exists() else None
     return BeltRecording(root, meta, calibration, lines, truth)

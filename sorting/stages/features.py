@@ -14,7 +14,7 @@ numbers the belt produces.
 One compiled kernel (:mod:`sorting.stages.features_kernel`) computes a whole batch: each
 particle alone in its own bounding box, so its numbers do not depend on its neighbours in
 the batch nor on a margin around its box, and :func:`particle_features` (a batch of one)
-gives the same numbers. The maps are those of :mod:`sorting.testing`'s reference (smoothing: the
+gives the same numbers. The maps are those of :mod:`sorting.stages.maps` (smoothing: the
 normalized Gaussian of the transmission inside the rock, ``blurred_transmission`` /
 ``smoothed_attenuation``; the basis table of ``basis_thickness``, here read by exact
 bilinear interpolation; ``mafic_line``); ``tests/test_features_kernel.py`` holds a slow
@@ -96,7 +96,7 @@ _HIST_BINS = int(round((_HIST_HI - _HIST_LO) / _HIST_STEP))
 _HIST_EDGES = _HIST_LO + _HIST_STEP * np.arange(_HIST_BINS + 1)
 #: particle pixels per kernel call in the batch path (bounded scratch memory)
 _BATCH_PIXELS = 1 << 20
-#: the smoothing Gaussian (sigma 1 px): OpenCV's taps, as ``sorting.testing.blurred_transmission`` uses
+#: the smoothing Gaussian (sigma 1 px): OpenCV's taps, as ``maps.blurred_transmission`` uses
 _TAPS = cv2.getGaussianKernel(9, 1.0, cv2.CV_32F).ravel().copy()
 #: where each of the kernel's outputs goes in FEATURE_NAMES order
 _COLS = np.array([FEATURE_NAMES.index(name) for name in kernel.OUTPUTS], np.int64)

@@ -533,7 +533,7 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
             sl[j] = -_ln(max(g0[j] / den, _TINY))
             sh[j] = -_ln(max(g1[j] / den, _TINY))
         # --- per rock pixel: basis thickness, mafic line
-        # table coordinates as testing.basis_thickness forms them (NaN reads the edge); the
+        # table coordinates as maps.basis_thickness forms them (NaN reads the edge); the
         # table lookups in a loop of their own, so many are in flight at once (its cache misses
         # are most of their cost), the arithmetic around them in loops that vectorize
         cl0, cl1, cl2, cl3 = cell[0, b0:b0 + bn], cell[1, b0:b0 + bn], cell[2, b0:b0 + bn], cell[3, b0:b0 + bn]

@@ -15,7 +15,11 @@ import numba
 import numpy as np
 from scipy import ndimage
 
-from sorting.stages.concavity import DEFECT_DEPTH_QUANTUM_PX, bound_clears_gate, defect_depth_bound_px
+from sorting.stages.concavity import (
+    DEFECT_DEPTH_QUANTUM_PX,
+    bound_clears_gate,
+    defect_depth_bound_px,
+)
 from sorting.stages.particles import Completed, SegmentConfig, is_speck, pixel_area_mm2
 
 #: particles larger than this (pixels) are flooded on max-pooled blocks of about this many
