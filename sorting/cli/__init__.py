@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2,
                        help="also measure lane-parallel throughput with this many workers (0 = skip)")
     bench.add_argument("--quiet", action="store_true")
+    # serve: the control-PC service (sorting/cli/serve.py)
+    from sorting.cli.serve import add_parser as _add_serve_parser
+
+    _add_serve_parser(sub)
     return parser
 
 
@@ -125,6 +129,10 @@ def _run(args: argparse.Namespace) -> int:
         from sorting.cli.batch import VERBS
 
         return VERBS[args.verb](args)
+    if args.verb == "serve":
+        from sorting.cli.serve import cli_serve
+
+        return cli_serve(args)
     if args.verb == "inspect":
         from sorting.io import describe
 
