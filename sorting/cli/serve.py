@@ -194,7 +194,7 @@ def cli_serve(args) -> int:
     if valves is not None:
         summary["valve_datagrams"] = summary_valves
     summary["tcp"] = {k: getattr(source, k) for k in ("connections", "frames", "lines", "rejected", "broken",
-                                                       "stale", "seq_gaps", "refused", "replaced", "restarts")}
+                                                       "stale", "seq_gaps", "replaced", "restarts")}
     print(format_summary(summary))
     print(f"events: {args.events} ({log.count} particles"
           + (f", {len(log.rotations)} rotated files" if log.rotations else "") + f"); "

@@ -115,10 +115,11 @@ class TCPLineSource:
     - Once a frame has begun, its bytes must keep coming: a peer that sends nothing for
       ``stall_timeout_s`` of the reader's waiting inside a frame, closes inside a frame or
       resets is dropped (``broken``). Between frames, ``idle_timeout_s`` of silence drops it.
-    - A second connection while one is being read replaces it when the current one has been
-      quiet (nothing received) for ``takeover_quiet_s`` of the reader's waiting (``replaced``);
-      otherwise the newcomer is closed at once (``refused``) and may try again. So a stalled
-      or silent peer cannot hold the port against the real detector.
+    - A second connection while one is being read waits in the listen backlog, unread; it is
+      taken up when the current one ends or is dropped, or when the current one has been quiet
+      (nothing received) for ``takeover_quiet_s`` of the reader's waiting: then it replaces it
+      (``replaced``). So a stalled or silent peer holds the port for at most the stall or
+      takeover time, and the detector's frames wait in its connection, not lost.
     - A clean close between frames ends the stream, unless ``persistent``: then the source
       waits for the next connection. ``accept_timeout_s`` without a connection ends it too
       (None: wait until :meth:`stop`).
@@ -162,7 +163,6 @@ class TCPLineSource:
         self.broken = 0  # truncated frames, resets, silent or stalled peers
         self.stale = 0  # frames starting before a line already received
         self.seq_gaps = 0  # sequence numbers skipped (frames lost upstream)
-        self.refused = 0  # second connections closed while the current one was active
         self.replaced = 0  # quiet connections replaced by a new one
         self.restarts = 0  # connections whose line counter started over
         self.errors: deque[str] = deque(maxlen=100)
@@ -207,33 +207,26 @@ class TCPLineSource:
         self.connections += 1
 
     def _on_accept(self) -> None:
-        """Take up waiting connections by the rule in the class docstring."""
-        while True:
-            try:
-                sock, peer = self.server.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. the peer reset before we took it up
-                self.errors.append(f"accept failed: {exc}")
-                return
-            cur = self._conn
-            if cur is not None and cur.waited_s < self.takeover_quiet_s:
-                self.refused += 1
-                self.errors.append(f"refused {peer[0]}:{peer[1]}: {cur.peer[0]}:{cur.peer[1]} is sending")
-                with contextlib.suppress(OSError):
-                    sock.close()
-                continue
-            if cur is not None:
-                self.replaced += 1
-                self.errors.append(f"{cur.peer[0]}:{cur.peer[1]} quiet for {cur.waited_s:.2f} s: "
-                                   f"replaced by {peer[0]}:{peer[1]}")
-                self._drop_conn()
-            self._adopt(sock, peer)
+        """Take up a waiting connection (called when there is none, or the current one is quiet)."""
+        try:
+            sock, peer = self.server.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. the peer reset before we took it up
+            self.errors.append(f"accept failed: {exc}")
+            return
+        cur = self._conn
+        if cur is not None:
+            self.replaced += 1
+            self.errors.append(f"{cur.peer[0]}:{cur.peer[1]} quiet for {cur.waited_s:.2f} s: "
+                               f"replaced by {peer[0]}:{peer[1]}")
+            self._drop_conn()
+        self._adopt(sock, peer)
 
     # ------------------------------------------------------------------ reading
     def __iter__(self) -> Iterator[Chunk | None]:
         sel = selectors.DefaultSelector()
-        sel.register(self.server, selectors.EVENT_READ)
+        listening = False  # the listening socket is watched only while a newcomer may be taken up
         registered = None
         no_conn_s = idle_s = 0.0
         try:
@@ -269,6 +262,13 @@ class TCPLineSource:
                             return
                         continue
                 # nothing to read now: wait for data or a connection
+                may_take = conn is None or conn.waited_s >= self.takeover_quiet_s
+                if may_take != listening:
+                    if may_take:
+                        sel.register(self.server, selectors.EVENT_READ)
+                    else:
+                        sel.unregister(self.server)
+                    listening = may_take
                 timeout = self.poll_s if conn is None or not conn.mid_frame else min(self.poll_s, 0.02)
                 t0 = time.monotonic()
                 events = sel.select(timeout)
@@ -276,8 +276,8 @@ class TCPLineSource:
                 idle_s += waited
                 if any(key.fileobj is self.server for key, _ in events):
                     self._on_accept()
-                if conn is not None and conn is self._conn and not any(key.fileobj is conn.sock for key, _ in events):
-                    self._waited(conn, waited)
+                if conn is not None and conn is self._conn:
+                    self._waited(conn, waited, any(key.fileobj is conn.sock for key, _ in events))
                 if self._conn is None:
                     no_conn_s += waited
                     if self.accept_timeout_s is not None and no_conn_s > self.accept_timeout_s:
@@ -289,10 +289,12 @@ class TCPLineSource:
             sel.close()
             self.close()
 
-    def _waited(self, conn: _Conn, waited: float) -> None:
-        """Account ``waited`` seconds of waiting on ``conn`` for nothing; drop it when it has
-        stalled inside a frame, trickles a frame too slowly, or has been silent too long."""
-        conn.waited_s += waited
+    def _waited(self, conn: _Conn, waited: float, readable: bool) -> None:
+        """Account ``waited`` seconds the reader waited on ``conn`` (``readable``: and then it had
+        data); drop it when it has stalled inside a frame, trickles a frame too slowly, or has
+        been silent too long."""
+        if not readable:
+            conn.waited_s += waited
         if conn.mid_frame:
             conn.frame_wait_s += waited
             size = len(conn.buf) + (LINE_HEADER.size if conn.header is not None else 0)

@@ -268,7 +268,7 @@ class ServiceLoop:
             "threshold": pipe.threshold, "model": self.model_name, "connected": src.connected,
             "peer": f"{src.peer[0]}:{src.peer[1]}" if src.peer else None,
             "tcp": {k: getattr(src, k) for k in ("connections", "frames", "lines", "rejected", "broken", "stale",
-                                                  "seq_gaps", "refused", "replaced", "restarts")},
+                                                  "seq_gaps", "replaced", "restarts")},
             "valve_datagrams": self.valves.sent if self.valves is not None else 0,
             "valve_errors": self.valves.errors if self.valves is not None else 0,
             "latency_buckets": self.buckets, "latency_sum_ms": self.latency_sum_ms,
