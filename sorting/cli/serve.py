@@ -117,7 +117,7 @@ def _stop_web(proc) -> None:
 def cli_serve(args) -> int:
     from sorting.cli.run import format_summary
     from sorting.config import load_sorter
-    from sorting.realtime.runner import build_pipeline, check_chunk_lines, timing_of
+    from sorting.realtime.runner import StopOnSignal, build_pipeline, check_chunk_lines, timing_of
     from sorting.realtime.service import channel
     from sorting.realtime.service.audit import AuditLog
     from sorting.realtime.service.control import Control
@@ -154,6 +154,8 @@ def cli_serve(args) -> int:
     cfg = {"http": list(http), "opcua": opcua, "token": token, "model": args.model.name,
            "models_dir": str(args.models_dir.resolve()) if args.models_dir else None,
            "model_card": model_card(model.meta), "serial": args.serial}
+    # from here on a signal is the normal stop: during start-up it ends the service as soon as the loop starts
+    stop = StopOnSignal(source.stop).__enter__()
     proc, snap_sock, ctl_sock, answer = _start_web(cfg)
     try:
         if answer is None or answer.get("kind") != "ready":
@@ -181,10 +183,11 @@ def cli_serve(args) -> int:
               f"http://{answer['http'][0][0]}:{answer['http'][0][1]}/"
               + (f", OPC UA on {answer['opcua']}" if answer.get("opcua") else ""), file=sys.stderr, flush=True)
         try:
-            summary = loop.run()
+            summary = loop.run(stop)
         finally:
             control.stop()
     finally:
+        stop.__exit__(None, None, None)
         time.sleep(0.2)  # the last snapshot reaches the page
         _stop_web(proc)
         source.close()

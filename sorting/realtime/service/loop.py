@@ -8,6 +8,7 @@ web process is behind), and setpoint changes arrive ready in a deque it pops fro
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import math
 import socket
@@ -101,8 +102,9 @@ class ServiceLoop:
         self.next_line = 0
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
-        """Until the source ends or SIGINT/SIGTERM; returns the summary."""
+    def run(self, stop: StopOnSignal | None = None) -> dict:
+        """Until the source ends or SIGINT/SIGTERM; returns the summary. ``stop``: signal
+        handling the caller installed already (a signal during start-up then stops at once)."""
         pipe = self.pipeline
         intake, step = LatencyHistogram(), LatencyHistogram()
         gc.collect()
@@ -110,8 +112,10 @@ class ServiceLoop:
         t_start, cpu_start = time.perf_counter(), time.process_time()
         stopped = False
         try:
-            with StopOnSignal(self.source.stop) as stop, threadpool_limits(limits=1, user_api="blas"), \
-                    opencv_threads(1):
+            signals = contextlib.nullcontext(stop) if stop else StopOnSignal(self.source.stop)
+            with signals as stop, threadpool_limits(limits=1, user_api="blas"), opencv_threads(1):
+                if stop.requested:
+                    self.source.stop()
                 self.publish(force=True)
                 for item in self.source:
                     if item is not None:

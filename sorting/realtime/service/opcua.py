@@ -61,8 +61,10 @@ class TokenUsers(UserManager):
         self.token = token
 
     def get_user(self, iserver: InternalServer, username=None, password=None, certificate=None):
-        if username is None and password is None and certificate is None:
-            return User(role=UserRole.Anonymous)
+        if username is None and password is None:  # (the certificate is the client's application's)
+            # asyncua lets the Anonymous role do nothing, not even read: an unnamed User reads,
+            # and the pre-write check refuses it any write
+            return User(role=UserRole.User, name=None)
         if self.token and username and isinstance(password, str) and \
                 hmac.compare_digest(password.encode(), self.token.encode()):
             return User(role=UserRole.User, name=username)
@@ -136,7 +138,10 @@ class OpcUaServer:
 
     async def _pump(self, hub) -> None:
         while True:
-            await self.update(hub)
+            try:
+                await self.update(hub)
+            except Exception:  # a bad value must not stop the updates
+                logging.getLogger(__name__).exception("OPC UA update failed")
             await asyncio.sleep(UPDATE_S)
 
     async def stop(self) -> None:
@@ -153,6 +158,8 @@ class OpcUaServer:
     async def _pre_write(self, event, dispatcher) -> None:
         """Every client write passes here first: only a signed-in user may set the threshold,
         and only to a value the loop accepts; the change then goes the same way as over HTTP."""
+        if not event.is_external:  # the server's own updates
+            return
         user = event.user
         thr = self.nodes["Threshold"].nodeid
         for wv in event.request_params.NodesToWrite:
