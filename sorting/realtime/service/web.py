@@ -41,8 +41,10 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 4096
 #: attenuation shown as white on the belt picture (high channel)
 PICTURE_ATT_MAX = 4.0
-#: how far back the page's throughput and latency distribution look, s
+#: how far back the page's latency distribution looks, s
 WINDOW_S = 10.0
+#: how far back the page's throughput looks, s
+RATE_S = 2.0
 #: SSE messages queued per page at most (a slow page misses pictures, never blocks the rest)
 CLIENT_QUEUE = 64
 #: seconds a setpoint request waits for the loop process's answer
@@ -127,8 +129,12 @@ class Hub:
         """Lines per second and the latency histogram over the last ``WINDOW_S``."""
         if len(self.history) < 2:
             return None, [0] * len(self.snap["latency_buckets"])
-        (t0, l0, b0), (t1, l1, b1) = self.history[0], self.history[-1]
-        rate = (l1 - l0) / (t1 - t0) if t1 > t0 else None
+        (_, _, b0), (t1, l1, b1) = self.history[0], self.history[-1]
+        # throughput over the last RATE_S (the latency distribution over the whole window)
+        tr, lr = next((t, n) for t, n, _ in self.history if t1 - t <= RATE_S)
+        if tr == t1:
+            tr, lr = self.history[-2][0], self.history[-2][1]
+        rate = (l1 - lr) / (t1 - tr) if t1 > tr else None
         return rate, [y - x for x, y in zip(b0, b1)]
 
     @staticmethod
