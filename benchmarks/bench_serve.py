@@ -121,6 +121,7 @@ def run_serve(recording: Path, tmp: Path) -> dict:
                             stderr=subprocess.DEVNULL, text=True)
     wait_port(http)
     wait_port(listen)
+    wait_port(opc)
     page = _page(f"http://127.0.0.1:{http}/", tmp)
     stop = threading.Event()
     scrapes = []
