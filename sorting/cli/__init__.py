@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sorting.cli.dataset import add_parsers as _add_dataset_parsers
 
     _add_dataset_parsers(sub, simsub, _add_configs)
+    # serve: the control-PC service (sorting/cli/serve.py)
+    from sorting.cli.serve import add_parser as _add_serve_parser
+
+    _add_serve_parser(sub)
     return parser
 
 
@@ -144,6 +148,10 @@ def _run(args: argparse.Namespace) -> int:
         from sorting.cli.batch import VERBS
 
         return VERBS[args.verb](args)
+    if args.verb == "serve":
+        from sorting.cli.serve import cli_serve
+
+        return cli_serve(args)
     if args.verb == "dataset":
         from sorting.cli.dataset import cli_dataset
 
