@@ -32,6 +32,13 @@ SHIPPED_MODEL = _ROOT / "data" / "models" / "crater_lake.onnx"
 SPECTRA_TABLE = _ROOT / "physics" / "data" / "tungsten_spectra.csv"
 
 
+#: the operator page's files (HTML, JS, CSS), served by ``sorting serve``
+SERVICE_STATIC = _ROOT / "realtime" / "service" / "static"
+#: the folder the running package is imported from: a child process started with this on its
+#: path imports this same ``sorting`` (a checkout, a worktree or site-packages alike)
+IMPORT_ROOT = _ROOT.parent
+
+
 def shipped_config(name: str) -> Path:
     """The shipped config file ``name`` (e.g. ``"sorter_reference.yaml"``)."""
     return CONFIG_DIR / name

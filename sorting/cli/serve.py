@@ -75,13 +75,13 @@ def check_opcua(url: str) -> str:
 
 def _start_web(cfg: dict):
     """The web process, its two sockets, and its answer (ready or error)."""
-    import sorting
     from sorting.realtime.service import channel
+    from sorting.resources import IMPORT_ROOT
 
     snap_a, snap_b = channel.pair()
     ctl_a, ctl_b = channel.pair()
     env = dict(os.environ)
-    root = str(Path(sorting.__file__).resolve().parents[1])
+    root = str(IMPORT_ROOT)
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.Popen([sys.executable, "-m", "sorting.realtime.service.web", str(snap_b.fileno()),
                              str(ctl_b.fileno())], pass_fds=(snap_b.fileno(), ctl_b.fileno()), env=env,

@@ -35,8 +35,9 @@ from prometheus_client.metrics_core import (
 )
 
 from sorting.realtime.service import channel
+from sorting.resources import SERVICE_STATIC
 
-STATIC = Path(__file__).parent / "static"
+STATIC = SERVICE_STATIC
 #: request bodies over this are refused (413) before they are read
 MAX_BODY_BYTES = 4096
 #: attenuation shown as white on the belt picture (high channel)
