@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -126,6 +127,12 @@ def test_opcua_reads_anonymously_and_writes_only_with_credentials(served, rec):
             di = await c.get_namespace_index("http://opcfoundation.org/UA/DI/")
             mach = await c.get_namespace_index("http://opcfoundation.org/UA/Machinery/")
             sorter = await c.nodes.objects.get_child(f"{ns}:Sorter")
+            # the counters reach OPC UA through the loop's snapshots: wait (bounded) until the
+            # whole recording fed by the first test shows, however busy the machine is
+            lines_node = await sorter.get_child(f"{ns}:LinesTotal")
+            deadline = time.monotonic() + 30.0
+            while await lines_node.read_value() != rec.n_lines and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             values = {name: await (await sorter.get_child(f"{ns}:{name}")).read_value()
                       for name in ("LinesTotal", "ParticlesTotal", "EjectsTotal", "LateTotal", "AlarmsTotal",
                                    "Threshold")}
@@ -147,7 +154,11 @@ def test_opcua_reads_anonymously_and_writes_only_with_credentials(served, rec):
             feeder.start()
             while feeder.is_alive():
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)
+            # until the fed lines are through the loop and their counters reached the subscription
+            await asyncio.to_thread(served.wait_for, lambda s: s["lines"] == rec.n_lines + 3000)
+            deadline = time.monotonic() + 30.0
+            while (not seen or seen[-1] != rec.n_lines + 3000) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             thr = await sorter.get_child(f"{ns}:Threshold")
             with pytest.raises(BadUserAccessDenied):
                 await thr.write_value(ua.Variant(0.5, ua.VariantType.Double))
