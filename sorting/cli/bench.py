@@ -225,12 +225,14 @@ def cli_bench(args) -> int:
         raise InputError(model, "the shipped model is missing (a source checkout rebuilds it: models/rebuild.sh)")
     sorter = args.sorter or shipped_config("sorter_reference.yaml")
     # bad inputs fail before seconds of simulation, not after
+    from sorting.cli.options import option
     from sorting.realtime.runner import check_chunk_lines
     from sorting.stages.inference import load_model
 
     load_model(model)
     load_sorter(sorter)
-    check_chunk_lines(args.chunk_lines)
+    with option("--chunk-lines"):
+        check_chunk_lines(args.chunk_lines)
     if args.repeats < 1:
         raise InputError("--repeats", f"must be at least 1, got {args.repeats}")
     if args.json:
@@ -243,6 +245,13 @@ def cli_bench(args) -> int:
                   f"(seed {args.seed})")
             simulate_belt(recording, args.seconds, args.seed, load_machine(args.machine), load_ore(),
                           load_materials(), occupancy=args.occupancy, progress=not args.quiet)
+        if args.workers > 1:
+            from sorting.io import read_belt_recording
+            from sorting.realtime.lanes import lane_plan
+            from sorting.realtime.runner import timing_of
+
+            with option("--workers"):
+                lane_plan(timing_of(read_belt_recording(recording).meta), args.workers)
         result = run_bench(recording, Path(model), Path(sorter), args.chunk_lines, paced=not args.no_paced,
                            progress=not args.quiet, workers=args.workers, repeats=args.repeats)
         if args.recording is None and args.dense_seconds > 0 and not args.no_paced:

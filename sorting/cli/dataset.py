@@ -34,7 +34,8 @@ def add_parsers(sub, simsub, add_configs: Callable[[argparse.ArgumentParser], No
 
 
 def cli_dataset(args: argparse.Namespace) -> int:
-    from sorting.offline.commissioning import build_dataset
+    from sorting.cli.options import option
+    from sorting.offline.commissioning import build_dataset, check_cutoff_ppm
 
     t0 = time.perf_counter()
     if args.cutoff_ppm is not None:
@@ -43,6 +44,9 @@ def cli_dataset(args: argparse.Namespace) -> int:
         from sorting.config import load_ore
 
         cutoff = load_ore(args.ore).label_cutoff_ppm
+    if args.cutoff_ppm is not None:
+        with option("--cutoff-ppm"):
+            check_cutoff_ppm(cutoff)
     summary = build_dataset(args.recording, args.assays, args.out, cutoff)
     print(f"{summary.line()} ({time.perf_counter() - t0:.1f} s)")
     print(f"wrote {args.out} (label cut-off {cutoff:g} ppm Sc2O3) and {args.out / 'excluded.csv'}")

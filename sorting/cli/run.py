@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+from sorting.cli.options import option
 from sorting.errors import InputError, Interrupted
+from sorting.realtime.lanes import lane_plan
 from sorting.realtime.runner import (
     build_pipeline,
     check_chunk_lines,
@@ -123,7 +125,8 @@ def cli_run(args) -> int:
     from sorting.realtime.sinks import parse_hostport
     from sorting.realtime.sources import TCPLineSource, replay
 
-    check_chunk_lines(args.chunk_lines)
+    with option("--chunk-lines"):
+        check_chunk_lines(args.chunk_lines)
     # output files are checked before minutes of sorting, not after
     check_output_file(args.events, "--events")
     if args.summary_json:
@@ -131,13 +134,16 @@ def cli_run(args) -> int:
     rec, model, sorter = _load_run_inputs(args)
     timing = timing_of(rec.meta)
     if args.workers != 1:
+        with option("--workers"):
+            lane_plan(timing, args.workers)
         return _cli_run_lanes(args, rec, sorter, timing)
     pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(args.sorter), args.chunk_lines,
                               shed_late=bool(args.realtime or args.listen))
     valves = None
     if args.udp:
         host, port = parse_hostport(args.udp, "--udp")
-        valves = UDPValveSink(host, port, sorter.ejector.valves)
+        with option("--udp"):
+            valves = UDPValveSink(host, port, sorter.ejector.valves)
     if args.listen:
         host, port = parse_hostport(args.listen, "--listen")
         try:
@@ -204,7 +210,8 @@ def _cli_run_lanes(args, rec, sorter, timing) -> int:
     valves = None
     if args.udp:
         host, port = parse_hostport(args.udp, "--udp")
-        valves = UDPValveSink(host, port, sorter.ejector.valves)
+        with option("--udp"):
+            valves = UDPValveSink(host, port, sorter.ejector.valves)
     log = EventLog(args.events)
     result = run_lanes(args.recording, args.model, args.sorter, args.workers, args.chunk_lines, args.realtime,
                        log=log, valves=valves)

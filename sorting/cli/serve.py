@@ -115,6 +115,7 @@ def _stop_web(proc) -> None:
 
 
 def cli_serve(args) -> int:
+    from sorting.cli.options import option
     from sorting.cli.run import format_summary
     from sorting.config import load_sorter
     from sorting.realtime.runner import StopOnSignal, build_pipeline, check_chunk_lines, timing_of
@@ -129,7 +130,8 @@ def cli_serve(args) -> int:
     from sorting.stages.inference import load_model
 
     # everything that can be wrong with the input fails here, before anything starts
-    check_chunk_lines(args.chunk_lines)
+    with option("--chunk-lines"):
+        check_chunk_lines(args.chunk_lines)
     machine = read_machine(args.machine)
     model = load_model(args.model)
     sorter = load_sorter(args.sorter)
@@ -145,7 +147,8 @@ def cli_serve(args) -> int:
     valves = None
     if args.udp:
         host, port = parse_hostport(args.udp, "--udp")
-        valves = UDPValveSink(host, port, sorter.ejector.valves)
+        with option("--udp"):
+            valves = UDPValveSink(host, port, sorter.ejector.valves)
     try:
         source = TCPLineSource(timing.pixels, *listen, max_lines=args.chunk_lines, accept_timeout_s=None,
                                persistent=True, heartbeat=True, poll_s=0.1, line_rate_hz=timing.line_rate_hz)

@@ -68,6 +68,11 @@ def _label(grade: float, cutoff: float) -> str:
     return "sc" if grade >= cutoff else "waste"
 
 
+def check_cutoff_ppm(cutoff_ppm: float) -> None:
+    if not (math.isfinite(cutoff_ppm) and cutoff_ppm > 0):
+        raise ValueError(f"the label cut-off must be a number > 0 ppm Sc2O3, got {cutoff_ppm!r}")
+
+
 def build_dataset(recording: Path, assays_path: Path, out: Path, cutoff_ppm: float,
                   config: AlignmentConfig = AlignmentConfig(), seg: SegmentConfig = SegmentConfig()
                   ) -> DatasetSummary:
@@ -77,10 +82,11 @@ def build_dataset(recording: Path, assays_path: Path, out: Path, cutoff_ppm: flo
     ------
     InputError
         A bad recording or assay file, an assay file the recording cannot explain, an
-        ``out`` that is a file, a cut-off that is not > 0.
+        ``out`` that is a file.
+    ValueError
+        A cut-off that is not > 0.
     """
-    if not (math.isfinite(cutoff_ppm) and cutoff_ppm > 0):
-        raise InputError("--cutoff-ppm", f"must be a number > 0, got {cutoff_ppm!r}")
+    check_cutoff_ppm(cutoff_ppm)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")

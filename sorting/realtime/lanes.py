@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sorting.errors import InputError, Interrupted
+from sorting.errors import Interrupted
 from sorting.realtime.stream import ERROR_ALARM, LatencyHistogram
 
 #: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
@@ -55,7 +55,7 @@ def lane_windows(pixels: int, workers: int, overlap_px: int, owned_weight: float
     and the o_k sum to ``pixels``: C = ((1 + weight) pixels + (workers - 1) overlap) / workers.
     """
     if workers < 1:
-        raise InputError("--workers", f"must be at least 1, got {workers}")
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if workers == 1:
         return [Lane(0, pixels, 0, pixels)]
     k1 = 1.0 + owned_weight
@@ -65,7 +65,7 @@ def lane_windows(pixels: int, workers: int, overlap_px: int, owned_weight: float
         bounds.append(int(round(k * (work - overlap_px) / k1)))
     bounds.append(pixels)
     if any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:])):
-        raise InputError("--workers", f"{workers} lanes with {overlap_px} px overlap do not fit {pixels} pixels")
+        raise ValueError(f"{workers} lanes with {overlap_px} px overlap do not fit {pixels} pixels")
     lanes = []
     for k in range(workers):
         hi = pixels if k == workers - 1 else min(bounds[k + 1] + overlap_px, pixels)
@@ -245,6 +245,11 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
         queue.put((k, None, {"error": f"{type(exc).__name__}: {exc}"}))
 
 
+def lane_plan(timing, workers: int, overlap_mm: float = DEFAULT_OVERLAP_MM) -> list[Lane]:
+    """The lanes of ``workers`` processes on this detector (``ValueError`` when they do not fit)."""
+    return lane_windows(timing.pixels, workers, int(np.ceil(overlap_mm / timing.pixel_pitch_mm)))
+
+
 def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int = 2, chunk_lines: int = 32,
               realtime: bool = False, overlap_mm: float = DEFAULT_OVERLAP_MM, log=None, valves=None) -> dict:
     """Sort ``recording`` with ``workers`` lane processes; returns the summary and the merged events."""
@@ -256,8 +261,7 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
     from sorting.config import load_sorter
 
     sorter = load_sorter(sorter_path)
-    overlap_px = int(np.ceil(overlap_mm / timing.pixel_pitch_mm))
-    lanes = lane_windows(timing.pixels, workers, overlap_px)
+    lanes = lane_plan(timing, workers, overlap_mm)
     from sorting.stages.calibrate import calibrate
     from sorting.stages.normalize import basis_table
 

@@ -170,7 +170,7 @@ MAX_CHUNK_LINES = 4096
 
 def check_chunk_lines(chunk_lines: int) -> None:
     if not 1 <= chunk_lines <= MAX_CHUNK_LINES:
-        raise InputError("--chunk-lines", f"must be in 1..{MAX_CHUNK_LINES}, got {chunk_lines}")
+        raise ValueError(f"chunk lines must be in 1..{MAX_CHUNK_LINES}, got {chunk_lines}")
 
 
 def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,

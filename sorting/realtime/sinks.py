@@ -50,7 +50,7 @@ class UDPValveSink:
             self.sock.connect(self.addr)
         except OSError as exc:
             self.sock.close()
-            raise InputError("--udp", f"cannot send to {host}:{port} ({exc.strerror or exc})") from None
+            raise ValueError(f"cannot send to {host}:{port} ({exc.strerror or exc})") from None
         self.seq = 0
         self.sent = 0
         self.errors = 0
