@@ -32,22 +32,56 @@ def _frac(**kw: Any) -> Any:
     return field(metadata={"ge": 0.0, "le": 1.0}, **kw)
 
 
+class Validated:
+    """A config checked where it is made: every field against its range (the ``gt``, ``ge``,
+    ``le`` of its metadata) and its choices (a ``Literal`` type), whether it comes from a
+    YAML file (:func:`build`, which names the file) or from code (``ValueError``)."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        name = type(self).__name__
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = _choices(hints[f.name])
+            if choices is not None and value not in choices and value is not None:
+                raise ValueError(f"{name}.{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            meta = f.metadata
+            if value is None or not ({"gt", "ge", "le"} & set(meta)):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}.{f.name} must be a finite number, got {value!r}")
+            if "gt" in meta and not value > meta["gt"]:
+                raise ValueError(f"{name}.{f.name} must be > {meta['gt']:g}, got {value!r}")
+            if "ge" in meta and not value >= meta["ge"]:
+                raise ValueError(f"{name}.{f.name} must be >= {meta['ge']:g}, got {value!r}")
+            if "le" in meta and not value <= meta["le"]:
+                raise ValueError(f"{name}.{f.name} must be <= {meta['le']:g}, got {value!r}")
+
+
+def _choices(tp: Any) -> tuple | None:
+    """The allowed values of a ``Literal`` (or optional ``Literal``) type; None for other types."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else tp
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
 # ---------------------------------------------------------------- machine
 @dataclass(frozen=True)
-class Layer:
+class Layer(Validated):
     material: str
     thickness_mm: float = _nonneg()
 
 
 @dataclass(frozen=True)
-class TubeConfig:
+class TubeConfig(Validated):
     kvp: float = _pos()
     anode_angle_deg: float = _pos(default=12.0)
     filters: tuple[Layer, ...] = ()
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(Validated):
     pixels: int = _pos()
     pixel_pitch_mm: float = _pos()
     front: Layer = None  # type: ignore[assignment]
@@ -64,7 +98,7 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
-class BeltConfig:
+class BeltConfig(Validated):
     speed_m_s: float = _pos()
     line_rate_hz: float = _pos()
     material: str = "rubber"
@@ -72,7 +106,7 @@ class BeltConfig:
 
 
 @dataclass(frozen=True)
-class MachineConfig:
+class MachineConfig(Validated):
     name: str
     tube: TubeConfig
     detector: DetectorConfig
@@ -91,7 +125,7 @@ class MachineConfig:
 
 # ---------------------------------------------------------------- ore
 @dataclass(frozen=True)
-class MineralRange:
+class MineralRange(Validated):
     """Modal proportion range of one mineral in a lithotype, in volume percent."""
 
     min_pct: float = _nonneg()
@@ -99,7 +133,7 @@ class MineralRange:
 
 
 @dataclass(frozen=True)
-class Lithotype:
+class Lithotype(Validated):
     name: str
     proportion: float = _nonneg()
     minerals: dict[str, MineralRange] = field(default_factory=dict)
@@ -109,7 +143,7 @@ class Lithotype:
 
 
 @dataclass(frozen=True)
-class OreConfig:
+class OreConfig(Validated):
     name: str
     lithotypes: tuple[Lithotype, ...]
     # Sc2O3 carried by each mineral, ppm (g/t of that mineral)
@@ -126,7 +160,7 @@ class OreConfig:
 
 # ---------------------------------------------------------------- sorter
 @dataclass(frozen=True)
-class EjectorConfig:
+class EjectorConfig(Validated):
     distance_mm: float = _pos(default=300.0)
     valve_pitch_mm: float = _pos(default=12.5)
     valves: int = _pos(default=80)
@@ -137,13 +171,13 @@ class EjectorConfig:
 
 
 @dataclass(frozen=True)
-class SortingConfig:
+class SortingConfig(Validated):
     eject: Literal["sc", "waste"] = "sc"
     threshold: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0})
 
 
 @dataclass(frozen=True)
-class SorterConfig:
+class SorterConfig(Validated):
     ejector: EjectorConfig = field(default_factory=EjectorConfig)
     sorting: SortingConfig = field(default_factory=SortingConfig)
 
@@ -229,7 +263,10 @@ def build(cls: type, data: Any, where: str = "<config>", key: str = "") -> Any:
             if "le" in meta and not value <= meta["le"]:
                 _fail(where, prefix + name, f"must be <= {meta['le']:g}, got {value!r}")
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a check across fields (the per-field ones were made above)
+        _fail(where, key, str(exc))
 
 
 def read_yaml(path: str | Path) -> Any:
