@@ -126,6 +126,20 @@ class OreConfig:
 
 
 # ---------------------------------------------------------------- sorter
+#: the largest rock the sorter takes (mm, its longest dimension): the top size of the feed
+#: the reference sorter is built for (the twin's ore: 10-100 mm); sets the default air cap
+TOP_SIZE_MM = 100.0
+
+
+def default_max_valves(valve_pitch_mm: float, margin_mm: float, valves: int, top_size_mm: float = TOP_SIZE_MM) -> int:
+    """The most valves one rock of the top size can need: its width plus the margin on both
+    sides, in valve pitches, rounded up, plus one for a rock whose span does not start on a
+    valve's edge (a span of ``s`` pitches overlaps at most ``ceil(s) + 1`` valves); at most
+    the whole row."""
+    span = (top_size_mm + 2.0 * margin_mm) / valve_pitch_mm
+    return int(min(math.ceil(span - 1e-9) + 1, valves))
+
+
 @dataclass(frozen=True)
 class EjectorConfig:
     distance_mm: float = _pos(default=300.0)
@@ -135,12 +149,37 @@ class EjectorConfig:
     response_ms: float = _nonneg(default=3.0)
     min_pulse_ms: float = _nonneg(default=5.0)
     margin_mm: float = _nonneg(default=5.0)
+    #: hard cap on the valves of one eject; an eject that needs more passes instead.
+    #: None (or absent from the YAML): :func:`default_max_valves` for a rock of TOP_SIZE_MM
+    max_valves: int | None = field(default=None, metadata={"optional": True})
+
+    def __post_init__(self) -> None:
+        if self.max_valves is None:
+            if self.valve_pitch_mm > 0 and self.valves >= 1 and self.margin_mm >= 0:
+                object.__setattr__(self, "max_valves",
+                                   default_max_valves(self.valve_pitch_mm, self.margin_mm, self.valves))
+            return
+        if isinstance(self.max_valves, bool) or not isinstance(self.max_valves, int) \
+                or not 1 <= self.max_valves <= self.valves:
+            raise ValueError(f"max_valves must be an integer in 1..valves ({self.valves}), got {self.max_valves!r}")
 
 
 @dataclass(frozen=True)
 class SortingConfig:
     eject: Literal["sc", "waste"] = "sc"
     threshold: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0})
+    #: what happens to tramp metal (steel the detector cannot see through): "eject" or "pass",
+    #: whatever the model would say. None (or absent from the YAML): the waste's way, i.e.
+    #: "pass" when the jets blow out the ore (eject: sc), "eject" when they blow out the waste
+    tramp: Literal["eject", "pass"] | None = field(default=None, metadata={"optional": True})
+
+    def __post_init__(self) -> None:
+        if self.eject not in ("sc", "waste"):
+            raise ValueError(f"eject must be 'sc' or 'waste', got {self.eject!r}")
+        if self.tramp is None:
+            object.__setattr__(self, "tramp", "pass" if self.eject == "sc" else "eject")
+        elif self.tramp not in ("eject", "pass"):
+            raise ValueError(f"tramp must be 'eject' or 'pass', got {self.tramp!r}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +256,7 @@ def build(cls: type, data: Any, where: str = "<config>", key: str = "") -> Any:
     for name, f in fields.items():
         if name not in data:
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            if has_default and f.default is not None:
+            if has_default and (f.default is not None or f.metadata.get("optional")):
                 continue
             _fail(where, prefix + name, "is missing")
         value = _convert(hints[name], data[name], where, prefix + name)
@@ -230,7 +269,10 @@ def build(cls: type, data: Any, where: str = "<config>", key: str = "") -> Any:
             if "le" in meta and not value <= meta["le"]:
                 _fail(where, prefix + name, f"must be <= {meta['le']:g}, got {value!r}")
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a value checked in the class's own __post_init__
+        _fail(where, key, str(exc))
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -341,7 +383,7 @@ def load_sorter(path: str | Path | None = None) -> SorterConfig:
         if section.name not in data:
             _fail(str(path), section.name, "is missing (a sorter states every key of CONTRACT.md section 5)")
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            if f.name not in data[section.name]:
+            if f.name not in data[section.name] and not f.metadata.get("optional"):
                 _fail(str(path), f"{section.name}.{f.name}", "is missing (a sorter states every key of "
                                                               "CONTRACT.md section 5)")
     return cfg

@@ -33,6 +33,10 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
         f"latency ms (last line in -> decision out): p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
         f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}; CPU {_num(s['cpu_fraction'], '.2f')} of stream time",
     ]
+    if s.get("tramp") or s.get("over_cap") or s.get("splices") or s.get("too_long"):
+        lines.append(f"belt objects: tramp metal {s.get('tramp', 0)}, too long (pieces) {s.get('too_long', 0)}, "
+                     f"over the air cap {s.get('over_cap', 0)}, splices {s.get('splices', 0)} "
+                     f"({s.get('splice_lines', 0)} lines)")
     if s.get("stopped_by_signal"):
         lines.append("stopped by a signal: the event log holds every particle decided until then")
     if any(s.get("alarms", {}).values()):
@@ -70,8 +74,9 @@ def _load_run_inputs(args):
 
 def truth_read(truth: list[dict], lines: int) -> list[dict]:
     """The truth rocks whose last line the run read: a run stopped by a signal is scored on
-    the belt it saw, not counted as missing the rest."""
-    return [r for r in truth if r["last_line"] < lines]
+    the belt it saw, not counted as missing the rest. Rows of another ``kind`` than rock (a
+    truth.csv may list splices or tramp too) are not rocks."""
+    return [r for r in truth if r["last_line"] < lines and r.get("kind") in (None, "", "rock")]
 
 
 def cli_run(args) -> int:

@@ -31,6 +31,7 @@ def cli_rocks(args: argparse.Namespace) -> int:
 def cli_belt(args: argparse.Namespace) -> int:
     machine, ore, lib = _configs(args)
     out = simulate_belt(args.out, args.seconds, args.seed, machine, ore, lib, args.occupancy, args.touching,
-                        progress=not args.quiet, drift=args.drift)
+                        progress=not args.quiet, drift=args.drift, splice_every_s=args.splice_every_s,
+                        tramp=args.tramp, slabs=args.slabs, slab_mm=args.slab_mm)
     print(f"wrote {args.seconds:g} s of belt to {out}")
     return 0

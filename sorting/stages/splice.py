@@ -1,0 +1,210 @@
+"""Belt splices: lines where a thin steel layer covers the whole belt width.
+
+A mechanical splice (steel lacing: fastener plates on both faces of the belt and a hinge
+pin) passes the scan line once per belt revolution. For the few lines it takes, every
+column, the belt edges included, is attenuated by the steel, so the plain per-pixel
+foreground would see one particle as wide as the belt (and a wall of air). Rocks never
+cover a whole line: even a crowded belt keeps gaps between rocks and bare belt at its edges.
+
+Per line, a splice line is recognised and taken out like this:
+
+1. **Screen** (every chunk, compiled, a few microseconds): a line is a candidate when the
+   foreground covers at least ``screen_share`` of a strided sample of its columns *and* of
+   the outermost ``edge_px`` columns on each side.
+2. **Confirm** (candidate lines and ``guard`` lines either side, also across the chunk
+   boundary that follows): in units of each column's detection threshold, the line's 30 %
+   quantile must reach ``confirm_level`` (the belt between the rocks is raised) and its 10 %
+   quantile at least half of that (the raise is uniform across the belt, as a steel layer
+   is; rock edges and the gaps between rocks are not).
+3. **Take it out**: the steel's own attenuation is that of the line's bare belt, estimated
+   per channel as the 30 % quantile of the line (robust while rocks cover less than 70 %
+   of it). Attenuations add along the beam (Beer-Lambert), so it is subtracted from every
+   pixel of the line: the rocks on the splice keep about their own attenuation, for
+   segmentation and features alike. The line is then segmented again against a raised
+   threshold: ``k_sigma`` times the spread the corrected line's bare belt actually shows
+   (photon noise behind the steel is larger than in air; the steel's own unevenness adds
+   to it), never below the normal threshold.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numba
+import numpy as np
+
+from sorting.stages.particles import SegmentConfig
+from sorting.stages.segment import detect_row, detector_arrays
+
+if TYPE_CHECKING:
+    from sorting.stages.calibrate import Calibration
+
+#: quantile of a splice line taken as its bare belt (the steel's attenuation)
+LEVEL_QUANTILE = 0.30
+#: z-score of the standard normal at LEVEL_QUANTILE and at 5 %: the spread of the bare belt is
+#: (q30 - q05) / (Z30 - Z05)
+_Z30, _Z05 = -0.5244, -1.6449
+
+
+class SpliceFinder:
+    """Finds and corrects splice lines in the chunks of one detector window.
+
+    Parameters
+    ----------
+    cal : Calibration (``bad`` and the detection weights of :mod:`sorting.stages.segment`).
+    x0, width : the window's detector columns.
+    config : the segmentation settings (``k_sigma``).
+    screen_share : share of sampled columns (and of each edge strip) in the foreground that
+        makes a line a candidate.
+    edge_px : columns of each edge strip.
+    confirm_level : the line's 30 % quantile, in units of the detection threshold, that
+        confirms a splice line.
+    guard : lines either side of a confirmed line also confirmed when their own 30 %
+        quantile reaches a third of ``confirm_level`` (the partly covered first and last
+        line of a splice).
+
+    Attributes
+    ----------
+    lines : splice lines corrected so far; ``episodes`` : splices (runs of such lines).
+    """
+
+    def __init__(self, cal: Calibration, x0: int, width: int, config: SegmentConfig = SegmentConfig(), *,
+                 stride: int = 4, screen_share: float = 0.5, edge_px: int = 16, confirm_level: float = 0.3,
+                 guard: int = 2):
+        if not (0 < screen_share <= 1 and confirm_level > 0 and guard >= 0 and stride >= 1 and edge_px >= 1):
+            raise ValueError("screen_share must be in (0, 1], confirm_level > 0, guard >= 0, stride and edge_px >= 1")
+        self.x0, self.width = int(x0), int(width)
+        self.k_sigma = float(config.k_sigma)
+        self.screen_share, self.confirm_level, self.guard = float(screen_share), float(confirm_level), int(guard)
+        self._det = detector_arrays(cal, self.x0, self.width, config)
+        self._w = np.stack([self._det[0], self._det[1]], axis=1)  # (W, 2) float32
+        self._thr = self._det[2]
+        self._good = ~np.asarray(cal.bad[self.x0:self.x0 + self.width], dtype=bool)
+        good_idx = np.flatnonzero(self._good)
+        if good_idx.size == 0:
+            good_idx = np.arange(self.width)
+        e = min(edge_px, max(good_idx.size // 4, 1))
+        self._left = np.ascontiguousarray(good_idx[:e])
+        self._right = np.ascontiguousarray(good_idx[-e:])
+        self._sample = np.ascontiguousarray(good_idx[::stride])
+        self._carry = 0  # lines at the start of the next chunk within guard of a splice line
+        self._was_splice = False  # the previous chunk's last line was a splice line
+        self.lines = 0
+        self.episodes = 0
+
+    def screen(self, mask: np.ndarray) -> bool:
+        """Whether this chunk needs :meth:`correct` (candidates, or the guard of a splice
+        that ended in the previous chunk): the cheap per-chunk test."""
+        if self._carry:
+            return True
+        return _screen(mask.view(np.uint8), self._sample, self._left, self._right, self.screen_share) >= 0
+
+    def correct(self, a: np.ndarray, mask: np.ndarray, bad_lines: np.ndarray, bad_cols: np.ndarray) -> np.ndarray:
+        """Find the splice lines of a chunk and take the splice out of them, in place.
+
+        Parameters
+        ----------
+        a : (L, W, 2) float32, the chunk's attenuation; splice lines lose the steel's.
+        mask : (L, W) bool, its foreground; splice lines are segmented again.
+        bad_lines : (L,) bool or empty, lines not segmented anyway; bad_cols : (W,) bool,
+            columns of a frozen module (kept out of the estimates and of the foreground).
+
+        Returns
+        -------
+        (L,) bool, the corrected lines.
+        """
+        n = mask.shape[0]
+        cand = np.zeros(n, bool)
+        _candidates(mask.view(np.uint8), self._sample, self._left, self._right, self.screen_share, cand)
+        near = np.zeros(n, bool)
+        near[:min(self._carry, n)] = True
+        for d in range(1, self.guard + 1):
+            near[d:] |= cand[:-d]
+            near[:-d] |= cand[d:]
+        near &= ~cand
+        check = cand | near
+        if bad_lines.size == n:
+            check &= ~bad_lines
+        idx = np.flatnonzero(check)
+        done = np.zeros(n, bool)
+        if idx.size:
+            good = self._good & ~bad_cols
+            if not good.any():
+                good = self._good
+            ag = a[idx][:, good]  # (k, G, 2)
+            w, thr = self._w[good], self._thr[good]
+            z = (ag[..., 0] * w[:, 0] + ag[..., 1] * w[:, 1]) / thr
+            q10, q30 = np.quantile(z, [0.10, LEVEL_QUANTILE], axis=1)
+            need = np.where(cand[idx], self.confirm_level, self.confirm_level / 3.0)
+            ok = (q30 >= need) & (q10 >= 0.5 * q30)
+            if ok.any():
+                rows = idx[ok]
+                level = np.quantile(ag[ok], LEVEL_QUANTILE, axis=1).astype(np.float32)  # (k, 2) per channel
+                a[rows] -= level[:, None, :]
+                zc = z[ok] - (level[:, None, 0] * w[:, 0] + level[:, None, 1] * w[:, 1]) / thr
+                q05, q30c = np.quantile(zc, [0.05, LEVEL_QUANTILE], axis=1)
+                spread = np.maximum(q30c - q05, 0.0) / (_Z30 - _Z05)
+                # the normal threshold is k_sigma sigma of the air noise, 1 in these units
+                factor = np.maximum(1.0, self.k_sigma * spread).astype(np.float32)
+                _redetect(a, rows, factor, *self._det, np.array(bad_cols, dtype=bool), mask)  # writeable: one type
+                done[rows] = True
+        # the guard carries over a splice that reaches the chunk's last lines
+        last = np.flatnonzero(done)
+        self._carry = max(self.guard - (n - 1 - int(last[-1])), 0) if last.size else 0
+        if last.size:
+            starts = np.flatnonzero(done & ~np.concatenate(([self._was_splice], done[:-1])))
+            self.episodes += starts.size
+            self.lines += last.size
+        self._was_splice = bool(done[-1]) if n else self._was_splice
+        return done
+
+
+@numba.njit(cache=True, nogil=True)
+def _line_candidate(row: np.ndarray, sample: np.ndarray, left: np.ndarray, right: np.ndarray, share: float) -> bool:
+    hit = 0
+    for k in range(sample.size):
+        hit += row[sample[k]]
+    if hit < share * sample.size:
+        return False
+    hit = 0
+    for k in range(left.size):
+        hit += row[left[k]]
+    if hit < share * left.size:
+        return False
+    hit = 0
+    for k in range(right.size):
+        hit += row[right[k]]
+    return hit >= share * right.size
+
+
+@numba.njit(cache=True, nogil=True)
+def _screen(m8: np.ndarray, sample: np.ndarray, left: np.ndarray, right: np.ndarray, share: float) -> int:
+    """The first candidate line of a chunk's foreground (uint8 (L, W)), or -1."""
+    for i in range(m8.shape[0]):
+        if _line_candidate(m8[i], sample, left, right, share):
+            return i
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _candidates(m8: np.ndarray, sample: np.ndarray, left: np.ndarray, right: np.ndarray, share: float,
+                out: np.ndarray) -> None:
+    for i in range(m8.shape[0]):
+        out[i] = _line_candidate(m8[i], sample, left, right, share)
+
+
+@numba.njit(cache=True, nogil=True)
+def _redetect(a: np.ndarray, rows: np.ndarray, factor: np.ndarray, w_low: np.ndarray, w_high: np.ndarray,
+              thr: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, right: np.ndarray, bad_cols: np.ndarray,
+              mask: np.ndarray) -> None:
+    """The foreground of lines ``rows`` of ``a`` (L, W, 2) again (:func:`detect_row`), against
+    the threshold raised by ``factor`` per line; a frozen module's columns cleared."""
+    w = mask.shape[1]
+    t = np.empty(w, np.float32)
+    for k in range(rows.size):
+        i = rows[k]
+        for j in range(w):
+            t[j] = thr[j] * factor[k]
+        detect_row(a[i].reshape(-1), w_low, w_high, t, bad_idx, left, right, mask[i])
+        for j in range(w):
+            if bad_cols[j]:
+                mask[i, j] = False
