@@ -159,9 +159,9 @@ class EjectorConfig:
                 object.__setattr__(self, "max_valves",
                                    default_max_valves(self.valve_pitch_mm, self.margin_mm, self.valves))
             return
-        if isinstance(self.max_valves, bool) or not isinstance(self.max_valves, int) \
-                or not 1 <= self.max_valves <= self.valves:
-            raise ValueError(f"max_valves must be an integer in 1..valves ({self.valves}), got {self.max_valves!r}")
+        # above the row's size it caps nothing (no eject has more valves than the row): allowed
+        if isinstance(self.max_valves, bool) or not isinstance(self.max_valves, int) or self.max_valves < 1:
+            raise ValueError(f"max_valves must be an integer >= 1, got {self.max_valves!r}")
 
 
 @dataclass(frozen=True)

@@ -500,7 +500,7 @@ class Pipeline:
         lo_l, hi_l = lo.tolist(), hi.tolist()
         tramp_l = tramp.tolist()
         on_splice = [False] * n
-        if self._splice_spans and n:
+        if self._splice_spans and n and self._splice_spans[-1][1] >= int(ints[:, 0].min()):
             sp = np.array(self._splice_spans, np.int64)
             on_splice = ((sp[None, :, 0] <= ints[:, 2:3]) & (sp[None, :, 1] >= ints[:, 0:1])).any(axis=1).tolist()
         cap = self.max_valves

@@ -20,10 +20,11 @@ Per line, a splice line is recognised and taken out like this:
    per channel as the 30 % quantile of the line (robust while rocks cover less than 70 %
    of it). Attenuations add along the beam (Beer-Lambert), so it is subtracted from every
    pixel of the line: the rocks on the splice keep about their own attenuation, for
-   segmentation and features alike. The line is then segmented again against a raised
-   threshold: ``k_sigma`` times the spread the corrected line's bare belt actually shows
-   (photon noise behind the steel is larger than in air; the steel's own unevenness adds
-   to it), never below the normal threshold.
+   segmentation and features alike. The line is then segmented again with the matched
+   detection of :mod:`sorting.stages.segment` re-derived for the noise behind the steel:
+   the photons left fall by exp(-A), so each channel's noise in A grows by exp(A / 2);
+   the weights shift to the less starved channel and the threshold, ``k_sigma`` times the
+   new noise, rises with it.
 """
 from __future__ import annotations
 
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
 
 #: quantile of a splice line taken as its bare belt (the steel's attenuation)
 LEVEL_QUANTILE = 0.30
-#: z-score of the standard normal at LEVEL_QUANTILE and at 5 %: the spread of the bare belt is
-#: (q30 - q05) / (Z30 - Z05)
-_Z30, _Z05 = -0.5244, -1.6449
 
 
 class SpliceFinder:
@@ -74,6 +72,9 @@ class SpliceFinder:
             raise ValueError("screen_share must be in (0, 1], confirm_level > 0, guard >= 0, stride and edge_px >= 1")
         self.x0, self.width = int(x0), int(width)
         self.k_sigma = float(config.k_sigma)
+        self.edge_ratio, self.min_attenuation = float(config.edge_ratio), float(config.min_attenuation)
+        sig = np.asarray(cal.air_sigma_a, dtype=np.float64)[self.x0:self.x0 + self.width]
+        self._var = np.maximum(sig * sig, 1e-12)  # (W, 2): the air noise of A per channel
         self.screen_share, self.confirm_level, self.guard = float(screen_share), float(confirm_level), int(guard)
         self._det = detector_arrays(cal, self.x0, self.width, config)
         self._w = np.stack([self._det[0], self._det[1]], axis=1)  # (W, 2) float32
@@ -90,6 +91,22 @@ class SpliceFinder:
         self._was_splice = False  # the previous chunk's last line was a splice line
         self.lines = 0
         self.episodes = 0
+
+    def _behind_steel(self, level: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The matched detection (:func:`sorting.stages.segment.detection_weights`) behind a steel
+        layer of attenuation ``level`` (k, 2): the photons left fall by exp(-A), so each
+        channel's noise in A grows by exp(A / 2); the weights follow the noise (the low channel
+        loses more) and the threshold is ``k_sigma`` of the new noise, never below the floor.
+        Returns w_low, w_high, thr, each (k, W) float32."""
+        var = self._var[None] * np.exp(level.astype(np.float64))[:, None, :]  # (k, W, 2)
+        w_low = self.edge_ratio / var[..., 0]
+        w_high = 1.0 / var[..., 1]
+        total = w_low + w_high
+        w_low /= total
+        w_high /= total
+        thr = np.maximum(self.k_sigma * np.sqrt(w_low ** 2 * var[..., 0] + w_high ** 2 * var[..., 1]),
+                         self.min_attenuation)
+        return w_low.astype(np.float32), w_high.astype(np.float32), thr.astype(np.float32)
 
     def screen(self, mask: np.ndarray) -> bool:
         """Whether this chunk needs :meth:`correct` (candidates, or the guard of a splice
@@ -140,12 +157,8 @@ class SpliceFinder:
                 rows = idx[ok]
                 level = np.quantile(ag[ok], LEVEL_QUANTILE, axis=1).astype(np.float32)  # (k, 2) per channel
                 a[rows] -= level[:, None, :]
-                zc = z[ok] - (level[:, None, 0] * w[:, 0] + level[:, None, 1] * w[:, 1]) / thr
-                q05, q30c = np.quantile(zc, [0.05, LEVEL_QUANTILE], axis=1)
-                spread = np.maximum(q30c - q05, 0.0) / (_Z30 - _Z05)
-                # the normal threshold is k_sigma sigma of the air noise, 1 in these units
-                factor = np.maximum(1.0, self.k_sigma * spread).astype(np.float32)
-                _redetect(a, rows, factor, *self._det, np.array(bad_cols, dtype=bool), mask)  # writeable: one type
+                w_low, w_high, thr_k = self._behind_steel(np.maximum(level, 0.0))
+                _redetect(a, rows, w_low, w_high, thr_k, *self._det[3:], np.array(bad_cols, dtype=bool), mask)
                 done[rows] = True
         # the guard carries over a splice that reaches the chunk's last lines
         last = np.flatnonzero(done)
@@ -193,18 +206,16 @@ def _candidates(m8: np.ndarray, sample: np.ndarray, left: np.ndarray, right: np.
 
 
 @numba.njit(cache=True, nogil=True)
-def _redetect(a: np.ndarray, rows: np.ndarray, factor: np.ndarray, w_low: np.ndarray, w_high: np.ndarray,
-              thr: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, right: np.ndarray, bad_cols: np.ndarray,
+def _redetect(a: np.ndarray, rows: np.ndarray, w_low: np.ndarray, w_high: np.ndarray, thr: np.ndarray,
+              bad_idx: np.ndarray, left: np.ndarray, right: np.ndarray, bad_cols: np.ndarray,
               mask: np.ndarray) -> None:
-    """The foreground of lines ``rows`` of ``a`` (L, W, 2) again (:func:`detect_row`), against
-    the threshold raised by ``factor`` per line; a frozen module's columns cleared."""
+    """The foreground of lines ``rows`` of ``a`` (L, W, 2) again (:func:`detect_row`), with the
+    weights and thresholds of each (``w_low``, ``w_high``, ``thr``: (k, W)); a frozen
+    module's columns cleared."""
     w = mask.shape[1]
-    t = np.empty(w, np.float32)
     for k in range(rows.size):
         i = rows[k]
-        for j in range(w):
-            t[j] = thr[j] * factor[k]
-        detect_row(a[i].reshape(-1), w_low, w_high, t, bad_idx, left, right, mask[i])
+        detect_row(a[i].reshape(-1), w_low[k], w_high[k], thr[k], bad_idx, left, right, mask[i])
         for j in range(w):
             if bad_cols[j]:
                 mask[i, j] = False
