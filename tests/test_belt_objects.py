@@ -1,7 +1,7 @@
 """What real belts carry besides ore: belt splices, tramp metal, slabs, and the cap on the air.
 
-A short belt with splices, tramp steel and a slab is simulated with the same seed as the
-session's clean ``small_belt``: the twin lays the objects over the same rocks and gives
+A short belt with splices, tramp steel and a slab (the session's ``objects_belt``) is
+simulated with the same seed as the clean ``small_belt``: the twin lays the objects over the same rocks and gives
 only the objects' pixels their own noise (checked here on the raw lines). Both belts go
 through the loop; the rocks away from the objects must be decided exactly alike, no eject
 may open more valves than ``ejector.max_valves``, tramp follows ``sorting.tramp`` and the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BELT_SECONDS, BELT_SEED
+from conftest import BELT_SECONDS, OBJECTS
 
 from sorting.cli import main
 from sorting.config import default_max_valves, load_sorter
@@ -36,19 +36,14 @@ SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
 MODEL = ROOT / "models" / "crater_lake.onnx"
 #: a particle counts as "away from the objects" when its box is this far from every object's box
 MARGIN_PX = 16
-SPLICE_EVERY_S = 0.4
-TRAMP = 5
+SPLICE_EVERY_S = OBJECTS["splice_every_s"]
+TRAMP = OBJECTS["tramp"]
 
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def dirty_belt(tmp_path_factory, small_configs):
-    from sorting.twin import simulate_belt
-
-    machine, ore, lib = small_configs
-    out = tmp_path_factory.mktemp("dirty_belt") / "belt"
-    return simulate_belt(out, BELT_SECONDS, BELT_SEED, machine, ore, lib, progress=False,
-                         splice_every_s=SPLICE_EVERY_S, tramp=TRAMP, slabs=1)
+def dirty_belt(objects_belt):
+    return objects_belt
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ class AirTracker:
         total = np.zeros_like(self._sum)
         count = np.zeros_like(self._count)
         _accumulate_empty(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(mask, dtype=bool),
-                          self._no_lines, self._no_cols if bad_cols is None else np.ascontiguousarray(bad_cols, bool),
+                          self._no_lines, self._no_cols if bad_cols is None else np.array(bad_cols, bool),  # writeable
                           self.margin_px, total, count, self._near, self._keep)
         self._sum -= total
         self._count -= count

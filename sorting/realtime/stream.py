@@ -297,8 +297,8 @@ class Pipeline:
         mask[2] = True
         if finder.screen(mask):
             finder.correct(a, mask, np.zeros(0, bool), np.zeros(self.pixels, bool))
-        self.tramp.find(self._ring, np.array([[self.ring_lines - 1, 0, 2, 2]], np.int64), [np.ones((2, 2), bool)],
-                        self._x[:1])
+        AirTracker(self.cal, x0=self.x0, width=self.pixels).retract(a[:1], mask[:1], np.zeros(self.pixels, bool))
+        self.tramp.warm_up(self._ring)
         # the touching-rock split: its compiled flooding, and the gate's OpenCV calls
         yy, xx = np.mgrid[:24, :44]
         discs = ((yy - 12) ** 2 + (xx - 11) ** 2 < 100) | ((yy - 12) ** 2 + (xx - 29) ** 2 < 100)  # a neck

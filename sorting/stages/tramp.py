@@ -83,6 +83,12 @@ class TrampFinder:
         self._fe, self._ah = scale
         self.min_a_high = float(self.iron_mm(np.array([min_iron_mm]), inverse=True)[0])
 
+    def warm_up(self, ring: np.ndarray) -> None:
+        """Load the compiled statistics (or compile them, on a fresh install) with the loop's
+        argument types, on a throwaway 2 x 2 box of ``ring`` (only read)."""
+        x = np.full((1, len(FEATURE_NAMES)), np.nan, np.float32)  # passes the gate
+        self.find(ring, np.array([[ring.shape[0] - 1, 0, 2, 2]], np.int64), [np.ones((2, 2), bool)], x)
+
     def iron_mm(self, a_high: np.ndarray, inverse: bool = False) -> np.ndarray:
         """Iron (mm) that attenuates the high channel like ``a_high`` (or, ``inverse``, the A of
         that many mm): the wedge steps, linear past the thickest."""
