@@ -156,6 +156,9 @@ class SpliceFinder:
         good = self._good & ~bad_cols
         if not good.any():
             good = self._good
+        if np.count_nonzero(good) < 8:  # no belt left to measure the steel on
+            self._carry, self._was_splice = 0, False
+            return done
         # the candidates at the full level, then the lines next to a splice line (and the first
         # lines of the chunk after one) at a third of it: the partly covered ends of a splice
         near = np.zeros(n, bool)
