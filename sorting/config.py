@@ -159,6 +159,20 @@ class OreConfig(Validated):
 
 
 # ---------------------------------------------------------------- sorter
+#: the largest rock the sorter takes (mm, its longest dimension): the top size of the feed
+#: the reference sorter is built for (the twin's ore: 10-100 mm); sets the default air cap
+TOP_SIZE_MM = 100.0
+
+
+def default_max_valves(valve_pitch_mm: float, margin_mm: float, valves: int, top_size_mm: float = TOP_SIZE_MM) -> int:
+    """The most valves one rock of the top size can need: its width plus the margin on both
+    sides, in valve pitches, rounded up, plus one for a rock whose span does not start on a
+    valve's edge (a span of ``s`` pitches overlaps at most ``ceil(s) + 1`` valves); at most
+    the whole row."""
+    span = (top_size_mm + 2.0 * margin_mm) / valve_pitch_mm
+    return int(min(math.ceil(span - 1e-9) + 1, valves))
+
+
 @dataclass(frozen=True)
 class EjectorConfig(Validated):
     distance_mm: float = _pos(default=300.0)
@@ -168,12 +182,33 @@ class EjectorConfig(Validated):
     response_ms: float = _nonneg(default=3.0)
     min_pulse_ms: float = _nonneg(default=5.0)
     margin_mm: float = _nonneg(default=5.0)
+    #: hard cap on the valves of one eject; an eject that needs more passes instead.
+    #: None (or absent from the YAML): :func:`default_max_valves` for a rock of TOP_SIZE_MM
+    max_valves: int | None = field(default=None, metadata={"optional": True})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # the ranges of every field first
+        if self.max_valves is None:
+            object.__setattr__(self, "max_valves", default_max_valves(self.valve_pitch_mm, self.margin_mm, self.valves))
+            return
+        # above the row's size it caps nothing (no eject has more valves than the row): allowed
+        if isinstance(self.max_valves, bool) or not isinstance(self.max_valves, int) or self.max_valves < 1:
+            raise ValueError(f"max_valves must be an integer >= 1, got {self.max_valves!r}")
 
 
 @dataclass(frozen=True)
 class SortingConfig(Validated):
     eject: Literal["sc", "waste"] = "sc"
     threshold: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0})
+    #: what happens to tramp metal (steel the detector cannot see through): "eject" or "pass",
+    #: whatever the model would say. None (or absent from the YAML): the waste's way, i.e.
+    #: "pass" when the jets blow out the ore (eject: sc), "eject" when they blow out the waste
+    tramp: Literal["eject", "pass"] | None = field(default=None, metadata={"optional": True})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # eject and tramp among their choices, the threshold in [0, 1]
+        if self.tramp is None:
+            object.__setattr__(self, "tramp", "pass" if self.eject == "sc" else "eject")
 
 
 @dataclass(frozen=True)
@@ -250,7 +285,7 @@ def build(cls: type, data: Any, where: str = "<config>", key: str = "") -> Any:
     for name, f in fields.items():
         if name not in data:
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            if has_default and f.default is not None:
+            if has_default and (f.default is not None or f.metadata.get("optional")):
                 continue
             _fail(where, prefix + name, "is missing")
         value = _convert(hints[name], data[name], where, prefix + name)
@@ -265,7 +300,7 @@ def build(cls: type, data: Any, where: str = "<config>", key: str = "") -> Any:
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except ValueError as exc:  # a check across fields (the per-field ones were made above)
+    except ValueError as exc:  # a check of the class's own __post_init__ (ranges were checked above)
         _fail(where, key, str(exc))
 
 
@@ -377,7 +412,7 @@ def load_sorter(path: str | Path | None = None) -> SorterConfig:
         if section.name not in data:
             _fail(str(path), section.name, "is missing (a sorter YAML states every key of the format)")
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            if f.name not in data[section.name]:
+            if f.name not in data[section.name] and not f.metadata.get("optional"):
                 _fail(str(path), f"{section.name}.{f.name}", "is missing (a sorter YAML states every key of "
                                                               "the format)")
     return cfg

@@ -1,6 +1,7 @@
 """Session-wide test data, built once per test session (small: a few seconds each).
 
-``small_belt``: 1.5 s of simulated belt (xrt-belt/1 with truth.csv) on the reference machine.
+``small_belt``: 1.5 s of simulated belt (xrt-belt/1 with truth.csv) on the reference machine;
+``objects_belt``: the same belt with splices, tramp steel and a slab on it.
 ``small_rocks``: ~120 labeled rocks (xrt-rocks/1). ``small_model``: a model trained on them.
 Treat them as read-only; copy before damaging one.
 """
@@ -32,6 +33,21 @@ def small_belt(tmp_path_factory, small_configs) -> Path:
     machine, ore, lib = small_configs
     out = tmp_path_factory.mktemp("small_belt") / "belt"
     return simulate_belt(out, BELT_SECONDS, BELT_SEED, machine, ore, lib, progress=False)
+
+
+#: belt objects on the belt of ``objects_belt``
+OBJECTS = {"splice_every_s": 0.4, "tramp": 5, "slabs": 1}
+
+
+@pytest.fixture(scope="session")
+def objects_belt(tmp_path_factory, small_configs) -> Path:
+    """``small_belt`` (the same seed: the same rocks) with belt splices every 0.4 s, 5 pieces of
+    tramp steel and a 700 mm slab, listed in its objects.csv."""
+    from sorting.twin import simulate_belt
+
+    machine, ore, lib = small_configs
+    out = tmp_path_factory.mktemp("objects_belt") / "belt"
+    return simulate_belt(out, BELT_SECONDS, BELT_SEED, machine, ore, lib, progress=False, **OBJECTS)
 
 
 @pytest.fixture(scope="session")

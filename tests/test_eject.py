@@ -144,8 +144,8 @@ def test_check_geometry():
         check_geometry(dataclasses.replace(REF, offset_mm=1000.0), T, "sorter.yaml")
     with pytest.raises(InputError, match="miss"):
         check_geometry(dataclasses.replace(REF, offset_mm=-1000.0), T, "sorter.yaml")
-    with pytest.raises(InputError, match="distance_mm"):
-        check_geometry(dataclasses.replace(REF, distance_mm=0.0), T, "sorter.yaml")
+    with pytest.raises(ValueError, match="distance_mm"):  # refused where the config is made
+        dataclasses.replace(REF, distance_mm=0.0)
 
 
 def _covers(rocks, pulses, ej=REF, timing=T):

@@ -7,7 +7,7 @@ fresh interpreter (dispatchers are per process: in this one, other tests have co
 their own signatures already), over five kinds of input: a replayed recording (read-only
 lines), a stream of copied lines (writable, as a TCP source gives them), a stream with
 faults (the faulty path's flags), and a lane's window fed the recording's whole lines, with
-and without faults."""
+and without faults; and all five again on a belt with splices, tramp steel and a slab."""
 from __future__ import annotations
 
 import subprocess
@@ -68,12 +68,23 @@ SCRIPT = textwrap.dedent('''
         assert not new, (name, "imported on the belt", new[:10])
         if name.endswith("faulty"):
             assert out.summary["alarms"]["stuck_module"] >= 1 and out.summary["alarms"]["dark"] >= 1, out.summary
+        if len(sys.argv) > 3 and name == "replayed":  # a belt with splices, tramp steel and a slab
+            assert out.summary["splices"] >= 1 and out.summary["tramp"] >= 1, out.summary
     print("ok", len(kernels), "kernels")
 ''')
 
 
 def test_no_compilation_or_import_on_the_belt(small_belt, small_model):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(small_belt), str(small_model)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok"), proc.stdout
+
+
+def test_no_compilation_on_a_belt_with_splices_tramp_and_slabs(objects_belt, small_model):
+    """The splice and tramp paths run only where such objects pass: their kernels too are
+    ready before the first line."""
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(objects_belt), str(small_model), "objects"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok"), proc.stdout

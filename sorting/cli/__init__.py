@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     belt.add_argument("--touching", type=float, default=0.0, help="share of rocks placed touching a neighbour")
     belt.add_argument("--drift", type=float, default=0.0,
                       help="relative tube/gain drift over the run, e.g. -0.05 (air level 5 %% lower at the end)")
+    belt.add_argument("--splice-every-s", type=float, default=0.0,
+                      help="a steel-laced belt splice once every this many seconds (one belt revolution; 0: none)")
+    belt.add_argument("--tramp", type=int, default=0, help="pieces of tramp steel (bolts, plates) on the belt")
+    belt.add_argument("--slabs", type=int, default=0, help="rock slabs longer than the particle limit on the belt")
+    belt.add_argument("--slab-mm", type=float, default=700.0, help="length of each slab along the belt (mm)")
     _add_configs(belt)
     for p in (rocks, belt):
         p.add_argument("--force", action="store_true",

@@ -39,6 +39,10 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
     if s.get("particle_errors"):
         lines.append(f"particle errors {s['particle_errors']}: their own processing raised; each passed, logged with "
                      "its `error` (stage: exception) in the event log")
+    if s.get("tramp") or s.get("over_cap") or s.get("splices") or s.get("too_long"):
+        lines.append(f"belt objects: tramp metal {s.get('tramp', 0)}, too long (pieces) {s.get('too_long', 0)}, "
+                     f"over the air cap {s.get('over_cap', 0)}, splices {s.get('splices', 0)} "
+                     f"({s.get('splice_lines', 0)} lines)")
     if s.get("stopped_by_signal"):
         sig = s.get("signal") or "a signal"
         lines.append(f"stopped by a signal ({sig}): the event log holds every particle decided until then; "
@@ -116,8 +120,9 @@ def _load_run_inputs(args):
 
 def truth_read(truth: list[dict], lines: int) -> list[dict]:
     """The truth rocks whose last line the run read: a run stopped by a signal is scored on
-    the belt it saw, not counted as missing the rest."""
-    return [r for r in truth if r["last_line"] < lines]
+    the belt it saw, not counted as missing the rest. Rows of another ``kind`` than rock (a
+    truth.csv may list splices or tramp too) are not rocks."""
+    return [r for r in truth if r["last_line"] < lines and r.get("kind") in (None, "", "rock")]
 
 
 def cli_run(args) -> int:

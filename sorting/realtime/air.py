@@ -93,6 +93,20 @@ class AirTracker:
                           self._no_cols if bad_cols is None else np.ascontiguousarray(bad_cols, dtype=bool),
                           self.margin_px, self._sum, self._count, self._near, self._keep)
 
+    def retract(self, a: np.ndarray, mask: np.ndarray, bad_cols: np.ndarray | None = None) -> None:
+        """Take lines back out of this epoch's empty-belt sums: lines that :meth:`update` (or the
+        fused line pass) already added with this ``a`` and ``mask`` but whose "empty belt" was
+        not air (a belt splice's steel). Same arguments as :meth:`update`, all lines good."""
+        if a.shape[0] == 0:
+            return
+        total = np.zeros_like(self._sum)
+        count = np.zeros_like(self._count)
+        _accumulate_empty(np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(mask, dtype=bool),
+                          self._no_lines, self._no_cols if bad_cols is None else np.array(bad_cols, bool),  # writeable
+                          self.margin_px, total, count, self._near, self._keep)
+        self._sum -= total
+        self._count -= count
+
     def accumulators(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(margin_px, sums (2W,) float64, counts, and the two scratch arrays) for a compiled
         caller of :func:`accumulate_empty_line` (the streaming loop's fused line pass): what

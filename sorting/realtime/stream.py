@@ -22,7 +22,7 @@ import numpy as np
 
 from sorting.config import SorterConfig
 from sorting.realtime.air import AirTracker, accumulate_empty_line
-from sorting.realtime.health import ChunkHealth, LineHealth, good_runs
+from sorting.realtime.health import ChunkHealth, LineHealth, good_runs, runs
 from sorting.stages import segment, split
 from sorting.stages.calibrate import Calibration
 from sorting.stages.counts import repair_plan
@@ -32,8 +32,10 @@ from sorting.stages.inference import OnnxModel
 from sorting.stages.normalize import attenuation_into, counts_log_into, from_log_row
 from sorting.stages.particles import Completed, SegmentConfig
 from sorting.stages.segment import detect_row, detector_arrays, foreground
+from sorting.stages.splice import SpliceFinder
 from sorting.stages.stitch import StreamSegmenter
 from sorting.stages.stitch import warm_up as stitch_warm_up
+from sorting.stages.tramp import TrampFinder
 
 #: a particle is left undecided when less than this remains before its command is due
 SHED_MARGIN_MS = 1.0
@@ -184,6 +186,10 @@ class Counters:
     undecided: int = 0
     particle_errors: int = 0  # particles passed because their own processing raised
     error_episodes: int = 0  # ... alarms: runs of consecutive chunks with such particles
+    tramp: int = 0
+    over_cap: int = 0
+    splices: int = 0
+    splice_lines: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def summary(self) -> dict:
@@ -194,6 +200,8 @@ class Counters:
             "valve_errors": self.valve_errors,
             "undecided": self.undecided,
             "particle_errors": self.particle_errors,
+            "tramp": self.tramp, "over_cap": self.over_cap, "splices": self.splices,
+            "splice_lines": self.splice_lines,
             "latency_ms": self.latency.summary(),
         }
 
@@ -219,6 +227,8 @@ class Pipeline:
         self.line_pitch_mm = line_pitch_mm or timing.belt_speed_m_s * 1000.0 / timing.line_rate_hz
         self.threshold = sorter.sorting.threshold if sorter.sorting.threshold is not None else model.threshold
         self.eject_sc = sorter.sorting.eject == "sc"
+        self.eject_tramp = sorter.sorting.tramp == "eject"
+        self.max_valves = int(sorter.ejector.max_valves)
         self.segmenter = StreamSegmenter(self.pixels, cal, timing.pixel_pitch_mm, self.line_pitch_mm, seg,
                                          max_particle_lines, claim=claim)
         # the ring must still hold a particle's first lines (and margin) when it completes
@@ -239,6 +249,10 @@ class Pipeline:
         self._chunk_failed = self._chunk_decided = self._error_episode = False
         self.health = LineHealth(cal, self.x0, self.pixels)
         self.air = AirTracker(cal, x0=self.x0, width=self.pixels)
+        # belt splices (whole-width steel lines) and tramp metal (steel the model never judges)
+        self.splice = SpliceFinder(cal, self.x0, self.pixels, seg)
+        self._splice_spans: list[tuple[int, int]] = []  # recent splice lines, (first, last) stream lines
+        self.tramp = TrampFinder(cal)
         self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
         self._bad_w = np.ascontiguousarray(cal.bad[self.x0:self.x0 + self.pixels])
         # the fused line pass (uint16 counts, float32 calibration: every real stream) and its
@@ -287,6 +301,17 @@ class Pipeline:
             for flags in (faulty, healthy):
                 air.update(a, mask, flags.bad_lines, flags.bad_cols)
         stitch_warm_up()
+        # splice screen and correction (on a throwaway finder: a splice line in the middle), and
+        # the tramp statistics
+        finder = SpliceFinder(self.cal, self.x0, self.pixels, self.seg)
+        a = np.zeros((5, self.pixels, 2), np.float32)
+        a[2] = 1.0
+        mask = np.zeros((5, self.pixels), bool)
+        mask[2] = True
+        if finder.screen(mask):
+            finder.correct(a, mask, np.zeros(0, bool), np.zeros(self.pixels, bool))
+        AirTracker(self.cal, x0=self.x0, width=self.pixels).retract(a[:1], mask[:1], np.zeros(self.pixels, bool))
+        self.tramp.warm_up(self._ring)
         # the touching-rock split: its compiled flooding, and the gate's OpenCV calls
         yy, xx = np.mgrid[:24, :44]
         discs = ((yy - 12) ** 2 + (xx - 11) ** 2 < 100) | ((yy - 12) ** 2 + (xx - 29) ** 2 < 100)  # a neck
@@ -364,6 +389,8 @@ class Pipeline:
             if health.bad_cols.any():
                 mask[:, health.bad_cols] = False
             self.air.update(a, mask, health.bad_lines, health.bad_cols)
+        if self.splice.screen(mask):
+            self._take_out_splices(first_line, a, mask, health)
         # each line's own acquisition time (t_in is the chunk's last line): the wait for the
         # chunk to fill is part of a particle's latency, as the valves see it
         if wraps:
@@ -398,6 +425,22 @@ class Pipeline:
         counts_log_into(raw.reshape(n, -1), self._dark_flat, flat, x0)
         _line_pass(flat, self.air.log_flat.reshape(-1), *self._repair, *self._det, health.bad_cols, health.bad_lines,
                    *acc, mask)
+
+    def _take_out_splices(self, first_line: int, a: np.ndarray, mask: np.ndarray, health: ChunkHealth) -> None:
+        """Splice lines of the chunk (rare): the steel taken out of ``a``, the lines segmented
+        again, and their former "empty belt" (steel) taken back out of the air tracker."""
+        a0, m0 = a.copy(), mask.copy()
+        done = self.splice.correct(a, mask, health.bad_lines, health.bad_cols)
+        if not done.any():
+            return
+        self.air.retract(a0[done], m0[done], health.bad_cols)
+        c = self.counters
+        c.splice_lines, c.splices = self.splice.lines, self.splice.episodes
+        starts, stops = runs(done)
+        spans = self._splice_spans
+        spans.extend((first_line + int(b), first_line + int(e) - 1) for b, e in zip(starts, stops))
+        keep_from = first_line - self.ring_lines
+        self._splice_spans = [sp for sp in spans if sp[1] >= keep_from]
 
     def finish(self) -> list[dict]:
         """End of stream: particles still open are cut."""
@@ -523,19 +566,19 @@ class Pipeline:
         n_skip = int(np.count_nonzero(skip)) if skip is not None else 0
         # every particle of the chunk in one pass (the same kernel as training), its box read
         # from the ring
+        masks = [p.mask for p in done]
         if n_skip:
             x[skip] = 0.0
             keep = np.flatnonzero(~skip)
             if keep.size:
                 xk = np.empty((keep.size, x.shape[1]), np.float32)
-                err = self._features(boxes[keep], [done[i].mask for i in keep], xk, keep, err, n)
+                err = self._features(boxes[keep], [masks[i] for i in keep], xk, keep, err, n)
                 x[keep] = xk
         elif n:
-            err = self._features(boxes, [p.mask for p in done], x, None, err, n)
+            err = self._features(boxes, masks, x, None, err, n)
         t1 = time.perf_counter()
         if n > n_skip:
             self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - n_skip) - self._cost_ms)
-        x[np.isinf(x)] = np.nan  # as OnnxModel.predict_proba: the model's imputer fills NaN
         if n:
             try:
                 scores = np.clip(self.model.scores_f32(x), 0.0, 1.0)
@@ -544,7 +587,22 @@ class Pipeline:
                 scores = self._scores_each(x, self._failed(err, undecided if n_und else None), err)
         else:
             scores = np.zeros(0, np.float32)
+        # tramp metal: the sorter's setting decides, never the model (its score is not used)
+        judge = np.array([not p.too_long for p in done], bool)
+        if n_und:
+            judge &= ~undecided
+        if err is not None:
+            judge &= ~self._failed(err, None)
+        try:
+            tramp = self.tramp.find(self._ring, boxes, masks, x, use=judge)
+        except Exception as exc:  # noqa: BLE001 - the particles it judged pass, with the error
+            err = err if err is not None else [None] * n
+            for i in np.flatnonzero(judge).tolist():
+                err[i] = err[i] or f"tramp: {type(exc).__name__}"
+            tramp = np.zeros(n, bool)
+        n_tramp = int(np.count_nonzero(tramp))
         failed = None
+        skip = None
         if err is not None:
             failed = self._failed(err, None)
             skip = failed | undecided if n_und else failed
@@ -552,9 +610,14 @@ class Pipeline:
             skip = undecided
         if skip is not None:
             scores[skip] = 0.0
+        if n_tramp:
+            scores[tramp] = 0.0
         t2 = time.perf_counter()
         is_sc = scores >= self.threshold
         eject = is_sc if self.eject_sc else ~is_sc
+        if n_tramp:
+            is_sc[tramp] = False
+            eject[tramp] = self.eject_tramp
         if failed is not None:
             eject = eject & ~failed  # a particle whose own processing raised passes
         t_out = time.perf_counter()
@@ -572,6 +635,12 @@ class Pipeline:
         eject_l, sc_l = eject.tolist(), is_sc.tolist()
         und_l = undecided.tolist() if n_und else [False] * n
         lo_l, hi_l = lo.tolist(), hi.tolist()
+        tramp_l = tramp.tolist()
+        on_splice = [False] * n
+        if self._splice_spans and n and self._splice_spans[-1][1] >= int(ints[:, 0].min()):
+            sp = np.array(self._splice_spans, np.int64)
+            on_splice = ((sp[None, :, 0] <= ints[:, 2:3]) & (sp[None, :, 1] >= ints[:, 0:1])).any(axis=1).tolist()
+        cap = self.max_valves
         # next to a frozen detector module a particle may be mis-read (it passes); none can be
         # when no column froze since the chunk's earliest particle began
         last_bad = self.health.last_bad_line
@@ -580,8 +649,12 @@ class Pipeline:
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
             suspect = any_suspect and self.health.suspect(p.line0, p.line1, p.col0, p.col1)
             und = und_l[i]
-            fire = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
-                    and hi_l[i] >= lo_l[i])
+            n_valves = hi_l[i] - lo_l[i] + 1
+            wanted = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
+                      and n_valves >= 1)
+            # the air cap: an eject that needs more valves than the sorter allows passes
+            over = wanted and n_valves > cap
+            fire = wanted and not over
             late = slack_l[i] < 0 or und
             ev = {
                 "particle": self._next_id,
@@ -602,8 +675,12 @@ class Pipeline:
                 "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
                 "fault": suspect,
                 "undecided": und,
+                "kind": "tramp" if tramp_l[i] else "rock",
+                "over_cap": over,
+                "splice": on_splice[i],
             }
             self._next_id += 1
+            c.over_cap += over
             if fire:
                 c.ejected += 1
                 c.late += late
@@ -619,6 +696,7 @@ class Pipeline:
             self._chunk_failed |= k > 0
         self._chunk_decided |= n > 0
         c.particles += n
+        c.tramp += n_tramp
         c.latency.add_many(numbers[N_LOGGED])
         c.cut += sum(p.cut for p in done)
         c.too_long += sum(p.too_long for p in done)

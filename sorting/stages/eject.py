@@ -52,8 +52,6 @@ def check_geometry(ejector: EjectorConfig, timing: Timing, where: str) -> None:
     if span[1] <= 0 or span[0] >= width_mm:
         raise InputError(where, f"ejector: valves span {span[0]:g}-{span[1]:g} mm and miss the "
                          f"{width_mm:g} mm detector width")
-    if ejector.distance_mm <= 0:
-        raise InputError(where, "ejector.distance_mm must be positive")
 
 
 def plan(first_line: np.ndarray, last_line: np.ndarray, x_min_px: np.ndarray, x_max_px: np.ndarray,

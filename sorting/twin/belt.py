@@ -25,7 +25,9 @@ from tqdm import tqdm
 from sorting.config import MachineConfig, OreConfig
 from sorting.errors import InputError
 from sorting.io import BeltRecordingWriter
+from sorting.io.tables import write_csv
 from sorting.physics import MaterialLibrary
+from sorting.twin.objects import OBJECT_COLUMNS, STEEL, BeltObject, bolt, lacing, plate, slab
 from sorting.twin.ore import densities, mineral_list
 from sorting.twin.render import Renderer
 from sorting.twin.rocks import SimulatedRock, make_rock
@@ -137,11 +139,18 @@ class BeltTwin:
 
     ``chunks()`` yields ``(first_line, lines)`` blocks of raw counts, (L, P, 2) uint16,
     in order; ``truth`` fills as rocks are placed. Same seed, same bytes.
+
+    Objects other than ore (:mod:`sorting.twin.objects`): a belt splice every
+    ``splice_every_s`` seconds (0: none), ``tramp`` pieces of tramp steel and ``slabs`` slabs
+    ``slab_mm`` long, listed in ``objects``. They lie on top of the same rocks as the belt
+    without them (same seed), and their pixels get their own noise: every pixel outside an
+    object reads the same counts as on the clean belt.
     """
 
     def __init__(self, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
                  library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
-                 block_lines: int = 2048, workers: int | None = None, drift: float = 0.0):
+                 block_lines: int = 2048, workers: int | None = None, drift: float = 0.0,
+                 splice_every_s: float = 0.0, tramp: int = 0, slabs: int = 0, slab_mm: float = 700.0):
         if not -0.5 < drift < 0.5:
             raise InputError("--drift", f"must be in (-0.5, 0.5), got {drift}")
         if not 0.0 < occupancy < 0.8:
@@ -150,6 +159,14 @@ class BeltTwin:
             raise InputError("--touching", f"must be in [0, 1], got {touching}")
         if not seconds > 0:
             raise InputError("--seconds", f"must be positive, got {seconds}")
+        if not (splice_every_s == 0 or 0.05 <= splice_every_s < 1e6):
+            raise InputError("--splice-every-s", f"must be 0 (no splice) or at least 0.05 s, got {splice_every_s}")
+        if not 0 <= tramp <= 10_000:
+            raise InputError("--tramp", f"must be in 0..10000, got {tramp}")
+        if not 0 <= slabs <= 1000:
+            raise InputError("--slabs", f"must be in 0..1000, got {slabs}")
+        if not 50.0 <= slab_mm <= 5000.0:
+            raise InputError("--slab-mm", f"must be in 50..5000 mm, got {slab_mm}")
         self.machine, self.ore = machine, ore
         self.occupancy, self.touching = occupancy, touching
         self.drift = float(drift)
@@ -160,7 +177,16 @@ class BeltTwin:
         self.renderer = Renderer.create(machine, library, minerals)
         self.rho = densities(minerals, library)
         self.n_lines = int(round(seconds * machine.belt.line_rate_hz))
-        self._cal_seq, self._place_seq, self._noise_seq, self._rock_seq = np.random.SeedSequence(seed).spawn(4)
+        root = np.random.SeedSequence(seed)
+        self._cal_seq, self._place_seq, self._noise_seq, self._rock_seq = root.spawn(4)
+        # objects draw from a fifth stream: the rocks and their noise stay those of the clean belt
+        shape_seq, self._object_noise_seq = root.spawn(1)[0].spawn(2)
+        self.mu_steel = np.vstack([self.renderer.mu, library.mu_per_mm(
+            [STEEL], self.renderer.response.energies_kev).astype(np.float32)])
+        self._object_rng = np.random.default_rng(shape_seq)
+        self.objects: list[BeltObject] = []  # placed, in the order they were placed
+        self._pending: list[tuple[int, str, str, np.ndarray]] = []  # (target line, kind, shape, paths)
+        self._draw_objects(splice_every_s, tramp, slabs, slab_mm)
         self.truth: list[dict] = []
         self.covered_px = 0
         self.meta = {
@@ -180,6 +206,112 @@ class BeltTwin:
         }
         if self.drift:
             self.meta["drift"] = self.drift
+        if splice_every_s or tramp or slabs:
+            self.meta.update(splice_every_s=splice_every_s, tramp_target=tramp, slabs_target=slabs, slab_mm=slab_mm)
+
+    @property
+    def object_rows(self) -> list[dict]:
+        """The objects placed so far, as rows of ``objects.csv`` (by first line)."""
+        placed = sorted(self.objects, key=lambda o: (o.line0, o.col0))
+        return [o.truth_row(i, self.machine) for i, o in enumerate(placed)]
+
+    def _draw_objects(self, splice_every_s: float, tramp: int, slabs: int, slab_mm: float) -> None:
+        """Splices at their period from a random phase, and slabs at random places 8 lines and
+        columns clear of each other: both lie over the rocks (placed now). Tramp is drawn now
+        with a random target line and laid into free belt later (:meth:`_settle`), where the
+        rocks are already final, so the rocks stay those of the belt without it."""
+        machine, n_lines, rng = self.machine, self.n_lines, self._object_rng
+        m = len(self.renderer.minerals)
+        tail = LEAD_IN_LINES // 4
+        if splice_every_s > 0:
+            band = lacing(machine, m, rng)
+            period = max(int(round(splice_every_s * machine.belt.line_rate_hz)), band.shape[0] + 1)
+            line = LEAD_IN_LINES + int(rng.integers(0, period))
+            while line + band.shape[0] + tail <= n_lines:
+                self.objects.append(BeltObject("splice", "lacing", line, 0, band))
+                line += period
+        p = machine.detector.pixels
+        for _ in range(slabs):
+            paths = slab(machine, self.ore, rng, slab_mm)
+            h, w = paths.shape[:2]
+            for _ in range(200 if w <= p and n_lines - h - tail > LEAD_IN_LINES else 0):
+                line0 = int(rng.integers(LEAD_IN_LINES, n_lines - h - tail))
+                col0 = int(rng.integers(0, p - w + 1))
+                if not any(_near(o, line0, col0, h, w, 8) for o in self.objects):
+                    self.objects.append(BeltObject("slab", "slab", line0, col0, paths))
+                    break
+        for _ in range(tramp):
+            shape = "plate" if rng.random() < 0.5 else "bolt"
+            paths = (plate if shape == "plate" else bolt)(machine, m, rng)
+            if paths.shape[1] <= p:
+                target = int(rng.integers(LEAD_IN_LINES, max(n_lines - paths.shape[0] - tail, LEAD_IN_LINES + 1)))
+                self._pending.append((target, "tramp", shape, paths))
+        self._pending.sort(key=lambda t: t[0])
+
+    def _settle(self, occ: _Occupancy, written: int, upto: int) -> None:
+        """Lay the pending slabs and tramp whose target line has come into free belt of lines
+        ``written .. upto - 1`` (final: no rock is placed there any more), ``GAP_PX`` clear of
+        rocks and objects and 8 lines clear of splices; one that finds no place waits for the
+        next block."""
+        rng, p = self._object_rng, self.machine.detector.pixels
+        tail = LEAD_IN_LINES // 4
+        still = []
+        for target, kind, shape, paths in self._pending:
+            fp = paths.sum(axis=2) > 0
+            h, w = fp.shape
+            lo, hi = max(target, written), min(upto, self.n_lines - tail) - h
+            placed = None
+            for line0 in range(lo, hi + 1, 8):
+                if any(o.kind == "splice" and line0 - 8 < o.line1 and o.line0 < line0 + h + 8 for o in self.objects):
+                    continue
+                for _ in range(6):
+                    col0 = int(rng.integers(0, p - w + 1))
+                    if occ.free(fp, line0, col0, GAP_PX) and not any(
+                            o.kind == "slab" and _near(o, line0, col0, h, w, GAP_PX) for o in self.objects):
+                        placed = BeltObject(kind, shape, line0, col0, paths)
+                        break
+                if placed is not None:
+                    break
+            if placed is None:
+                if hi + h < self.n_lines - tail:  # the belt goes on: try the next block
+                    still.append((max(target, upto - h), kind, shape, paths))
+                continue
+            occ.mark(fp, placed.line0, placed.col0)
+            self.objects.append(placed)
+        self._pending = still
+
+    def _overlay(self, block: np.ndarray, first: int, mean: np.ndarray, var: np.ndarray,
+                 rng: np.random.Generator) -> None:
+        """Render the objects' pixels of ``block`` (lines ``first ..``, raw counts, in place):
+        steel and slab paths plus the paths of the rocks in their boxes, through the same
+        spectral integral; ``mean``, ``var`` are the block's clean (drifted) signal, kept
+        around the objects' pixels; the noise comes from ``rng`` (the objects' own stream)."""
+        n = block.shape[0]
+        for obj in self.objects:
+            if obj.line1 <= first or obj.line0 >= first + n:
+                continue
+            r0, r1 = max(first, obj.line0), min(first + n, obj.line1)
+            if r0 >= r1:
+                continue
+            paths = obj.paths_mm[r0 - obj.line0:r1 - obj.line0]
+            fp = paths.sum(axis=2) > 0
+            if not fp.any():
+                continue
+            total = paths[fp]
+            if obj.rocks_mm is not None:
+                total = total.copy()
+                total[:, :-1] += obj.rocks_mm[r0 - obj.line0:r1 - obj.line0][fp]
+            m_fp, v_fp = self.renderer.signal(total, self.mu_steel)
+            if self.drift:
+                g = drift_factors(r0, r1 - r0, self.n_lines, self.drift)
+                rows = np.nonzero(fp)[0]
+                m_fp, v_fp = m_fp * g[rows, 0], v_fp * g[rows, 0]
+            c0, c1 = obj.col0, obj.col0 + obj.width
+            m = mean[r0 - first:r1 - first, c0:c1].copy()
+            v = var[r0 - first:r1 - first, c0:c1].copy()
+            m[fp], v[fp] = m_fp, v_fp
+            counts = self.renderer.counts(m, v, c0, rng)
+            block[r0 - first:r1 - first, c0:c1][fp] = counts[fp]
 
     def _rocks(self):
         """Rocks in seed order; made by worker processes when there are spare cores (same rocks either way)."""
@@ -220,16 +352,21 @@ class BeltTwin:
         written = 0
         cursor = float(LEAD_IN_LINES)
         prev: _Placed | None = None
+        object_rng = np.random.default_rng(self._object_noise_seq)
 
         def flush(upto: int):
             nonlocal written
             k = upto - written
             if k <= 0:
                 return None
+            if self._pending:
+                self._settle(occ, written, upto)
             m, v = mean[:k], var[:k]
             if self.drift:
                 m, v = _drifted(m, v, written, n_lines, self.drift)
             block = renderer.counts(m, v, 0, noise_rng)
+            if self.objects:
+                self._overlay(block, written, m, v, object_rng)
             mean[:-k] = mean[k:].copy()
             var[:-k] = var[k:].copy()
             mean[-k:] = air_mean
@@ -274,6 +411,9 @@ class BeltTwin:
             rr, cc = r + placed.line0 - written, c + placed.col0
             mean[rr, cc] = m
             var[rr, cc] = v
+            for obj in self.objects:
+                if obj.line0 < placed.line0 + h and placed.line0 < obj.line1:
+                    obj.add_rock(placed.rock.image.paths_mm, mask, placed.line0, placed.col0)
             if placed.touching:
                 truth[-1]["touching"] = 1
             truth.append(_truth_row(len(truth), placed, machine))
@@ -287,6 +427,15 @@ class BeltTwin:
         while written < n_lines:
             yield flush(min(written + self.block_lines, n_lines))
         self.meta.update(rocks=len(truth), occupancy=round(self.covered_px / (n_lines * p), 4))
+        if "splice_every_s" in self.meta:
+            kinds = [o.kind for o in self.objects]
+            self.meta.update(splices=kinds.count("splice"), tramp=kinds.count("tramp"), slabs=kinds.count("slab"))
+
+
+def _near(obj: BeltObject, line0: int, col0: int, h: int, w: int, gap: int) -> bool:
+    """Whether the box ``line0, col0, h, w`` comes within ``gap`` lines and columns of ``obj``'s box."""
+    return (line0 < obj.line1 + gap and obj.line0 < line0 + h + gap
+            and col0 < obj.col0 + obj.width + gap and obj.col0 < col0 + w + gap)
 
 
 def drift_factors(first_line: int, n: int, n_lines: int, drift: float) -> np.ndarray:
@@ -308,17 +457,23 @@ def _drifted(mean: np.ndarray, var: np.ndarray, first_line: int, n_lines: int,
 
 def simulate_belt(out: Path, seconds: float, seed: int, machine: MachineConfig, ore: OreConfig,
                   library: MaterialLibrary, occupancy: float = 0.3, touching: float = 0.0,
-                  progress: bool = True, drift: float = 0.0) -> Path:
+                  progress: bool = True, drift: float = 0.0, splice_every_s: float = 0.0, tramp: int = 0,
+                  slabs: int = 0, slab_mm: float = 700.0) -> Path:
     """Write an ``xrt-belt/1`` recording with ``truth.csv`` (chunk by chunk, bounded memory).
-    ``drift``: relative change of the air level over the run (see :func:`drift_factors`)."""
-    twin = BeltTwin(seconds, seed, machine, ore, library, occupancy, touching, drift=drift)
+    ``drift``: relative change of the air level over the run (see :func:`drift_factors`).
+    Splices, tramp metal and slabs (see :class:`BeltTwin`) are listed in ``objects.csv``."""
+    twin = BeltTwin(seconds, seed, machine, ore, library, occupancy, touching, drift=drift,
+                    splice_every_s=splice_every_s, tramp=tramp, slabs=slabs, slab_mm=slab_mm)
     bar_off = None if progress else True  # None: tqdm shows the bar on a terminal only
     with tqdm(total=twin.n_lines, desc="belt", unit="line", unit_scale=True, disable=bar_off) as bar, \
             BeltRecordingWriter(out, twin.meta, twin.calibration_scans(), truth_columns=EXTRA_TRUTH) as writer:
         for _, block in twin.chunks():
             writer.append(block)
             bar.update(block.shape[0])
-        writer.close(twin.truth, extra_meta={k: twin.meta[k] for k in ('rocks', 'occupancy')})
+        late = ('rocks', 'occupancy', 'splices', 'tramp', 'slabs')  # known only at the end
+        writer.close(twin.truth, extra_meta={k: twin.meta[k] for k in late if k in twin.meta})
+    if twin.objects:
+        write_csv(Path(out) / "objects.csv", OBJECT_COLUMNS, twin.object_rows)
     return out
 
 
