@@ -1,4 +1,4 @@
-"""Drift: the twin's drift option and the air tracker of sorting/realtime/air.py.
+"""Drift: the twin's drift option and the air tracker of sorting/stages/air.py.
 
 Expected values by hand: a relative drift d reached at stream fraction f multiplies the
 signal above dark by ``1 + d f`` (low) and ``1 + 0.7 d f`` (high), so a normalization
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sorting.realtime.air import AirTracker
+from sorting.stages.air import AirTracker
 from sorting.stages.normalize import attenuation_into
 from sorting.stages.segment import foreground
 from sorting.twin.belt import DRIFT_HIGH_SHARE, BeltTwin, drift_factors

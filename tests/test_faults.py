@@ -1,4 +1,4 @@
-"""Line health (realtime/health.py), fault injection (twin/faults.py) and air tracking (realtime/air.py).
+"""Line health (realtime/health.py), fault injection (twin/faults.py) and air tracking (stages/air.py).
 
 Hand-made chunks on a hand-made 200-pixel calibration: noisy air, rocks of known
 transmission, and faults drawn by hand; then the injector and the detector together on

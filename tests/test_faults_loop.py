@@ -26,12 +26,12 @@ from udp_receiver import UDPReceiver
 from sorting.config import load_sorter
 from sorting.io import read_belt_recording
 from sorting.offline.outcome import jets_outcome, match_particles
-from sorting.realtime.air import AirTracker
 from sorting.realtime.health import FAULT_KINDS
 from sorting.realtime.runner import build_pipeline, run_loop, timing_of
 from sorting.realtime.sinks import UDPValveSink
 from sorting.realtime.sources import replay
 from sorting.realtime.stream import ERROR_ALARM
+from sorting.stages.air import AirTracker
 from sorting.stages.calibrate import calibrate
 from sorting.stages.inference import load_model
 from sorting.twin.faults import FaultSpec, inject
@@ -359,7 +359,7 @@ def _log(path: Path) -> list[dict]:
 CRASH_AT_CHUNK = 100  # the 100th chunk's normalization raises (lines 3168-3199)
 CRASH = """
 import sys
-import sorting.realtime.stream as stream
+import sorting.stages.linepass as stream  # the chunk-wide normalization the loop calls
 real, calls = stream.counts_log_into, [0]
 def failing(raw, dark, out, x0=0):
     if raw.shape[0] > 2:  # a chunk of the belt (the pipeline's warm-up passes 2 throwaway lines)

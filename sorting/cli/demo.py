@@ -14,7 +14,7 @@ from sorting.resources import SHIPPED_MODEL, shipped_config
 #: compiled kernels that every run of the loop uses (module, name): if any has no cached machine
 #: code, the first run compiles them all
 LOOP_KERNELS = (("sorting.stages.normalize", "_above_dark"), ("sorting.stages.stitch_kernels", "track_chunk"),
-                ("sorting.stages.features_kernel", "particles"), ("sorting.realtime.stream", "_line_pass"),
+                ("sorting.stages.features_kernel", "particles"), ("sorting.stages.linepass", "line_pass"),
                 ("sorting.realtime.health", "_screen_samples"))
 
 

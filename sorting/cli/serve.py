@@ -118,7 +118,12 @@ def cli_serve(args) -> int:
     from sorting.cli.options import option
     from sorting.cli.run import format_summary
     from sorting.config import load_sorter
-    from sorting.realtime.runner import StopOnSignal, build_pipeline, check_chunk_lines, timing_of
+    from sorting.realtime.runner import (
+        StopOnSignal,
+        build_pipeline,
+        check_chunk_lines,
+        timing_of,
+    )
     from sorting.realtime.service import channel
     from sorting.realtime.service.audit import AuditLog
     from sorting.realtime.service.control import Control

@@ -21,17 +21,17 @@ import numba
 import numpy as np
 
 from sorting.config import SorterConfig
-from sorting.realtime.air import AirTracker, accumulate_empty_line
 from sorting.realtime.health import ChunkHealth, LineHealth, good_runs, runs
-from sorting.stages import segment, split
+from sorting.stages import split
+from sorting.stages.air import AirSums, AirTracker
 from sorting.stages.calibrate import Calibration
 from sorting.stages.counts import repair_plan
 from sorting.stages.eject import Timing, plan_one, plan_parameters
 from sorting.stages.features import FEATURE_NAMES, features_from_ring, particle_features
 from sorting.stages.inference import OnnxModel
-from sorting.stages.normalize import attenuation_into, counts_log_into, from_log_row
+from sorting.stages.linepass import normalize_lines
 from sorting.stages.particles import Completed, SegmentConfig
-from sorting.stages.segment import detect_row, detector_arrays, foreground
+from sorting.stages.segment import detector_arrays
 from sorting.stages.splice import SpliceFinder
 from sorting.stages.stitch import StreamSegmenter
 from sorting.stages.stitch import warm_up as stitch_warm_up
@@ -100,34 +100,6 @@ def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, re
         out[8, i], out[9, i] = latency, slack
     _round_rows(out, scale)
     return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _line_pass(flat, log_flat, r_idx, r_left, r_right, r_wl, r_wr, w_low, w_high, thr, d_idx, d_left, d_right,
-               bad_cols, bad_lines, margin, total, count, near, keep, mask):
-    """A chunk line by line, each line's steps while it is in cache: its attenuation from
-    ln(counts - dark) in ``flat`` (L, 2W) (:func:`sorting.stages.normalize.from_log_row`), its
-    foreground into ``mask`` (L, W) (:func:`sorting.stages.segment.detect_row`), a frozen module's
-    columns cleared, and on a good line the air tracker's empty-belt sums
-    (:func:`sorting.realtime.health.accumulate_empty_line`). The same per-line code as those stages'
-    own passes, so the same numbers."""
-    n, w = mask.shape
-    check_lines = bad_lines.size == n  # empty: no line is bad
-    bad8 = bad_cols.view(np.uint8)
-    m8 = mask.view(np.uint8)
-    any_bad = False
-    for j in range(w):
-        any_bad |= bad_cols[j]
-    for i in range(n):
-        row = flat[i]
-        from_log_row(log_flat, r_idx, r_left, r_right, r_wl, r_wr, row)
-        detect_row(row, w_low, w_high, thr, d_idx, d_left, d_right, mask[i])
-        if any_bad:
-            o = m8[i]
-            for j in range(w):
-                o[j] &= 1 - bad8[j]
-        if not (check_lines and bad_lines[i]):
-            accumulate_empty_line(m8[i], bad8, margin, row, total, count, near, keep)
 
 
 class LatencyHistogram:
@@ -255,9 +227,7 @@ class Pipeline:
         self.tramp = TrampFinder(cal)
         self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
         self._bad_w = np.ascontiguousarray(cal.bad[self.x0:self.x0 + self.pixels])
-        # the fused line pass (uint16 counts, float32 calibration: every real stream) and its
-        # arguments, prepared once
-        self._fused = self._dark_w.dtype == np.float32 and self.air.log_flat.dtype == np.float32
+        # the fused line pass's arguments, prepared once
         self._dark_flat = self._dark_w.reshape(-1)
         self._repair = repair_plan(self._bad_w)
         self._det = detector_arrays(cal, self.x0, self.pixels, seg)
@@ -290,16 +260,8 @@ class Pipeline:
         for first in (0, 2):
             health.check(raw, first)
             for flags in (faulty, healthy):
-                if self._fused:
-                    self._normalize_lines(raw, flags, a, mask, acc)
-                else:
-                    attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
+                self._normalize_lines(raw, flags, a, mask, acc)
             raw.flags.writeable = False  # a replayed recording's lines are read-only: another type
-        if not self._fused:
-            segment.foreground(a, self.cal, self.x0, self.seg, out=mask)
-            air = AirTracker(self.cal, x0=self.x0, width=self.pixels)
-            for flags in (faulty, healthy):
-                air.update(a, mask, flags.bad_lines, flags.bad_cols)
         stitch_warm_up()
         # splice screen and correction (on a throwaway finder: a splice line in the middle), and
         # the tramp statistics
@@ -379,16 +341,8 @@ class Pipeline:
         wraps = i0 + n > self.ring_lines
         if not wraps:
             a = self._ring[i0:i0 + n]  # straight into the ring (whole lines: a C-contiguous block)
-        if self._fused and raw.dtype == np.uint16:
-            # attenuation, foreground, a frozen module's columns, the air tracker's sums: line by line
-            self._normalize_lines(raw, health, a, mask, self.air.accumulators(), x0)
-        else:
-            raw = raw[:, x0:x0 + self.pixels]
-            attenuation_into(raw, self._dark_w, self.air.log_flat, self._bad_w, a)
-            foreground(a, self.cal, self.x0, self.seg, out=mask)
-            if health.bad_cols.any():
-                mask[:, health.bad_cols] = False
-            self.air.update(a, mask, health.bad_lines, health.bad_cols)
+        # attenuation, foreground, a frozen module's columns, the air tracker's sums: line by line
+        self._normalize_lines(raw, health, a, mask, self.air.accumulators(), x0)
         if self.splice.screen(mask):
             self._take_out_splices(first_line, a, mask, health)
         # each line's own acquisition time (t_in is the chunk's last line): the wait for the
@@ -416,15 +370,10 @@ class Pipeline:
         return self._decide(done) if done else []
 
     def _normalize_lines(self, raw: np.ndarray, health: ChunkHealth, a: np.ndarray, mask: np.ndarray,
-                         acc: tuple, x0: int = 0) -> None:
-        """:func:`_line_pass` on a chunk of uint16 counts (the window's, or whole lines of which
-        the window starts at pixel ``x0``) into ``a`` (L, W, 2) and ``mask``, with the air
-        tracker's accumulators ``acc``."""
-        n = raw.shape[0]
-        flat = a.reshape(n, -1)
-        counts_log_into(raw.reshape(n, -1), self._dark_flat, flat, x0)
-        _line_pass(flat, self.air.log_flat.reshape(-1), *self._repair, *self._det, health.bad_cols, health.bad_lines,
-                   *acc, mask)
+                         sums: AirSums, x0: int = 0) -> None:
+        """The chunk through the fused line pass (:mod:`sorting.stages.linepass`)."""
+        normalize_lines(raw, self._dark_flat, self.air.log_flat.reshape(-1), self._repair, self._det,
+                        health.bad_cols, health.bad_lines, sums, a, mask, x0)
 
     def _take_out_splices(self, first_line: int, a: np.ndarray, mask: np.ndarray, health: ChunkHealth) -> None:
         """Splice lines of the chunk (rare): the steel taken out of ``a``, the lines segmented

@@ -3,6 +3,8 @@ and the repair of dead columns from their good neighbours (shared by calibration
 normalization)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 #: floor of a signal above dark (numerator and denominator), ADU: starved pixels give large finite A
@@ -25,6 +27,17 @@ def runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- dead columns
+class RepairPlan(NamedTuple):
+    """How dead columns are filled: each bad column from its nearest good neighbours on the
+    left and right, weighted by distance (compiled kernels take the group by name)."""
+
+    bad_idx: np.ndarray  # (B,) int64
+    left: np.ndarray  # (B,) int64
+    right: np.ndarray  # (B,) int64
+    w_left: np.ndarray  # (B,) float32
+    w_right: np.ndarray  # (B,) float32
+
+
 def _repair_plan(bad: np.ndarray):
     """Bad columns, their left and right good neighbours and the weights (1 - w, w); None
     when there is nothing to repair. Callers on the belt make it once per window."""
@@ -40,7 +53,7 @@ def _repair_plan(bad: np.ndarray):
         right = np.where(pos == good.size, left, right)
         span = right - left
         w = np.where(span > 0, (bad_idx - left) / np.maximum(span, 1), 0.0).astype(np.float32)
-        plan = (bad_idx, left, right, 1.0 - w, w)
+        plan = RepairPlan(bad_idx, left, right, 1.0 - w, w)
     return plan
 
 
@@ -54,12 +67,12 @@ def repair_columns(a: np.ndarray, bad: np.ndarray) -> None:
     a[:, bad_idx] = a[:, left] * w_left.reshape(shape) + a[:, right] * w_right.reshape(shape)
 
 
-NO_REPAIR = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
-             np.zeros(0, np.float32))
+NO_REPAIR = RepairPlan(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                       np.zeros(0, np.float32), np.zeros(0, np.float32))
 
 
 
-def repair_plan(bad: np.ndarray) -> tuple[np.ndarray, ...]:
+def repair_plan(bad: np.ndarray) -> RepairPlan:
     """The bad-column repair of :func:`from_log_row` for these columns: (bad columns, left and
     right good neighbours, their weights); empty arrays when there is nothing to repair."""
     plan = _repair_plan(bad)

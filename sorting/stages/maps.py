@@ -13,7 +13,12 @@ import cv2
 import numpy as np
 
 from sorting.stages.calibrate import REMAP_BLOCK
-from sorting.stages.normalize import FRACTION_FLOOR_MM, basis_table, check_out, mafic_inverse
+from sorting.stages.normalize import (
+    FRACTION_FLOOR_MM,
+    basis_table,
+    check_out,
+    mafic_inverse,
+)
 
 if TYPE_CHECKING:
     from sorting.stages.calibrate import Calibration

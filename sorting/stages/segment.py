@@ -8,7 +8,7 @@ component -> drop specks below ``min_area_mm2`` -> :func:`split_touching` -> par
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import cv2
 import numba
@@ -125,11 +125,21 @@ def detect_row(row: np.ndarray, w_low: np.ndarray, w_high: np.ndarray, thr: np.n
         o[bad_idx[k]] = (lo >= 0 or hi >= 0) and (lo < 0 or o[lo]) and (hi < 0 or o[hi])
 
 
-def detector_arrays(cal: Calibration, x0: int, width: int, config: SegmentConfig) -> tuple[np.ndarray, ...]:
-    """What :func:`detect_row` needs for this column window: w_low, w_high, thr, and the bad
-    columns with their good neighbours (computed once per calibration and window)."""
+class DetectionArrays(NamedTuple):
+    """What :func:`detect_row` needs for a column window (compiled kernels take it by name)."""
+
+    w_low: np.ndarray  # (W,) float32, weight of the low channel in the matched statistic
+    w_high: np.ndarray  # (W,) float32
+    thr: np.ndarray  # (W,) float32, the statistic's threshold per column
+    bad_idx: np.ndarray  # (B,) int64, bad columns, which take the AND of ...
+    bad_left: np.ndarray  # (B,) int64 ... their nearest good neighbours
+    bad_right: np.ndarray  # (B,) int64
+
+
+def detector_arrays(cal: Calibration, x0: int, width: int, config: SegmentConfig) -> DetectionArrays:
+    """The detection arrays of this column window (computed once per calibration and window)."""
     det = _detector(cal, x0, width, config)
-    return (det.w_low, det.w_high, det.thr, *det.bad)
+    return DetectionArrays(det.w_low, det.w_high, det.thr, *det.bad)
 
 
 # ---------------------------------------------------------------- batch: one rock crop

@@ -27,7 +27,15 @@ from sorting.errors import InputError
 from sorting.io import BeltRecordingWriter
 from sorting.io.tables import write_csv
 from sorting.physics import MaterialLibrary
-from sorting.twin.objects import OBJECT_COLUMNS, STEEL, BeltObject, bolt, lacing, plate, slab
+from sorting.twin.objects import (
+    OBJECT_COLUMNS,
+    STEEL,
+    BeltObject,
+    bolt,
+    lacing,
+    plate,
+    slab,
+)
 from sorting.twin.ore import densities, mineral_list
 from sorting.twin.render import Renderer
 from sorting.twin.rocks import SimulatedRock, make_rock

@@ -2,7 +2,7 @@
 and gain drift), so that normalization keeps A = 0 on an empty belt."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numba
 import numpy as np
@@ -11,6 +11,16 @@ if TYPE_CHECKING:
     from sorting.stages.calibrate import Calibration
 
 _U = np.uint64  # unsigned indices in the compiled loops
+
+
+class AirSums(NamedTuple):
+    """An epoch's empty-belt sums, as the compiled line pass adds to them."""
+
+    margin: int  # px of belt next to a particle not counted as empty
+    total: np.ndarray  # (2W,) float64, sums of A over empty-belt pixels
+    count: np.ndarray  # (W,) int64, lines counted per column
+    near: np.ndarray  # (W,) uint8 scratch
+    keep: np.ndarray  # (2W,) uint8 scratch
 
 
 class AirTracker:
@@ -107,11 +117,10 @@ class AirTracker:
         self._sum -= total
         self._count -= count
 
-    def accumulators(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(margin_px, sums (2W,) float64, counts, and the two scratch arrays) for a compiled
-        caller of :func:`accumulate_empty_line` (the streaming loop's fused line pass): what
-        :meth:`update` adds up, on the same arrays."""
-        return self.margin_px, self._sum.reshape(-1), self._count, self._near, self._keep
+    def accumulators(self) -> AirSums:
+        """The epoch's sums for a compiled caller of :func:`accumulate_empty_line` (the fused
+        line pass): what :meth:`update` adds up, on the same arrays."""
+        return AirSums(self.margin_px, self._sum.reshape(-1), self._count, self._near, self._keep)
 
     def end_epoch(self) -> None:
         """Move the level by ``alpha`` of the epoch's mean empty-belt A, and start a new epoch."""
