@@ -40,9 +40,9 @@ from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter
 from sorting.io import BeltRecordingWriter, read_belt_recording
 from sorting.offline.outcome import jets_outcome, match_particles
 from sorting.physics import load_materials
-from sorting.stages.air import AirTracker
 from sorting.realtime.runner import build_pipeline, run_loop, timing_of
 from sorting.realtime.sources import replay
+from sorting.stages.air import AirTracker
 from sorting.stages.inference import load_model
 from sorting.twin import BeltTwin, simulate_belt
 from sorting.twin.belt import EXTRA_TRUTH

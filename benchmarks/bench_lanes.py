@@ -96,9 +96,9 @@ def _point(tmp: Path, width_m: float, seconds: float, repeats: int, workers: int
         lanes = run_lanes(rec_dir, SHIPPED_MODEL, sorter_path, workers)
         if k == 0:
             strip = lambda evs: [{f: v for f, v in e.items() if f not in WALL_CLOCK} for e in evs]  # noqa: E731
-            same = strip(single.events) == strip(lanes["events"])
+            same = strip(single.events) == strip(lanes.events)
         one.append(single.summary["realtime_factor"])
-        many.append(lanes["summary"])
+        many.append(lanes.summary)
     rt_one = statistics.median(one)
     mid = sorted(many, key=lambda s: s["realtime_factor"])[len(many) // 2]
     out = {

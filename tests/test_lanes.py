@@ -1,6 +1,7 @@
 """Lane-parallel mode: the same events as one worker, and lane geometry by hand."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -58,9 +59,9 @@ def test_lanes_give_the_same_events_as_one_worker(small_belt, small_model, worke
     many = run_lanes(small_belt, small_model, SORTER, workers=workers)
     strip = lambda evs: [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in evs]  # noqa: E731
     assert len(one.events) > 100
-    assert strip(many["events"]) == strip(one.events)
-    assert many["summary"]["particles"] == one.summary["particles"]
-    assert many["summary"]["ejected"] == one.summary["ejected"]
+    assert strip(many.events) == strip(one.events)
+    assert many.summary["particles"] == one.summary["particles"]
+    assert many.summary["ejected"] == one.summary["ejected"]
 
 
 @pytest.mark.parametrize("x0", [0, 300, 750])
@@ -110,15 +111,15 @@ def test_paced_lanes_decide_as_one_worker_and_time_from_the_merge(small_belt, sm
                    build_pipeline(rec.calibration, load_model(small_model), sorter, timing, str(SORTER)))
     paced = run_lanes(small_belt, small_model, SORTER, workers=2, realtime=True)
     strip = lambda e: {k: v for k, v in e.items() if k not in WALL_CLOCK}  # noqa: E731
-    assert len(paced["events"]) == len(one.events)
+    assert len(paced.events) == len(one.events)
     # a particle left undecided by an overloaded moment (a VM stall) is the only allowed difference
-    undecided = [p["undecided"] for p in paced["events"]]
+    undecided = [p["undecided"] for p in paced.events]
     assert sum(undecided) <= len(undecided) // 100
-    assert all(strip(p) == strip(o) for p, o, u in zip(paced["events"], one.events, undecided) if not u)
-    s = paced["summary"]
+    assert all(strip(p) == strip(o) for p, o, u in zip(paced.events, one.events, undecided) if not u)
+    s = paced.summary
     assert s["wall_s"] >= 0.9 * rec.n_lines / timing.line_rate_hz  # it did keep to the line clock
     resp_ms = sorter.ejector.response_ms
-    fired = [e for e in paced["events"] if e["decision"] == "eject"]
+    fired = [e for e in paced.events if e["decision"] == "eject"]
     assert len(fired) > 50
     for e in fired:
         due_ms = e["open_s"] * 1000.0 - resp_ms - e["last_line"] / timing.line_rate_hz * 1000.0
@@ -185,7 +186,7 @@ def test_a_stop_signal_stops_every_lane_at_the_same_chunk(small_belt, small_mode
 
     monkeypatch.setattr(Pipeline, "step", skewed_step)
     result = run_lanes(small_belt, small_model, SORTER, workers=2)
-    s = result["summary"]
+    s = result.summary
     assert s["stopped_by_signal"] is True and s["signal"] == "SIGINT"
     rec = read_belt_recording(small_belt)
     assert 1600 + 32 * 10 < s["lines"] < rec.n_lines and s["lines"] % 32 == 0  # lane 1 was well ahead
@@ -195,7 +196,7 @@ def test_a_stop_signal_stops_every_lane_at_the_same_chunk(small_belt, small_mode
                    build_pipeline(rec.calibration, load_model(small_model), load_sorter(SORTER), timing, str(SORTER)))
     strip = lambda evs: [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in evs]  # noqa: E731
     assert len(one.events) > 50
-    assert strip(result["events"]) == strip(one.events)
+    assert strip(result.events) == strip(one.events)
 
 
 def test_an_error_in_the_merge_stops_the_lanes(small_belt, small_model):
@@ -217,3 +218,30 @@ def test_an_error_in_the_merge_stops_the_lanes(small_belt, small_model):
     with pytest.raises(OSError, match="No space left"):
         run_lanes(small_belt, small_model, SORTER, workers=2, log=FullDisk())
     assert mp.active_children() == []
+
+
+def test_an_empty_recording_is_summed_up_by_both_paths(small_belt, small_model, tmp_path):
+    """No lines: one worker and two lanes both finish with the same summary (rates undefined,
+    not a division by zero), written where --summary-json asks."""
+    import shutil
+
+    from sorting.cli import main
+
+    empty = tmp_path / "empty"
+    shutil.copytree(small_belt, empty)
+    meta = json.loads((empty / "recording.json").read_text())
+    meta["lines"] = 0
+    (empty / "recording.json").write_text(json.dumps(meta))
+    (empty / "lines.u16").write_bytes(b"")
+    (empty / "truth.csv").unlink()
+    sums = {}
+    for workers in (1, 2):
+        out = tmp_path / f"s{workers}.json"
+        assert main(["run", str(empty), "--model", str(small_model), "--sorter", str(SORTER), "--events",
+                     str(tmp_path / f"e{workers}.jsonl"), "--workers", str(workers), "--quiet",
+                     "--summary-json", str(out)]) == 0
+        sums[workers] = json.loads(out.read_text())
+    for s in sums.values():
+        assert s["lines"] == 0 and s["particles"] == 0 and s["stream_s"] == 0.0
+        assert s["cpu_fraction"] is None  # no stream time to share
+    assert (tmp_path / "e2.jsonl").read_text() == ""

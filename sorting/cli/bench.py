@@ -166,7 +166,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
         from sorting.realtime.lanes import run_lanes
 
         lane_runs = sorted((stop_if_interrupted(run_lanes(recording, model_path, sorter_path, workers,
-                                                          chunk_lines)["summary"])
+                                                          chunk_lines).summary)
                             for _ in range(max(repeats, 1))), key=lambda r: r["throughput_lines_s"])
         lanes = lane_runs[len(lane_runs) // 2]
         result["lanes"] = {

@@ -220,5 +220,5 @@ def _cli_run_lanes(args, rec, sorter, timing) -> int:
     log = EventLog(args.events)
     result = run_lanes(args.recording, args.model, args.sorter, args.workers, args.chunk_lines, args.realtime,
                        log=log, valves=valves)
-    print(f"{args.workers} lane-parallel workers, columns {result['summary']['lanes']}")
-    return _score_and_report(args, rec, sorter, timing, result["summary"], result["events"], log)
+    print(f"{args.workers} lane-parallel workers, columns {result.summary['lanes']}")
+    return _score_and_report(args, rec, sorter, timing, result.summary, result.events, log)

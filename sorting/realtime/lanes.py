@@ -26,6 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from sorting.errors import Interrupted
+from sorting.realtime.runner import (
+    RunResult,
+    StopOnSignal,
+    build_pipeline,
+    opencv_threads,
+    rates,
+    signal_name,
+    timing_of,
+)
 from sorting.realtime.stream import ERROR_ALARM, LatencyHistogram
 
 #: a lane sees this many columns past its range: the widest blob of touching rocks it must see whole
@@ -183,7 +192,6 @@ def _worker(k: int, lane: Lane, recording: str, model_path: str, sorter_path: st
 
     from sorting.config import load_sorter
     from sorting.io import read_belt_recording
-    from sorting.realtime.runner import build_pipeline, timing_of
     from sorting.realtime.sources import prefault, replay
     from sorting.stages.inference import load_model
 
@@ -251,10 +259,9 @@ def lane_plan(timing, workers: int, overlap_mm: float = DEFAULT_OVERLAP_MM) -> l
 
 
 def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int = 2, chunk_lines: int = 32,
-              realtime: bool = False, overlap_mm: float = DEFAULT_OVERLAP_MM, log=None, valves=None) -> dict:
+              realtime: bool = False, overlap_mm: float = DEFAULT_OVERLAP_MM, log=None, valves=None) -> RunResult:
     """Sort ``recording`` with ``workers`` lane processes; returns the summary and the merged events."""
     from sorting.io import read_belt_recording
-    from sorting.realtime.runner import timing_of
 
     rec = read_belt_recording(recording)
     timing = timing_of(rec.meta)
@@ -282,7 +289,6 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
                                                chunk_lines, realtime, os.getpid(), shared, queue,
                                                0.002 if realtime else 0.05),
                          daemon=True) for k, lane in enumerate(lanes)]
-    from sorting.realtime.runner import StopOnSignal, opencv_threads
 
     watch = _Watch(procs, queue)
     stopper = StopOnSignal(lambda: setattr(shared["stop"], "value", 1))
@@ -301,7 +307,6 @@ def run_lanes(recording: Path, model_path: Path, sorter_path: Path, workers: int
 
 def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realtime, log, valves) -> dict:
     """Wait for the lanes to set up, merge their decisions as they come, and sum up the run."""
-    from sorting.realtime.runner import signal_name
 
     workers = len(lanes)
     ready = 0
@@ -400,7 +405,6 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
         p.join(10.0)  # each has sent its last message: it is only exiting
     lines = max(f["lines"] for f in finished)  # the whole recording, unless a signal stopped the lanes
     stopped = stopper.requested or any(f["stopped"] for f in finished)
-    stream_s = lines / timing.line_rate_hz
     cpu = sum(f["cpu_s"] for f in finished) + merge_cpu
     workers_c = [f["counters"] for f in finished]
     # every lane sees every line: stream-level counters agree across lanes; take the worst
@@ -424,12 +428,10 @@ def _merge(watch: _Watch, lanes, timing, sorter, shared, stopper, t_setup, realt
         "valve_errors": valves.errors if valves is not None else 0,
         "alarms": alarms, "fault_lines": fault_lines,
         "latency_ms": latency.summary(),
-        "wall_s": wall, "setup_s": t_start - t_setup, "stream_s": stream_s,
-        "line_rate_hz": timing.line_rate_hz, "pixels": timing.pixels,
-        "throughput_lines_s": lines / wall, "realtime_factor": lines / wall / timing.line_rate_hz,
         # CPU seconds from the start of the stream (set-up excluded, as for the single loop)
-        "cpu_s": cpu, "cpu_fraction": cpu / stream_s, "merge_cpu_s": merge_cpu,
+        **rates(lines, wall, cpu, timing.line_rate_hz),
+        "setup_s": t_start - t_setup, "pixels": timing.pixels, "merge_cpu_s": merge_cpu,
         "lane_cpu_s": [f["cpu_s"] for f in finished], "lane_wall_s": [f["wall_s"] for f in finished],
         "lane_stage_s": [f["stage_s"] for f in finished],
     }
-    return {"summary": summary, "events": merged}
+    return RunResult(summary, merged)

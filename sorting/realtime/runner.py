@@ -72,6 +72,22 @@ def opencv_threads(n: int):
         cv2.setNumThreads(before)
 
 
+def rates(lines: int, wall_s: float, cpu_s: float, line_rate_hz: float) -> dict:
+    """A run's speed, as every summary gives it: stream seconds read, lines per wall second, the
+    realtime factor (that over the line rate) and the CPU's share of stream time; None where a
+    run too short to time leaves a rate undefined (no lines, or no measurable wall time)."""
+    stream_s = lines / line_rate_hz
+    return {
+        "wall_s": wall_s,
+        "stream_s": stream_s,
+        "throughput_lines_s": lines / wall_s if wall_s > 0 else None,
+        "realtime_factor": lines / wall_s / line_rate_hz if wall_s > 0 else None,
+        "cpu_s": cpu_s,
+        "cpu_fraction": cpu_s / stream_s if stream_s > 0 else None,
+        "line_rate_hz": line_rate_hz,
+    }
+
+
 def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None = None,
              valves: UDPValveSink | None = None, keep_events: bool = True, total_lines: int | None = None,
              progress: bool = False, on_signal: Callable[[], None] | None = None) -> RunResult:
@@ -131,19 +147,12 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     summary = c.summary()
     summary["alarms"] = pipeline.alarms  # fault episodes per kind, and episodes of particle errors
     summary["fault_lines"] = dict(pipeline.health.lines)
-    stream_s = c.lines / pipeline.timing.line_rate_hz
     summary.update({
         "stopped_by_signal": stopped,
         "signal": signal_name(signum) if stopped else None,
         "intake_lag_ms": intake.summary(),
         "step_ms": step.summary(),
-        "wall_s": wall,
-        "stream_s": stream_s,
-        "throughput_lines_s": c.lines / wall if wall > 0 else None,
-        "realtime_factor": (c.lines / wall) / pipeline.timing.line_rate_hz if wall > 0 else None,
-        "cpu_s": cpu,
-        "cpu_fraction": cpu / stream_s if stream_s > 0 else None,
-        "line_rate_hz": pipeline.timing.line_rate_hz,
+        **rates(c.lines, wall, cpu, pipeline.timing.line_rate_hz),
         "pixels": pipeline.pixels,
     })
     return RunResult(summary, kept)
