@@ -17,6 +17,16 @@ class InputError(Exception):
         super().__init__(f"{self.where}: {problem}" if self.where else problem)
 
 
+class ParameterError(ValueError):
+    """A bad value of a library function's parameter ``name`` (a Python name, not a flag):
+    the command line turns it into the one-line error naming its own option."""
+
+    def __init__(self, name: str, problem: str):
+        self.name = name
+        self.problem = problem
+        super().__init__(f"{name} {problem}")
+
+
 class Interrupted(KeyboardInterrupt):
     """A stop signal (SIGINT or SIGTERM) before the work was finished.
 

@@ -225,7 +225,7 @@ def cli_bench(args) -> int:
         raise InputError(model, "the shipped model is missing (a source checkout rebuilds it: models/rebuild.sh)")
     sorter = args.sorter or shipped_config("sorter_reference.yaml")
     # bad inputs fail before seconds of simulation, not after
-    from sorting.cli.options import option
+    from sorting.cli.options import option, parameters
     from sorting.realtime.runner import check_chunk_lines
     from sorting.stages.inference import load_model
 
@@ -243,8 +243,9 @@ def cli_bench(args) -> int:
             recording = Path(tmp) / "belt"
             print(f"simulating {args.seconds:g} s of reference belt at {args.occupancy:.0%} occupancy "
                   f"(seed {args.seed})")
-            simulate_belt(recording, args.seconds, args.seed, load_machine(args.machine), load_ore(),
-                          load_materials(), occupancy=args.occupancy, progress=not args.quiet)
+            with parameters():
+                simulate_belt(recording, args.seconds, args.seed, load_machine(args.machine), load_ore(),
+                              load_materials(), occupancy=args.occupancy, progress=not args.quiet)
         if args.workers > 1:
             from sorting.io import read_belt_recording
             from sorting.realtime.lanes import lane_plan
@@ -260,8 +261,9 @@ def cli_bench(args) -> int:
             target = min(2.0 * args.occupancy, 0.79)
             dense = Path(tmp) / "dense"
             print(f"simulating {args.dense_seconds:g} s of belt at {target:.0%} occupancy asked (seed {args.seed + 1})")
-            simulate_belt(dense, args.dense_seconds, args.seed + 1, load_machine(args.machine), load_ore(),
-                          load_materials(), occupancy=target, progress=not args.quiet)
+            with option("--dense-seconds"):
+                simulate_belt(dense, args.dense_seconds, args.seed + 1, load_machine(args.machine), load_ore(),
+                              load_materials(), occupancy=target, progress=not args.quiet)
             from sorting.io import read_belt_recording
 
             meta = read_belt_recording(dense).meta

@@ -54,13 +54,16 @@ def cli_dataset(args: argparse.Namespace) -> int:
 
 
 def cli_rockbyrock(args: argparse.Namespace) -> int:
+    from sorting.cli.options import parameters
     from sorting.config import load_machine, load_ore
     from sorting.physics import load_materials
     from sorting.twin.rockbyrock import RockByRockRates, simulate_rockbyrock
 
-    rates = RockByRockRates(args.lost, args.debris, args.touching, args.missed)
+    with parameters():
+        rates = RockByRockRates(args.lost, args.debris, args.touching, args.missed)
     lib = load_materials(args.materials)
     machine, ore = load_machine(args.machine, lib), load_ore(args.ore, lib)
-    out = simulate_rockbyrock(args.out, args.n, args.seed, machine, ore, lib, rates, progress=not args.quiet)
+    with parameters():
+        out = simulate_rockbyrock(args.out, args.n, args.seed, machine, ore, lib, rates, progress=not args.quiet)
     print(f"wrote a rock-by-rock test of {args.n} rocks to {out} (recording, assays.csv, truth_rockbyrock.csv)")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sorting.cli.options import parameters
 from sorting.config import load_machine, load_ore, load_sorter
 from sorting.errors import InputError
 from sorting.resources import SHIPPED_MODEL, shipped_config
@@ -134,8 +135,9 @@ def cli_demo(args) -> int:
         shutil.rmtree(rec_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"1/3 simulating {args.seconds:g} s of Crater Lake ore on the reference belt (seed {args.seed})")
-    simulate_belt(rec_dir, args.seconds, args.seed, load_machine(), load_ore(), load_materials(), occupancy=0.3,
-                  touching=0.05)
+    with parameters():
+        simulate_belt(rec_dir, args.seconds, args.seed, load_machine(), load_ore(), load_materials(), occupancy=0.3,
+                      touching=0.05)
     rec = read_belt_recording(rec_dir)
     sorter_path = shipped_config("sorter_reference.yaml")
     sorter = load_sorter(sorter_path)

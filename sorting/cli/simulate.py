@@ -5,6 +5,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from sorting.cli.options import parameters
 from sorting.errors import InputError
 from sorting.twin import simulate_belt, simulate_rocks
 
@@ -66,8 +67,10 @@ def cli_rocks(args: argparse.Namespace) -> int:
 def cli_belt(args: argparse.Namespace) -> int:
     machine, ore, lib = _configs(args)
     dest = prepare_out(args.out, args.force)
-    out = finish_out(simulate_belt(dest, args.seconds, args.seed, machine, ore, lib, args.occupancy, args.touching,
-                                   progress=not args.quiet, drift=args.drift, splice_every_s=args.splice_every_s,
-                                   tramp=args.tramp, slabs=args.slabs, slab_mm=args.slab_mm), args.out)
+    with parameters():
+        out = finish_out(simulate_belt(dest, args.seconds, args.seed, machine, ore, lib, args.occupancy,
+                                       args.touching, progress=not args.quiet, drift=args.drift,
+                                       splice_every_s=args.splice_every_s, tramp=args.tramp, slabs=args.slabs,
+                                       slab_mm=args.slab_mm), args.out)
     print(f"wrote {args.seconds:g} s of belt to {out}")
     return 0

@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sorting.config import MachineConfig, OreConfig
-from sorting.errors import InputError
+from sorting.errors import ParameterError
 from sorting.io import BeltRecordingWriter
 from sorting.io.tables import write_csv
 from sorting.physics import MaterialLibrary
@@ -160,21 +160,21 @@ class BeltTwin:
                  block_lines: int = 2048, workers: int | None = None, drift: float = 0.0,
                  splice_every_s: float = 0.0, tramp: int = 0, slabs: int = 0, slab_mm: float = 700.0):
         if not -0.5 < drift < 0.5:
-            raise InputError("--drift", f"must be in (-0.5, 0.5), got {drift}")
+            raise ParameterError("drift", f"must be in (-0.5, 0.5), got {drift}")
         if not 0.0 < occupancy < 0.8:
-            raise InputError("--occupancy", f"must be in (0, 0.8), got {occupancy}")
+            raise ParameterError("occupancy", f"must be in (0, 0.8), got {occupancy}")
         if not 0.0 <= touching <= 1.0:
-            raise InputError("--touching", f"must be in [0, 1], got {touching}")
+            raise ParameterError("touching", f"must be in [0, 1], got {touching}")
         if not seconds > 0:
-            raise InputError("--seconds", f"must be positive, got {seconds}")
+            raise ParameterError("seconds", f"must be positive, got {seconds}")
         if not (splice_every_s == 0 or 0.05 <= splice_every_s < 1e6):
-            raise InputError("--splice-every-s", f"must be 0 (no splice) or at least 0.05 s, got {splice_every_s}")
+            raise ParameterError("splice_every_s", f"must be 0 (no splice) or at least 0.05 s, got {splice_every_s}")
         if not 0 <= tramp <= 10_000:
-            raise InputError("--tramp", f"must be in 0..10000, got {tramp}")
+            raise ParameterError("tramp", f"must be in 0..10000, got {tramp}")
         if not 0 <= slabs <= 1000:
-            raise InputError("--slabs", f"must be in 0..1000, got {slabs}")
+            raise ParameterError("slabs", f"must be in 0..1000, got {slabs}")
         if not 50.0 <= slab_mm <= 5000.0:
-            raise InputError("--slab-mm", f"must be in 50..5000 mm, got {slab_mm}")
+            raise ParameterError("slab_mm", f"must be in 50..5000 mm, got {slab_mm}")
         self.machine, self.ore = machine, ore
         self.occupancy, self.touching = occupancy, touching
         self.drift = float(drift)

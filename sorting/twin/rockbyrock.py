@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sorting.config import MachineConfig, OreConfig
-from sorting.errors import InputError
+from sorting.errors import ParameterError
 from sorting.io import BeltRecordingWriter
 from sorting.io.tables import write_csv
 from sorting.physics import MaterialLibrary
@@ -65,7 +65,7 @@ class RockByRockRates:
         for name in ("lost", "debris", "touching", "missed"):
             v = getattr(self, name)
             if not 0.0 <= v <= 0.5:
-                raise InputError(f"--{name}", f"must be in [0, 0.5], got {v!r}")
+                raise ParameterError(name, f"must be in [0, 0.5], got {v!r}")
 
 
 @dataclass
@@ -168,7 +168,7 @@ def simulate_rockbyrock(out: Path, n: int, seed: int, machine: MachineConfig, or
     """Write the rock-by-rock test ``out``: an ``xrt-belt/1`` recording with ``truth.csv``,
     ``assays.csv`` and ``truth_rockbyrock.csv``."""
     if n < 1:
-        raise InputError("--n", f"must be at least 1, got {n}")
+        raise ParameterError("n", f"must be at least 1, got {n}")
     out = Path(out)
     minerals = mineral_list(ore)
     renderer = Renderer.create(machine, library, minerals)
