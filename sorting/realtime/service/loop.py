@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from sorting.realtime.runner import StopOnSignal, opencv_threads
+from sorting.realtime.runner import StopOnSignal, opencv_threads, rates
 from sorting.realtime.service import channel
 from sorting.realtime.service.audit import AuditLog, utc_iso
 from sorting.realtime.service.control import Control
@@ -150,15 +150,10 @@ class ServiceLoop:
         if self.valves is not None:
             c.valve_errors = self.valves.errors
         s = c.summary()
-        stream_s = c.lines / pipe.timing.line_rate_hz
         s.update({
-            "alarms": dict(pipe.health.episodes), "fault_lines": dict(pipe.health.lines),
+            "alarms": pipe.alarms, "fault_lines": dict(pipe.health.lines),
             "stopped_by_signal": stopped, "intake_lag_ms": intake.summary(), "step_ms": step.summary(),
-            "wall_s": wall, "stream_s": stream_s,
-            "throughput_lines_s": c.lines / wall if wall > 0 else None,
-            "realtime_factor": (c.lines / wall) / pipe.timing.line_rate_hz if wall > 0 else None,
-            "cpu_s": cpu, "cpu_fraction": cpu / stream_s if stream_s > 0 else None,
-            "line_rate_hz": pipe.timing.line_rate_hz, "pixels": pipe.pixels,
+            **rates(c.lines, wall, cpu, pipe.timing.line_rate_hz), "pixels": pipe.pixels,
             "changes": self.changes, "threshold": pipe.threshold, "model": self.model_name,
             "snapshots": {"sent": self.snaps_sent, "dropped": self.snaps_dropped},
             "event_log_files": [str(p) for p in self.log.rotations] + [str(self.log.path)],
@@ -268,7 +263,8 @@ class ServiceLoop:
             "lines": c.lines, "chunks": c.chunks, "particles": c.particles, "ejects": c.ejected,
             "passes": c.passed, "late": c.late, "undecided": c.undecided, "cut": c.cut, "gaps": c.gaps,
             "dropped_lines": c.dropped_lines, "next_line": self.next_line,
-            "alarms": dict(pipe.health.episodes), "fault_lines": dict(pipe.health.lines),
+            # fault episodes and particle-error episodes; tramp metal as the pieces seen
+            "alarms": {**pipe.alarms, "tramp": c.tramp}, "fault_lines": dict(pipe.health.lines),
             "threshold": pipe.threshold, "model": self.model_name, "connected": src.connected,
             "peer": f"{src.peer[0]}:{src.peer[1]}" if src.peer else None,
             "tcp": {k: getattr(src, k) for k in ("connections", "frames", "lines", "rejected", "broken", "stale",

@@ -51,7 +51,9 @@ CLIENT_QUEUE = 64
 #: seconds a setpoint request waits for the loop process's answer
 REPLY_TIMEOUT_S = 30.0
 ALARM_TEXT = {"dropped": "lines dropped by the detector", "saturated": "saturated lines",
-              "dark": "dark lines (tube off or shutter closed)", "stuck_module": "frozen detector module"}
+              "dark": "dark lines (tube off or shutter closed)", "stuck_module": "frozen detector module",
+              "particle_error": "particles whose own processing failed (passed, logged with their error)",
+              "tramp": "tramp metal on the belt (handled by the sorter's tramp setting)"}
 
 
 class Hub:
