@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(0: skip; default 8)")
     bench.add_argument("--workers", type=int, default=2,
                        help="also measure lane-parallel throughput with this many workers (0 = skip)")
+    bench.add_argument("--save-crops", action="store_true",
+                       help="also the paced run with every decided particle's crop saved (run --save-crops)")
     bench.add_argument("--quiet", action="store_true")
 
     # commissioning on the machine itself: `dataset` and `simulate rockbyrock` (sorting/cli/dataset.py)
