@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--summary-json", type=Path, default=None, help="write the run summary as JSON")
     run.add_argument("--workers", type=int, default=1,
                      help="lane-parallel worker processes, each owning a range of columns (replay only)")
+    run.add_argument("--save-crops", type=Path, default=None, metavar="DIR",
+                     help="write the decided particles' crops to DIR as an xrt-rocks/1 dataset (new or empty "
+                     "folder; one worker only)")
+    run.add_argument("--save-every", type=int, default=1, metavar="N",
+                     help="with --save-crops: keep every N-th decided particle (default 1: every one)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="simulate a belt of Crater Lake ore and sort it with the shipped model")
@@ -113,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(0: skip; default 8)")
     bench.add_argument("--workers", type=int, default=2,
                        help="also measure lane-parallel throughput with this many workers (0 = skip)")
+    bench.add_argument("--save-crops", action="store_true",
+                       help="also the paced run with every decided particle's crop saved (run --save-crops)")
     bench.add_argument("--quiet", action="store_true")
 
     # commissioning on the machine itself: `dataset` and `simulate rockbyrock` (sorting/cli/dataset.py)

@@ -87,6 +87,11 @@ def format_bench(r: dict) -> list[str]:
         target = (f" (target {TARGET_LANES_SPEEDUP:g}x for 2: {_verdict(speedup >= TARGET_LANES_SPEEDUP)})"
                   if ln["workers"] == 2 else "")
         lines.append(f"lanes: {ln['workers']} workers {ln['realtime_factor']:.2f}x = {speedup:.2f}x one worker{target}")
+    if "save_crops" in r:
+        c = r["save_crops"]
+        lines.append(f"paced, every particle's crop saved: p99.9 {c['latency_ms']['p999']:.2f} ms, late {c['late']}, "
+                     f"CPU {c['cpu_fraction']:.2f}; crops written {c['written']}, dropped {c['dropped']}, "
+                     f"skipped {c['crops_skipped']}")
     lines.append(f"peak memory {r['peak_rss_mb']:.0f} MiB; machine: {r['machine']}")
     return lines
 
@@ -186,9 +191,12 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
     return result
 
 
-def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: int, progress: bool = True) -> dict:
+def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: int, progress: bool = True,
+              save_crops: Path | None = None) -> dict:
     """The pipeline fed at the line rate (wall clock), with overload protection on: latency
-    percentiles from a particle's last line to its decision, late count, CPU fraction."""
+    percentiles from a particle's last line to its decision, late count, CPU fraction.
+    ``save_crops``: with every decided particle's crop saved there (``sorting run --save-crops``,
+    never waiting for the writer); the saver's counts come back under ``save_crops``."""
     from sorting.cli.run import stop_if_interrupted
     from sorting.io import read_belt_recording
     from sorting.realtime.runner import build_pipeline, run_loop, timing_of
@@ -198,10 +206,19 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
     timing = timing_of(rec.meta)
     prefault(rec.lines)
     pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines, shed_late=True)
-    slow = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, True), pipe, keep_events=False,
-                    total_lines=rec.n_lines, progress=progress)
+    saver = None
+    if save_crops is not None:
+        from sorting.realtime.crops import start_saving
+
+        saver = start_saving(pipe, save_crops, rec.calibration, 1)
+    try:
+        slow = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, True), pipe, keep_events=False,
+                        total_lines=rec.n_lines, progress=progress)
+    finally:
+        crops = saver.close() if saver is not None else None
     p = stop_if_interrupted(slow.summary)
-    return {
+    extra = {} if crops is None else {"save_crops": crops}
+    return {**extra,
         "paced_particles": p["particles"],
         "latency_ms": p["latency_ms"],
         # logged late: ejects that missed their deadline, and particles left undecided
@@ -255,6 +272,17 @@ def cli_bench(args) -> int:
                 lane_plan(timing_of(read_belt_recording(recording).meta), args.workers)
         result = run_bench(recording, Path(model), Path(sorter), args.chunk_lines, paced=not args.no_paced,
                            progress=not args.quiet, workers=args.workers, repeats=args.repeats)
+        if args.save_crops:
+            # the paced run again, every decided particle's crop saved (sorting run --save-crops)
+            print("paced run with every particle's crop saved")
+            sc = paced_run(recording, load_model(model), load_sorter(sorter), Path(sorter), args.chunk_lines,
+                           not args.quiet, save_crops=Path(tmp) / "crops")
+            crops = sc.pop("save_crops")
+            result["save_crops"] = {"late": sc["late"], "latency_ms": sc["latency_ms"],
+                                    "cpu_fraction": sc["cpu_fraction"],
+                                    "written": crops["written"], "dropped": crops["dropped"],
+                                    "crops_skipped": crops["crops_skipped"], "skipped": crops["skipped"],
+                                    "paced_particles": sc["paced_particles"]}
         if args.recording is None and args.dense_seconds > 0 and not args.no_paced:
             # the same loop paced on the same kind of feed at twice the nominal occupancy (the
             # twin lays at most ~0.47 of the belt: the realised share is reported, not the asked one)

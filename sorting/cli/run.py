@@ -136,6 +136,10 @@ def cli_run(args) -> int:
     check_output_file(args.events, "--events")
     if args.summary_json:
         check_output_file(args.summary_json, "--summary-json")
+    if args.save_every < 1:
+        raise InputError("--save-every", f"must be at least 1, got {args.save_every}")
+    if args.save_crops is not None and args.workers != 1:
+        raise InputError("--save-crops", "works with one worker only (--workers 1)")
     rec, model, sorter = _load_run_inputs(args)
     timing = timing_of(rec.meta)
     if args.workers != 1:
@@ -144,6 +148,15 @@ def cli_run(args) -> int:
         return _cli_run_lanes(args, rec, sorter, timing)
     pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(args.sorter), args.chunk_lines,
                               shed_late=bool(args.realtime or args.listen))
+    saver = None
+    if args.save_crops is not None:
+        from sorting.realtime.crops import check_save_dir, start_saving
+
+        check_save_dir(args.save_crops)
+        # a replay run as fast as possible waits for the writer (no crop lost); a paced replay
+        # or a live stream never waits: a crop the writer cannot take is dropped and counted
+        saver = start_saving(pipeline, args.save_crops, rec.calibration, args.save_every,
+                             wait=not (args.realtime or args.listen))
     valves = None
     if args.udp:
         host, port = parse_hostport(args.udp, "--udp")
@@ -161,8 +174,17 @@ def cli_run(args) -> int:
         chunks = replay(rec.lines, timing.line_rate_hz, args.chunk_lines, args.realtime)
         total, stop, source = rec.n_lines, None, None
     log = EventLog(args.events)
-    result = run_loop(chunks, pipeline, log, valves, keep_events=rec.truth is not None, total_lines=total,
-                      progress=not args.quiet, on_signal=stop)
+    try:
+        result = run_loop(chunks, pipeline, log, valves, keep_events=rec.truth is not None, total_lines=total,
+                          progress=not args.quiet, on_signal=stop)
+    finally:
+        crops = saver.close() if saver is not None else None
+    if crops is not None:
+        result.summary["save_crops"] = crops
+        print(f"crops: {crops['written']} written to {crops['dir']} (every {crops['every']}), "
+              f"{crops['dropped']} dropped (writer behind), {crops['crops_skipped']} skipped"
+              + (": " + "; ".join(f"{k} {v}" for k, v in sorted(crops["skipped"].items())) if crops["skipped"]
+                 else ""), file=sys.stderr)
     if source is not None:
         result.summary["tcp"] = {k: getattr(source, k) for k in
                                  ("connections", "frames", "lines", "rejected", "broken", "stale", "seq_gaps")}

@@ -208,6 +208,8 @@ class Pipeline:
         self._ring = np.zeros((self.ring_lines, self.pixels, 2), np.float32)
         self._ring.fill(0.0)  # touch every page now (np.zeros maps them lazily): no page faults on the belt
         self._arrival = np.zeros(self.ring_lines, np.float64)
+        self.crop_sink = None  # --save-crops (attach_crop_sink); nothing is kept otherwise
+        self._raw_ring: np.ndarray | None = None
         self._a = np.empty((chunk_lines, self.pixels, 2), np.float32)
         self._mask = np.empty((chunk_lines, self.pixels), bool)
         self._line_lag = np.arange(max(chunk_lines, 1) - 1, -1, -1) / timing.line_rate_hz
@@ -234,6 +236,15 @@ class Pipeline:
         # wall seconds per stage, for the benchmark's "where the time goes"
         self.stage_s = dict.fromkeys(("normalize", "segment", "features", "classify", "decide"), 0.0)
         self._warm_up()
+
+    def attach_crop_sink(self, sink) -> None:
+        """--save-crops: from now on keep a ring of the raw counts (the same lines as the
+        attenuation ring) and call ``sink.on_chunk(raw_ring, last_line, done, events)`` once per
+        chunk, and ``sink.finish(raw_ring, last_line)`` at the end of the stream
+        (:class:`sorting.realtime.crops.CropSaver`). Without a sink the loop keeps nothing."""
+        self._raw_ring = np.zeros((self.ring_lines, self.pixels, 2), np.uint16)
+        self._raw_ring.fill(0)  # touch every page now
+        self.crop_sink = sink
 
     def _warm_up(self) -> None:
         """Pay first-call costs (lazily built material tables: ~60 ms; the ONNX session's first
@@ -367,7 +378,20 @@ class Pipeline:
         st = self.stage_s
         st["normalize"] += t1 - t0
         st["segment"] += time.perf_counter() - t1
-        return self._decide(done) if done else []
+        events = self._decide(done) if done else []
+        if self._raw_ring is not None:
+            self._keep_raw(first_line, raw[:, x0:x0 + self.pixels], done, events)
+        return events
+
+    def _keep_raw(self, first_line: int, raw: np.ndarray, done: list[Completed], events: list[dict]) -> None:
+        """--save-crops: the chunk's raw counts into the raw ring, then the sink's hand-off."""
+        n = raw.shape[0]
+        i0 = first_line & (self.ring_lines - 1)
+        if i0 + n <= self.ring_lines:
+            self._raw_ring[i0:i0 + n] = raw
+        else:
+            self._raw_ring[(first_line + np.arange(n)) & (self.ring_lines - 1)] = raw
+        self.crop_sink.on_chunk(self._raw_ring, first_line + n - 1, done, events)
 
     def _normalize_lines(self, raw: np.ndarray, health: ChunkHealth, a: np.ndarray, mask: np.ndarray,
                          sums: AirSums, x0: int = 0) -> None:
@@ -393,8 +417,13 @@ class Pipeline:
 
     def finish(self) -> list[dict]:
         """End of stream: particles still open are cut."""
-        events = self._decide(self.segmenter.flush())
+        done = self.segmenter.flush()
+        events = self._decide(done)
         self._end_chunk()
+        if self.crop_sink is not None:
+            last = (self._expected or 0) - 1
+            self.crop_sink.on_chunk(self._raw_ring, last, done, events)
+            self.crop_sink.finish(self._raw_ring, last)
         return events
 
     def _end_chunk(self) -> None:

@@ -149,8 +149,13 @@ class RockCrop:
 
 def cut_crop(lines: np.ndarray, cal: Calibration, particle: Completed, pixel_pitch_mm: float,
              line_pitch_mm: float, config: SegmentConfig = SegmentConfig(), margin_px: int = CROP_MARGIN_PX,
-             min_margin_px: int = MIN_MARGIN_PX) -> tuple[RockCrop | None, str | None]:
+             min_margin_px: int = MIN_MARGIN_PX, x0: int = 0, first_line: int = 0
+             ) -> tuple[RockCrop | None, str | None]:
     """The particle's crop under the ``xrt-rocks/1`` rules, or why there is none.
+
+    ``lines`` may be a window of the stream: its column 0 is detector column ``x0`` and its row
+    0 stream line ``first_line`` (the particle's coordinates are in the window's; the crop's
+    ``x0`` and ``first_line`` are the detector's and the stream's).
 
     The crop holds the particle whole, with ``margin_px`` of belt on each side where the belt
     is free that far and at least ``min_margin_px``, and no part of any other object (a
@@ -174,7 +179,7 @@ def cut_crop(lines: np.ndarray, cal: Calibration, particle: Completed, pixel_pit
     if min(room) < min_margin_px:
         return None, f"less than {min_margin_px} px from the edge of the recording"
     raw = np.asarray(lines[r0:r1 + 1, c0:c1 + 1])
-    fg = foreground(attenuation(raw, cal, c0), cal, c0, config)
+    fg = foreground(attenuation(raw, cal, x0 + c0), cal, x0 + c0, config)
     own = np.zeros_like(fg)
     oy, ox = particle.line0 - r0, particle.col0 - c0
     own[oy:oy + particle.mask.shape[0], ox:ox + particle.mask.shape[1]] = particle.mask
@@ -201,8 +206,8 @@ def cut_crop(lines: np.ndarray, cal: Calibration, particle: Completed, pixel_pit
         if right < other.shape[1] - 1 and not other[top:bottom + 1, right + 1].any():
             right, grown = right + 1, True
     counts = np.ascontiguousarray(raw[top:bottom + 1, left:right + 1])
-    x0 = c0 + left
-    _, problem = segment_crop(attenuation(counts, cal, x0), cal, x0, pixel_pitch_mm, line_pitch_mm, config)
+    cx0 = x0 + c0 + left
+    _, problem = segment_crop(attenuation(counts, cal, cx0), cal, cx0, pixel_pitch_mm, line_pitch_mm, config)
     if problem is not None:
         return None, f"the crop does not hold one whole rock for the batch path ({problem})"
-    return RockCrop(counts, x0, r0 + top), None
+    return RockCrop(counts, cx0, first_line + r0 + top), None
