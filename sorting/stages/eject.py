@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -68,11 +69,25 @@ def plan(first_line: np.ndarray, last_line: np.ndarray, x_min_px: np.ndarray, x_
     return Ejection(lo, hi, out[0], out[1], out[2], out[3])
 
 
-def plan_parameters(ejector: EjectorConfig, timing: Timing) -> np.ndarray:
-    """The scalars of :func:`plan_one`, in its order, as one float64 array (set once per belt)."""
-    return np.array([timing.line_rate_hz, timing.flight_s_per_mm, timing.pixel_pitch_mm, ejector.distance_mm,
-                     ejector.margin_mm, ejector.min_pulse_ms, ejector.offset_mm, ejector.valve_pitch_mm,
-                     ejector.valves, ejector.response_ms], np.float64)
+class PlanParameters(NamedTuple):
+    """The scalars of :func:`plan_one`, set once per belt (compiled code reads them by name)."""
+
+    line_rate_hz: float
+    flight_s_per_mm: float
+    pixel_pitch_mm: float
+    distance_mm: float
+    margin_mm: float
+    min_pulse_ms: float
+    offset_mm: float
+    valve_pitch_mm: float
+    valves: float
+    response_ms: float
+
+
+def plan_parameters(ejector: EjectorConfig, timing: Timing) -> PlanParameters:
+    return PlanParameters(*(float(v) for v in (
+        timing.line_rate_hz, timing.flight_s_per_mm, timing.pixel_pitch_mm, ejector.distance_mm, ejector.margin_mm,
+        ejector.min_pulse_ms, ejector.offset_mm, ejector.valve_pitch_mm, ejector.valves, ejector.response_ms)))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -80,8 +95,10 @@ def plan_one(first, last, x_min, x_max, p):
     """One particle's (valve_lo, valve_hi, open_s, close_s, command_s, deadline_ms), float64
     lines and columns; ``p`` from :func:`plan_parameters`. (Compiled code calls it per
     particle: :func:`plan` here, the streaming loop's per-chunk kernel.)"""
-    f, per_mm, pitch_mm, distance_mm, margin_mm = p[0], p[1], p[2], p[3], p[4]
-    min_pulse_ms, offset_mm, valve_pitch_mm, valves, response_ms = p[5], p[6], p[7], p[8], p[9]
+    f, per_mm, pitch_mm, distance_mm, margin_mm = (p.line_rate_hz, p.flight_s_per_mm, p.pixel_pitch_mm,
+                                                   p.distance_mm, p.margin_mm)
+    min_pulse_ms, offset_mm, valve_pitch_mm, valves, response_ms = (p.min_pulse_ms, p.offset_mm, p.valve_pitch_mm,
+                                                                    p.valves, p.response_ms)
     flight = distance_mm * per_mm
     margin = margin_mm * per_mm
     open_s = first / f + flight - margin
