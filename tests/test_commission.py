@@ -149,7 +149,11 @@ def test_adapt_names_parent_and_dataset_and_writes_a_card(tmp_path, small_rocks,
     assert meta["recipe"]["command"] == "sorting adapt"
     assert meta["recipe"]["parent_recipe"] == _meta(small_model)["recipe"]
     m = meta["training_metrics"]
-    assert m["strategy"] in ("parent", "scratch") and m["n_parent_rocks"] == 0
+    assert m["strategy"] in ("parent", "scratch/random_forest") and m["n_parent_rocks"] == 0
+    # without the parent's rocks the default is the new rocks alone; the parent replaces it
+    # only when the bootstrap says it is better
+    assert m["choice"]["default"] == "scratch/random_forest"
+    assert (m["strategy"] == "parent") == bool(m["choice"]["tests"].get("parent", {}).get("better"))
     assert set(m["cv_auc_strategies"]) == {"parent", "scratch/random_forest"}  # few rocks: the forest only
     assert 0.0 <= model.threshold <= 1.0
     card = out.with_suffix(".md")
@@ -172,6 +176,7 @@ def test_adapt_regenerates_the_parents_rocks_from_its_recipe(tmp_path, small_roc
     assert pdata["fingerprint"] == _meta(small_model)["recipe"]["dataset"]["fingerprint"]
     assert meta["training_metrics"]["n_parent_rocks"] == pdata["n_rows"] > 0
     assert any(k.startswith("union_r") for k in meta["training_metrics"]["cv_auc_strategies"])
+    assert meta["training_metrics"]["choice"]["default"] == "union_r1/random_forest"
 
 
 def test_adapt_bad_input_exit_2(tmp_path, capsys, small_rocks, small_model):
@@ -301,3 +306,20 @@ def test_worker_options_bad_input_exit_2(tmp_path, capsys, small_rocks, small_mo
     err = _one_line_exit_2(capsys, ["predict", str(small_rocks), "--model", str(small_model), "--out", out,
                                     "--scheduler", "localhost:8786"])
     assert "--scheduler" in err
+
+
+
+def test_paired_auc_difference_resolves_only_real_differences():
+    # the rule adapt uses to leave its default: a tiny AUC edge on 100 rocks is not resolvable,
+    # a large one is
+    from sorting.offline.compare import paired_auc_difference
+
+    rng = np.random.default_rng(3)
+    y = rng.random(100) < 0.4
+    base = y + rng.normal(0, 0.9, 100)
+    tiny = base.copy()
+    tiny[np.flatnonzero(y)[:2]] += 0.05  # two sc rocks nudged up: AUC +0.00x
+    d, ci = paired_auc_difference(base, tiny, y, n_boot=500)
+    assert 0 <= d < 0.01 and ci[0] <= 0 <= ci[1]
+    d, ci = paired_auc_difference(base, y + rng.normal(0, 0.1, 100), y, n_boot=500)
+    assert d > 0.1 and ci[0] > 0

@@ -38,6 +38,25 @@ def _figures(scores: dict[str, np.ndarray], y: np.ndarray, feed, champion: str, 
     return out
 
 
+def paired_auc_difference(a: np.ndarray, b: np.ndarray, is_sc: np.ndarray, *, n_boot: int = N_BOOT,
+                          seed: int = BOOT_SEED) -> tuple[float, list[float] | None]:
+    """AUC(b) - AUC(a) on the same rocks and its 95 % paired-bootstrap interval (rocks drawn
+    with replacement, both scored on the same draw)."""
+    y = np.asarray(is_sc, dtype=bool)
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    point = (roc_auc(b, y) or 0.0) - (roc_auc(a, y) or 0.0)
+    rng = np.random.default_rng(seed)
+    d = np.full(n_boot, np.nan)
+    for k in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        yb = y[i]
+        if yb.all() or not yb.any():
+            continue
+        d[k] = roc_auc(b[i], yb) - roc_auc(a[i], yb)
+    return float(point), _interval(d)
+
+
 def _interval(x: np.ndarray) -> list[float] | None:
     x = x[np.isfinite(x)]
     if not len(x):
