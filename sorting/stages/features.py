@@ -322,25 +322,38 @@ _DATASET_BATCH = 32
 _CHUNK_MIN, _CHUNK_MAX = 32, 512
 
 
-def _chunk_features(root: Path, pixels: int, rows: tuple, cal: Calibration, pp: float, lp: float,
-                    config: SegmentConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One task of :func:`dataset_features`: read, normalize, segment and measure a chunk of
-    rocks (``rows``: RockRow of the chunk). Runs in a worker; only the features travel back."""
-    from sorting.errors import InputError
-    from sorting.io.tiff import read_tiff
+class _CropFiles:
+    """What a worker needs to read one chunk's crops (picklable; no calibration scans, no other rows)."""
 
-    x = np.full((len(rows), N_FEATURES), np.nan, np.float32)
-    ok = np.zeros(len(rows), bool)
+    def __init__(self, root: Path, pixels: int, rows: tuple) -> None:
+        self.root, self.pixels, self.rows = root, pixels, rows
+
+    def crop(self, k: int) -> np.ndarray:
+        from sorting.errors import InputError
+        from sorting.io.tiff import read_tiff
+
+        row = self.rows[k]
+        path = self.root / row.file
+        a = read_tiff(path)
+        if row.x0 + a.shape[1] > self.pixels:
+            raise InputError(path, f"x0={row.x0} + width {a.shape[1]} = {row.x0 + a.shape[1]} exceeds "
+                                   f"detector_pixels={self.pixels} (rock_id {row.rock_id})")
+        return a
+
+
+def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float, lp: float,
+                    config: SegmentConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One task of :func:`dataset_features`: read, normalize, segment and measure the rocks
+    ``indices`` of ``source`` (a dataset, or the :class:`_CropFiles` of a chunk sent to a
+    worker). Only the features travel back."""
+    x = np.full((len(indices), N_FEATURES), np.nan, np.float32)
+    ok = np.zeros(len(indices), bool)
     problems: list[str] = []
     pending: list[int] = []
     crops: list[tuple[np.ndarray, np.ndarray]] = []
-    for k, row in enumerate(rows):
-        path = root / row.file
-        counts = read_tiff(path)
-        if row.x0 + counts.shape[1] > pixels:
-            raise InputError(path, f"x0={row.x0} + width {counts.shape[1]} = {row.x0 + counts.shape[1]} exceeds "
-                                   f"detector_pixels={pixels} (rock_id {row.rock_id})")
-        a = attenuation(counts, cal, row.x0)
+    for k, i in enumerate(indices):
+        row = source.rows[i]
+        a = attenuation(source.crop(i), cal, row.x0)
         mask, problem = segment_crop(a, cal, row.x0, pp, lp, config)
         if problem is not None:
             problems.append(f"{row.rock_id}: {problem}")
@@ -391,8 +404,11 @@ def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] |
         par = 1 if workers.scheduler is None and workers.local_jobs == 1 else max(workers.local_jobs, 2)
         chunk_rocks = min(max(-(-n // (4 * par)), _CHUNK_MIN), _CHUNK_MAX)
     starts = range(0, n, int(chunk_rocks))
-    tasks = ((Path(ds.root), ds.pixels, tuple(ds.rows[i] for i in idx[s:s + chunk_rocks]), cal, pp, lp, config)
-             for s in starts)
+    if workers.scheduler is None and workers.local_jobs == 1:  # in this process: the dataset itself
+        tasks = ((ds, idx[s:s + chunk_rocks], cal, pp, lp, config) for s in starts)
+    else:  # to a worker: the chunk's rows and where its files are
+        tasks = ((_CropFiles(Path(ds.root), ds.pixels, tuple(ds.rows[i] for i in idx[s:s + chunk_rocks])),
+                  range(min(chunk_rocks, n - s)), cal, pp, lp, config) for s in starts)
     with tqdm(total=n, desc="features", unit="rock", disable=None if progress else True) as bar:
         for s, (xc, okc, pc) in zip(starts, imap(_chunk_features, tasks, workers)):
             x[s:s + len(xc)] = xc
