@@ -11,6 +11,8 @@ against the 2,000-rock model as champion):
 - ``scratch_random``: ``sorting train`` on 100 random rocks of the pool;
 - ``adapt_select``: ``sorting select`` picks 100 rocks, ``sorting adapt`` (parent + them);
 - ``adapt_random``: ``sorting adapt`` with 100 random rocks;
+- ``adapt_select_machine``: as ``adapt_select``, with ``--machine`` (the new machine's twin
+  config: the parent's training rocks are written again on the new machine);
 - ``full``: ``sorting train`` on the whole assayed pool.
 
 Only the CLI verbs are used. Several seeds (the random draw, the picks, the fits).
@@ -84,10 +86,10 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = ["parent", "scratch_random", "adapt_random", "adapt_select", "full"]
+    arms = ["parent", "scratch_random", "adapt_random", "adapt_select", "adapt_select_machine", "full"]
     labels = ["shipped model\nas is", "100 random\nfrom scratch", "100 random\n+ adapt", "100 selected\n+ adapt",
-              f"{result['n_pool']} assayed\nfrom scratch"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+              "100 selected\n+ adapt --machine", f"{result['n_pool']} assayed\nfrom scratch"]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     for i, arm in enumerate(arms):
         vals = [s["arms"][arm]["auc"] for s in result["seeds"]]
         cis = [s["arms"][arm]["auc_ci"] for s in result["seeds"]]
@@ -143,8 +145,11 @@ def main() -> None:
             "--quiet")
         run("adapt", PARENT, lab_sel, "--out", d / "adapt_select.onnx", "--seed", seed, "--cache", w / "cache",
             "--quiet")
+        run("adapt", PARENT, lab_sel, "--out", d / "adapt_select_machine.onnx", "--seed", seed, "--cache",
+            w / "cache", "--machine", MACHINE, "--quiet")
         models = {"full": full, "parent": PARENT, "scratch_random": d / "scratch_random.onnx",
-                  "adapt_random": d / "adapt_random.onnx", "adapt_select": d / "adapt_select.onnx"}
+                  "adapt_random": d / "adapt_random.onnx", "adapt_select": d / "adapt_select.onnx",
+                  "adapt_select_machine": d / "adapt_select_machine.onnx"}
         run("compare", test, "--models", *models.values(), "--report", d / "compare", "--quiet")
         cmp = json.loads((d / "compare" / "compare.json").read_text())
         names = {arm: str(p) for arm, p in models.items()}
@@ -159,7 +164,7 @@ def main() -> None:
                 arms[arm]["auc_minus_full"] = diff["auc"]
                 arms[arm]["auc_minus_full_ci"] = diff["auc_ci"]
                 arms[arm]["differs_from_full"] = diff["real"]
-        for arm in ("adapt_random", "adapt_select"):
+        for arm in ("adapt_random", "adapt_select", "adapt_select_machine"):
             meta_cv = json.loads(json.dumps(_meta(d / f"{arm}.onnx")))
             arms[arm]["strategy"] = meta_cv["training_metrics"]["strategy"]
             arms[arm]["cv_auc_strategies"] = meta_cv["training_metrics"]["cv_auc_strategies"]

@@ -107,19 +107,31 @@ def _parent_rocks(meta: dict, args: argparse.Namespace, workers, tmp: Path):
 
         machine, ore, lib = configs_from_recipe(twin, f"{args.model} (recipe)")
         want = (recipe.get("dataset") or {}).get("fingerprint", "")
+        key = (want.split(":")[-1] or "data")[:16]
+        if args.machine is not None:  # the parent's ore, seed and count, on the new machine's twin
+            import hashlib
+
+            from sorting.config import load_machine
+            from sorting.physics import MaterialLibrary, load_materials
+
+            config_lib = load_materials(args.materials)
+            lib = MaterialLibrary({**config_lib.materials, **lib.materials}, str(args.materials or "materials"))
+            machine = load_machine(args.machine, lib)
+            key += "_" + hashlib.sha256(Path(args.machine).read_bytes()).hexdigest()[:8]
+            info["machine"] = {"path": str(args.machine), "name": machine.name}
         cache = Path(args.cache) if args.cache is not None else tmp
-        path = cache / f"parent_{(want.split(':')[-1] or 'data')[:16]}"
+        path = cache / f"parent_{key}"
         if not (path / "dataset.json").is_file():
             print(f"regenerating the parent's {twin['n']} training rocks with the twin ({machine.name}, "
                   f"{ore.name}, seed {twin['seed']}) in {path}")
             simulate_rocks(path, int(twin["n"]), int(twin["seed"]), machine, ore, lib,
                            float(twin.get("test_fraction", 0.3)), progress=not args.quiet)
-        info["source"] = "twin recipe"
+        info["source"] = "twin recipe" + (f" on machine {machine.name}" if args.machine is not None else "")
     ds, cal = open_dataset(path)
     fp = dataset_fingerprint(ds, cal)
     info["fingerprint"] = fp
     want = (recipe.get("dataset") or {}).get("fingerprint")
-    if want:
+    if want and args.machine is None:
         info["matches_parent_recipe"] = fp == want
         if fp != want:
             warn(f"{path}: its fingerprint differs from the parent's training data ({want[:19]}...); "
@@ -140,6 +152,13 @@ def cli_adapt(args: argparse.Namespace) -> int:
     workers = workers_from_args(args)
     if args.out.is_dir():
         raise InputError(args.out, "is a folder; --out names the model file to write")
+    if args.machine is not None and (args.no_parent_data or args.parent_data is not None):
+        raise InputError("--machine", "regenerates the parent's rocks: not with --parent-data or --no-parent-data")
+    if args.machine is not None:  # a bad config fails now, not after the features
+        from sorting.config import load_machine
+        from sorting.physics import load_materials
+
+        load_machine(args.machine, load_materials(args.materials))
     if args.target_recovery is not None and not 0.0 < args.target_recovery <= 1.0:
         raise InputError("--target-recovery", f"{args.target_recovery} is not in (0, 1]")
     t0 = time.perf_counter()
@@ -284,6 +303,11 @@ def add_parsers(sub) -> None:
                     help="the parent's training dataset (default: regenerate it with the twin from the "
                     "parent's recorded recipe, when it has one)")
     ad.add_argument("--no-parent-data", action="store_true", help="do not use the parent's training rocks")
+    ad.add_argument("--machine", type=Path, default=None,
+                    help="the new machine's twin config (YAML), if there is one: the parent's training rocks "
+                    "are written again with the parent's ore and seed, on this machine")
+    ad.add_argument("--materials", type=Path, default=None,
+                    help="material library for --machine (default: configs/materials.yaml)")
     ad.add_argument("--cache", type=Path, default=None,
                     help="keep the regenerated parent training data here and reuse it (default: a temporary folder)")
     co = sub.add_parser("compare", help="champion against challenger(s) on labeled rocks, with bootstrap "
