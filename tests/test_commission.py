@@ -195,6 +195,12 @@ def test_adapt_bad_input_exit_2(tmp_path, capsys, small_rocks, small_model):
     err = _one_line_exit_2(capsys, ["adapt", str(small_model), str(small_rocks), "--out", out,
                                     "--target-recovery", "1.5"])
     assert "--target-recovery" in err
+    err = _one_line_exit_2(capsys, ["adapt", str(small_model), str(small_rocks), "--out", out,
+                                    "--machine", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml" in err
+    err = _one_line_exit_2(capsys, ["adapt", str(small_model), str(small_rocks), "--out", out,
+                                    "--machine", "configs/machine_reference.yaml", "--no-parent-data"])
+    assert "--machine" in err
 
 
 # ------------------------------------------------------------------------------ compare
@@ -286,7 +292,12 @@ def test_parallel_features_equal_serial_local_and_dask(small_rocks):
     cal = calibrate(ds.calibration)
     idx = list(range(0, len(ds.rows), 2))
     X1, ok1, p1 = dataset_features(ds, cal, idx, progress=False)
-    X2, ok2, p2 = dataset_features(ds, cal, idx, progress=False, workers=Workers(2), chunk_rocks=7)
+    try:
+        X2, ok2, p2 = dataset_features(ds, cal, idx, progress=False, workers=Workers(2), chunk_rocks=7)
+    finally:  # no idle pool processes left behind for the tests that count child processes
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
     assert np.array_equal(X1, X2, equal_nan=True) and np.array_equal(ok1, ok2) and p1 == p2
     distributed = pytest.importorskip("distributed")
     # a real TCP scheduler on loopback, its worker threads in this process

@@ -174,6 +174,7 @@ def fit_soft(clf, X: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None
 
 
 _fit = fit_soft
+_candidates = candidates
 
 
 def fold_scores(clf, X: np.ndarray, p: np.ndarray, tr: np.ndarray, va: np.ndarray,
