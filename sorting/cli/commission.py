@@ -258,7 +258,8 @@ def cli_compare(args: argparse.Namespace) -> int:
             s[ok] = model.predict_proba(X[ok])
         scores[name] = s
     mass, grade = _column(rows, "mass_g"), _column(rows, "sc2o3_ppm")
-    result = compare_scores(scores, y, models[0].threshold, mass_g=mass, sc2o3_ppm=grade, n_boot=args.bootstrap)
+    result = compare_scores(scores, y, models[0].threshold, mass_g=mass, sc2o3_ppm=grade, n_boot=args.bootstrap,
+                            progress=not args.quiet)
     result = {"dataset": str(args.dataset), "split": split, "n_failed_crops": int((~ok).sum()),
               "model_files": {n: {"path": str(p), "threshold": m.threshold,
                                   "training_fingerprint": m.meta.get("training_fingerprint"),

@@ -67,7 +67,7 @@ def _interval(x: np.ndarray) -> list[float] | None:
 
 def compare_scores(scores: dict[str, np.ndarray], is_sc: np.ndarray, champion_threshold: float, *,
                    mass_g: np.ndarray | None = None, sc2o3_ppm: np.ndarray | None = None,
-                   n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+                   n_boot: int = N_BOOT, seed: int = BOOT_SEED, progress: bool = False) -> dict:
     """The comparison of models on the same rocks.
 
     Parameters
@@ -77,6 +77,7 @@ def compare_scores(scores: dict[str, np.ndarray], is_sc: np.ndarray, champion_th
     champion_threshold : the champion's operating threshold (it sets the common mass pull)
     mass_g, sc2o3_ppm : (n,) optional, as for :func:`sorting.offline.metallurgy.make_feed`
     n_boot, seed : bootstrap replicates and their seed
+    progress : a progress bar over the replicates
 
     Returns
     -------
@@ -100,9 +101,11 @@ def compare_scores(scores: dict[str, np.ndarray], is_sc: np.ndarray, champion_th
     g = None if sc2o3_ppm is None else np.asarray(sc2o3_ppm, dtype=np.float64)
     feed = make_feed(y, m, g)
     point = _figures(S, y, feed, champion, champion_threshold)
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     boot = {k: np.full((n_boot, 2), np.nan) for k in names}
-    for b in range(n_boot):
+    for b in tqdm(range(n_boot), desc="bootstrap", unit="replicate", disable=None if progress else True):
         i = rng.integers(0, n, n)
         yb = y[i]
         if yb.all() or not yb.any():
