@@ -22,6 +22,7 @@ numpy reference of every feature.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -345,7 +346,13 @@ def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float,
                     config: SegmentConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One task of :func:`dataset_features`: read, normalize, segment and measure the rocks
     ``indices`` of ``source`` (a dataset, or the :class:`_CropFiles` of a chunk sent to a
-    worker). Only the features travel back."""
+    worker). Only the features travel back.
+
+    The chunk runs on its own copy of the calibration (same arrays, empty table cache): the
+    tables derived per crop window (one per crop position and width) are dropped with it,
+    so memory stays bounded however many crops the dataset holds.
+    """
+    cal = dataclasses.replace(cal)
     x = np.full((len(indices), N_FEATURES), np.nan, np.float32)
     ok = np.zeros(len(indices), bool)
     problems: list[str] = []
