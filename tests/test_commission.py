@@ -334,3 +334,17 @@ def test_paired_auc_difference_resolves_only_real_differences():
     assert 0 <= d < 0.01 and ci[0] <= 0 <= ci[1]
     d, ci = paired_auc_difference(base, y + rng.normal(0, 0.1, 100), y, n_boot=500)
     assert d > 0.1 and ci[0] > 0
+
+
+def test_dataset_features_leave_no_per_crop_tables_on_the_calibration(small_rocks):
+    # bounded memory on huge datasets: the tables derived per crop window (one per position and
+    # width) live and die with each chunk's own copy of the calibration
+    from sorting.io import read_rocks_dataset
+    from sorting.stages.calibrate import calibrate
+    from sorting.stages.features import dataset_features
+
+    ds = read_rocks_dataset(small_rocks)
+    cal = calibrate(ds.calibration)
+    X, ok, _ = dataset_features(ds, cal, progress=False, chunk_rocks=16)
+    assert ok.all()
+    assert not any(isinstance(k, tuple) and k[0] == "detector" for k in cal._derived)
