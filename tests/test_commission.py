@@ -34,7 +34,8 @@ def _rows(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------ select
 def test_select_picks_n_distinct_rocks_of_the_pool_deterministically(tmp_path, small_rocks, small_model):
     a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
-    base = ["select", str(small_rocks), "--model", str(small_model), "--n", "20", "--quiet", "--jobs", "1"]
+    base = ["select", str(small_rocks), "--model", str(small_model), "--n", "20", "--quiet", "--jobs", "1",
+            "--uncertain-share", "0.25"]
     assert main(base + ["--out", str(a), "--seed", "3"]) == 0
     assert main(base + ["--out", str(b), "--seed", "3"]) == 0
     assert main(base + ["--out", str(c), "--seed", "4"]) == 0
@@ -45,7 +46,7 @@ def test_select_picks_n_distinct_rocks_of_the_pool_deterministically(tmp_path, s
     assert set(_ids(c)) != set(ids_a)  # another seed moves some picks
     with open(a, newline="") as f:
         reasons = [r["reason"] for r in csv.DictReader(f)]
-    assert reasons.count("uncertainty") == 5 and reasons.count("coverage") == 15  # default share 0.25
+    assert reasons.count("uncertainty") == 5 and reasons.count("coverage") == 15
 
 
 def test_select_coverage_reaches_every_separated_group():
