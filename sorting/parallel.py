@@ -24,6 +24,9 @@ from typing import Any
 
 from sorting.errors import InputError
 
+#: how long to wait for a Dask scheduler before giving up (exit 2)
+CONNECT_TIMEOUT_S = 10.0
+
 
 def cpu_count() -> int:
     """Cores this process may run on (its CPU affinity where the OS tells it)."""
@@ -77,9 +80,10 @@ def _dask_backend(address: str) -> Iterator[int]:
     except ImportError:
         raise InputError("--scheduler", "needs dask.distributed: pip install 'sorting[cluster]'") from None
     try:
-        client = Client(address, timeout=10, set_as_default=True)
+        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=True)
     except (OSError, TimeoutError) as exc:
-        raise InputError("--scheduler", f"cannot reach the Dask scheduler at {address} ({exc})") from None
+        raise InputError("--scheduler", f"cannot reach the Dask scheduler at {address} within "
+                                        f"{CONNECT_TIMEOUT_S:g} s ({str(exc).splitlines()[0][:120]})") from None
     try:
         threads = sum(client.nthreads().values()) or 1
         with joblib.parallel_config(backend="dask"):

@@ -349,3 +349,30 @@ def test_dataset_features_leave_no_per_crop_tables_on_the_calibration(small_rock
     X, ok, _ = dataset_features(ds, cal, progress=False, chunk_rocks=16)
     assert ok.all()
     assert not any(isinstance(k, tuple) and k[0] == "detector" for k in cal._derived)
+
+
+def test_predict_on_a_dask_cluster_writes_the_same_scores(tmp_path, small_rocks, small_model):
+    distributed = pytest.importorskip("distributed")
+    local, remote = tmp_path / "local.csv", tmp_path / "dask.csv"
+    assert main(["predict", str(small_rocks), "--model", str(small_model), "--out", str(local), "--quiet",
+                 "--jobs", "1"]) == 0
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+        assert main(["predict", str(small_rocks), "--model", str(small_model), "--out", str(remote), "--quiet",
+                     "--scheduler", cluster.scheduler_address]) == 0
+    assert local.read_text() == remote.read_text()
+
+
+def test_unreachable_scheduler_is_one_line_exit_2(tmp_path, capsys, monkeypatch, small_rocks, small_model):
+    import socket
+
+    import sorting.parallel
+
+    monkeypatch.setattr(sorting.parallel, "CONNECT_TIMEOUT_S", 1.0)
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = _one_line_exit_2(capsys, ["predict", str(small_rocks), "--model", str(small_model), "--out",
+                                    str(tmp_path / "s.csv"), "--quiet", "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert "--scheduler" in err and "cannot reach" in err
