@@ -17,7 +17,8 @@ the parent's rocks could be had, else ``scratch``. Another strategy replaces the
 when the new rocks show it is better: its out-of-fold AUC is higher and the 95 % paired
 bootstrap interval (over the new rocks) of the difference excludes 0. Measured on the
 commissioning benchmark's pool and hold-out (benchmarks/bench_adapt.py; 100 rocks picked by
-``sorting select``, 5 seeds, the random forest): hold-out AUC 0.942 +- 0.005 with
+``sorting select`` with a quarter of uncertainty picks, 5 seeds, the random forest): hold-out
+AUC 0.942 +- 0.005 with
 ``union_r1``, 0.930 +- 0.011 from scratch, while
 plain "best out-of-fold AUC" picked ``scratch`` in most seeds on differences of a few
 thousandths that 100 rocks cannot resolve. The operating threshold is then chosen on the
