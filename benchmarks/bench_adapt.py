@@ -171,7 +171,7 @@ def main() -> None:
                 arms[arm]["auc_minus_full_ci"] = diff["auc_ci"]
                 arms[arm]["differs_from_full"] = diff["real"]
         for arm in ("adapt_random", "adapt_select", "adapt_select_machine", "full_adapt"):
-            meta_cv = json.loads(json.dumps(_meta(d / f"{arm}.onnx")))
+            meta_cv = _meta(models[arm])
             arms[arm]["strategy"] = meta_cv["training_metrics"]["strategy"]
             arms[arm]["cv_auc_strategies"] = meta_cv["training_metrics"]["cv_auc_strategies"]
         seeds.append({"seed": seed, "arms": arms, "verdict": cmp["verdict"], "full_mass_pull": cmp["mass_pull"]})
