@@ -19,7 +19,8 @@ as much as possible. Two kinds of picks:
 Deterministic for a seed; the same pool and seed give the same picks.
 
 Measured on the commissioning benchmark (benchmarks/bench_adapt.py's pool and hold-out, 100
-picks, ``adapt`` on the parent's rocks regenerated on the new machine, 6 seeds): hold-out AUC
+picks, the random forest on the parent's rocks regenerated on the new machine with the picks,
+6 seeds): hold-out AUC
 0.947 +- 0.003 with coverage picks only, 0.946 +- 0.006 with a quarter of uncertainty picks,
 0.943 +- 0.005 with a tenth, 0.937 +- 0.005 with half, 0.941 +- 0.003 with random rocks. Hence
 no uncertainty picks by default: near the operating point the parent is often wrong on a new
