@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sorting.cli.batch import add_parsers as _add_batch_parsers
 
     _add_batch_parsers(sub)
+    # select / adapt / compare: the commissioning verbs (sorting/cli/commission.py)
+    from sorting.cli.commission import add_parsers as _add_commission_parsers
+
+    _add_commission_parsers(sub)
     bench = sub.add_parser("bench", help="throughput and latency against the sorter's timing")
     bench.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     bench.add_argument("--recording", type=Path, default=None, help="an xrt-belt/1 recording (default: simulate one)")
@@ -160,6 +164,10 @@ def _run(args: argparse.Namespace) -> int:
         from sorting.cli.batch import VERBS
 
         return VERBS[args.verb](args)
+    if args.verb in ("select", "adapt", "compare"):
+        from sorting.cli.commission import VERBS as COMMISSION_VERBS
+
+        return COMMISSION_VERBS[args.verb](args)
     if args.verb == "serve":
         from sorting.cli.serve import cli_serve
 

@@ -36,13 +36,26 @@ def _open(path: Path):
     return ds, calibrate(ds.calibration)
 
 
-def _features(ds, cal, indices: list[int], progress: bool, reasons: list[str] | None = None
+#: below this many rocks the features are computed in this process: starting a pool costs more
+PARALLEL_MIN_ROCKS = 1000
+
+
+def sized(workers, n: int):
+    """``workers`` for ``n`` rocks of work: this process alone when a local pool would cost more."""
+    from sorting.parallel import Workers
+
+    if workers is not None and workers.scheduler is None and n < PARALLEL_MIN_ROCKS:
+        return Workers(1)
+    return workers
+
+
+def _features(ds, cal, indices: list[int], progress: bool, reasons: list[str] | None = None, workers=None
               ) -> tuple[np.ndarray, np.ndarray]:
     """Features of the rows ``indices``; ``ok`` is False where the crop gave no usable rock. With
     ``reasons`` (a list), it receives one entry per row: "" or why that crop could not be scored."""
     from sorting.stages.features import dataset_features
 
-    X, ok, problems = dataset_features(ds, cal, indices, progress=progress)
+    X, ok, problems = dataset_features(ds, cal, indices, progress=progress, workers=sized(workers, len(indices)))
     for p in problems:
         _warn(f"{ds.root}: rock {p}; it is scored 0.0 (waste)")
     if reasons is not None:
@@ -101,16 +114,38 @@ def _cutoff(meta: dict) -> float | None:
     return float(v) if isinstance(v, (int, float)) and v > 0 else None
 
 
+def dataset_fingerprint(ds, cal) -> str:
+    """sha256 of every row of the dataset's rocks.csv and its calibration (no crops read)."""
+    from sorting.offline.training import dataset_fingerprint as fingerprint
+
+    return fingerprint([(r.rock_id, r.file, r.x0, r.label, r.sc2o3_ppm, r.mass_g, r.split) for r in ds.rows],
+                       cal.fingerprint)
+
+
+def training_recipe(ds, cal, dataset: Path, idx: list[int], seed: int, target_recovery: float) -> dict:
+    """How a model is made from ``dataset``: which rows, the seed, and, for a dataset written by
+    the twin, the twin's recipe (machine, ore, materials, n, seed) that writes it again."""
+    rows_rule = "split=train" if any(ds.rows[i].split == "train" for i in idx) else "labeled rows, empty split"
+    recipe = {"command": "sorting train", "seed": seed, "target_recovery": target_recovery,
+              "dataset": {"name": Path(dataset).name, "fingerprint": dataset_fingerprint(ds, cal),
+                          "rows": rows_rule, "n_rows": len(idx)}}
+    if isinstance(ds.meta.get("twin"), dict):
+        recipe["twin"] = ds.meta["twin"]
+    return recipe
+
+
 def cli_train(args: argparse.Namespace) -> int:
     from sorting.io import check_output_file
     from sorting.offline.intervals import small_sample
     from sorting.offline.training import created_utc, train
+    from sorting.parallel import workers_from_args
     from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
 
     if not 0.0 < args.target_recovery <= 1.0:
         raise InputError("--target-recovery", f"{args.target_recovery} is not in (0, 1]")
     check_output_file(args.out, "--out")
     created_utc()  # a bad SOURCE_DATE_EPOCH fails now, not after the training
+    workers = workers_from_args(args)
     t0 = time.perf_counter()
     ds, cal = _open(args.dataset)
     where = Path(args.dataset) / "rocks.csv"
@@ -118,7 +153,7 @@ def cli_train(args: argparse.Namespace) -> int:
     rows = [ds.rows[i] for i in idx]
     y = np.array([r.label == "sc" for r in rows])
     _check_classes(y, where, f"the {len(y)} training rows")
-    X, ok = _features(ds, cal, idx, progress=not args.quiet)
+    X, ok = _features(ds, cal, idx, progress=not args.quiet, workers=workers)
     _check_classes(y[ok], where, f"the {int(ok.sum())} training rows with a usable crop")
     rows = [r for r, k in zip(rows, ok) if k]
     X, y = X[ok], y[ok]
@@ -126,7 +161,9 @@ def cli_train(args: argparse.Namespace) -> int:
     model = train(X, y, feature_names=FEATURE_NAMES, feature_version=FEATURE_VERSION,
                   mass_g=_column(rows, "mass_g"), sc2o3_ppm=_column(rows, "sc2o3_ppm"), fingerprint=fp,
                   target_recovery=args.target_recovery, seed=args.seed, label_cutoff=_cutoff(ds.meta),
-                  progress=not args.quiet)
+                  progress=not args.quiet, workers=sized(workers, len(y)),
+                  provenance={"recipe": training_recipe(ds, cal, args.dataset, idx, args.seed,
+                                                        args.target_recovery)})
     try:
         model.save(args.out)
     except OSError as exc:
@@ -178,14 +215,16 @@ def _scores(model, X: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 def cli_predict(args: argparse.Namespace) -> int:
     from sorting.io import check_output_file
+    from sorting.parallel import workers_from_args
     from sorting.stages.inference import load_model
 
+    workers = workers_from_args(args)
     model = load_model(args.model)  # a wrong model fails before minutes of features
     check_output_file(args.out, "--out")
     ds, cal = _open(args.dataset)
     idx = list(range(len(ds.rows)))
     reasons: list[str] = []
-    X, ok = _features(ds, cal, idx, progress=not args.quiet, reasons=reasons)
+    X, ok = _features(ds, cal, idx, progress=not args.quiet, reasons=reasons, workers=workers)
     s = _scores(model, X, ok)
     sc = model.decide(s) & ok
     try:
@@ -215,16 +254,18 @@ def evaluation_rows(ds, split: str | None, where: Path) -> tuple[list[int], str]
 
 def cli_evaluate(args: argparse.Namespace) -> int:
     from sorting.offline.report import evaluate, summary_lines, write_report
+    from sorting.parallel import workers_from_args
     from sorting.stages.features import FEATURE_NAMES
     from sorting.stages.inference import load_model
 
+    workers = workers_from_args(args)
     model = load_model(args.model)
     if args.report.exists() and not args.report.is_dir():
         raise InputError(args.report, "exists and is not a folder")
     ds, cal = _open(args.dataset)
     idx, split = evaluation_rows(ds, args.split, Path(args.dataset) / "rocks.csv")
     rows = [ds.rows[i] for i in idx]
-    X, ok = _features(ds, cal, idx, progress=not args.quiet)
+    X, ok = _features(ds, cal, idx, progress=not args.quiet, workers=workers)
     s = _scores(model, X, ok)
     y = np.array([r.label == "sc" for r in rows])
     base = X[:, FEATURE_NAMES.index(BASELINE_FEATURE)] if BASELINE_FEATURE in FEATURE_NAMES else None
@@ -254,6 +295,10 @@ def cli_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# public names for the other verb modules (cli/commission.py)
+warn, open_dataset, features_of, dataset_cutoff = _warn, _open, _features, _cutoff
+
+
 def add_parsers(sub) -> None:
     """The ``train``, ``predict`` and ``evaluate`` subparsers (docs/cli.md)."""
     tr = sub.add_parser("train", help="train a classifier on a labeled xrt-rocks/1 dataset -> one ONNX file")
@@ -274,6 +319,16 @@ def add_parsers(sub) -> None:
                     help="rows to evaluate (default: test if any row is marked test, else all)")
     for p in (tr, pr, ev):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_worker_options(p)
+
+
+def add_worker_options(p) -> None:
+    """``--jobs`` and ``--scheduler``: where a batch verb's parallel work runs (sorting/parallel.py)."""
+    p.add_argument("--jobs", type=int, default=-1,
+                   help="local worker processes for features and cross-validation (default -1: every core)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="run the parallel work on this Dask cluster instead (needs sorting[cluster]; "
+                   "the workers must see the dataset at the same path)")
 
 
 VERBS = {"train": cli_train, "predict": cli_predict, "evaluate": cli_evaluate}

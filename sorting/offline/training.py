@@ -37,7 +37,7 @@ CV_FOLDS = 5
 SOFT_WIDTH = 0.3  # ln-grade scale of the soft targets: about +-35 % around the cut
 
 
-def _candidates(seed: int) -> dict[str, Any]:
+def candidates(seed: int) -> dict[str, Any]:
     """Classifiers tried by cross-validated AUC; all convert with skl2onnx and stay small.
 
     Each sits behind a median imputer: the converted trees send NaN down another branch
@@ -77,6 +77,8 @@ class TrainedModel:
     target_recovery: float
     fingerprint: str
     metrics: dict = field(default_factory=dict)
+    #: further metadata keys: how the model was made (``recipe``), its ``parent`` when adapted
+    provenance: dict = field(default_factory=dict)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """P(sc) from scikit-learn, (n,) float32 (the reference the ONNX graph must match)."""
@@ -105,6 +107,7 @@ class TrainedModel:
             "versions": {"sorting": VERSION, "sklearn": sklearn.__version__,
                          "skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__},
             "created_utc": created_utc(),
+            **self.provenance,
         }
 
     def to_onnx(self):
@@ -180,17 +183,46 @@ def _expand(X: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return X2, y2, w2
 
 
-def _fit(clf, X: np.ndarray, p: np.ndarray):
+def fit_soft(clf, X: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None):
+    """Fit ``clf`` (a candidate pipeline) on soft targets ``p`` in [0, 1]; ``weight`` (n,)
+    multiplies each rock's share after the classes are balanced. Returns ``clf``."""
     X2, y2, w2 = _expand(X, p)
+    if weight is not None:
+        weight = np.asarray(weight, dtype=np.float64)
+        w2 = w2 * np.r_[weight[p > 0], weight[p < 1]]
     return clf.fit(X2, y2, clf__sample_weight=w2)
 
 
-def _oof_scores(clf, X: np.ndarray, p: np.ndarray, folds) -> np.ndarray:
-    from sklearn.base import clone
+_fit = fit_soft
+_candidates = candidates
 
-    oof = np.empty(len(p), np.float64)
-    for tr, va in folds:
-        oof[va] = _fit(clone(clf), X[tr], p[tr]).predict_proba(X[va])[:, 1]
+
+def fold_scores(clf, X: np.ndarray, p: np.ndarray, tr: np.ndarray, va: np.ndarray,
+                weight: np.ndarray | None = None) -> np.ndarray:
+    """One fold (a task of the cross-validation, run anywhere): fit a clone of ``clf`` on
+    rows ``tr`` and score rows ``va``."""
+    from sklearn.base import clone
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return fit_soft(clone(clf), X[tr], p[tr], None if weight is None else weight[tr]).predict_proba(X[va])[:, 1]
+
+
+def oof_scores(cands: dict[str, Any], X: np.ndarray, p: np.ndarray, folds, workers=None,
+               weight: np.ndarray | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Out-of-fold scores of every candidate; the folds x candidates run on ``workers``
+    (:mod:`sorting.parallel`; default this process) and give the same numbers anywhere."""
+    from tqdm import tqdm
+
+    from sorting.parallel import Workers, imap
+
+    tasks = [(name, k) for name in cands for k in range(len(folds))]
+    oof = {name: np.full(len(p), np.nan) for name in cands}
+    results = imap(fold_scores, ((cands[name], X, p, folds[k][0], folds[k][1], weight) for name, k in tasks),
+                   workers or Workers(1))
+    for (name, k), s in tqdm(zip(tasks, results), total=len(tasks), desc="cross-validation", unit="fold",
+                             disable=None if progress else True):
+        oof[name][folds[k][1]] = s
     return oof
 
 
@@ -198,7 +230,7 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
           mass_g: np.ndarray | None = None, sc2o3_ppm: np.ndarray | None = None,
           fingerprint: str = "", target_recovery: float = 0.95, seed: int = 0,
           label_cutoff: float | None = None, soft_width: float = SOFT_WIDTH,
-          progress: bool = False) -> TrainedModel:
+          progress: bool = False, workers=None, provenance: dict | None = None) -> TrainedModel:
     """Fit a classifier and pick its operating threshold by stratified cross-validation.
 
     Parameters
@@ -226,6 +258,10 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
         rocks by grade also below the cut, where the recovery target reaches.
     soft_width : float
         0 trains on the hard labels.
+    workers : sorting.parallel.Workers, optional
+        Where the cross-validation's folds run (default: this process); same result anywhere.
+    provenance : dict, optional
+        Further metadata keys (e.g. ``recipe``: how the training data was made).
 
     Returns
     -------
@@ -233,7 +269,6 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
     """
     from sklearn.model_selection import StratifiedKFold
     from threadpoolctl import threadpool_limits
-    from tqdm import tqdm
 
     X, y = _check_xy(X, y, tuple(feature_names))
     if not 0.0 < target_recovery <= 1.0:
@@ -249,15 +284,13 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
         p = soft_sc_targets(g, y, cut, soft_width)
     else:
         cut, p = None, y.astype(np.float64)
-    cands = _candidates(seed)
-    oof, cv_auc = {}, {}
-    # One OpenMP thread: on a busy 2-core box the spin-waiting team of the boosting
-    # fit made it 30x slower; one thread is also deterministic.
+    cands = candidates(seed)
+    # One OpenMP thread per fit: on a busy 2-core box the spin-waiting team of the boosting
+    # fit made it 30x slower; one thread is also deterministic. The folds run in parallel.
+    oof = oof_scores(cands, X, p, folds, workers, progress=progress)
+    cv_auc = {name: roc_auc(s, y) for name, s in oof.items()}
+    best = max(cv_auc, key=lambda k: cv_auc[k])
     with threadpool_limits(1):
-        for name, clf in tqdm(cands.items(), desc="cross-validation", unit="model", disable=None if progress else True):
-            oof[name] = _oof_scores(clf, X, p, folds)
-            cv_auc[name] = roc_auc(oof[name], y)
-        best = max(cv_auc, key=lambda k: cv_auc[k])
         clf = _fit(cands[best], X, p)
     feed = make_feed(y, mass_g, sc2o3_ppm)
     threshold = threshold_for_recovery(oof[best], feed.units, target_recovery)
@@ -276,7 +309,7 @@ def train(X: np.ndarray, y: np.ndarray, *, feature_names: tuple[str, ...], featu
         "cv_ci95": ci,
     }
     return TrainedModel(clf, tuple(feature_names), feature_version, float(threshold),
-                        float(target_recovery), fingerprint, metrics)
+                        float(target_recovery), fingerprint, metrics, dict(provenance or {}))
 
 
 def training_fingerprint(rows: list[tuple], calibration_fingerprint: str, X: np.ndarray) -> str:
@@ -285,4 +318,21 @@ def training_fingerprint(rows: list[tuple], calibration_fingerprint: str, X: np.
     h.update(json.dumps([list(map(str, r)) for r in rows]).encode())
     h.update(calibration_fingerprint.encode())
     h.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def dataset_fingerprint(rows: list[tuple], calibration_fingerprint: str) -> str:
+    """sha256 over a dataset's rows (as given) and its calibration: cheap (no features)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([list(map(str, r)) for r in rows]).encode())
+    h.update(calibration_fingerprint.encode())
+    return "sha256:" + h.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes (a model file: what a child model records of its parent)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return "sha256:" + h.hexdigest()

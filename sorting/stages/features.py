@@ -22,9 +22,11 @@ numpy reference of every feature.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
@@ -43,6 +45,7 @@ from sorting.stages.segment import segment_crop
 
 if TYPE_CHECKING:
     from sorting.io import RockDataset
+    from sorting.parallel import Workers
     from sorting.stages.calibrate import Calibration
 
 #: bump when any definition changes: models carry it and are refused on a mismatch.
@@ -301,30 +304,48 @@ def particle_features(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_p
 
 #: rocks whose features are computed together in the batch path
 _DATASET_BATCH = 32
+#: rocks per parallel task of :func:`dataset_features` (bounds: per-task overhead vs. balance)
+_CHUNK_MIN, _CHUNK_MAX = 32, 512
 
 
-def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] | None = None,
-                     progress: bool = True, config: SegmentConfig = SegmentConfig()
-                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The batch path over an ``xrt-rocks/1`` dataset: crop -> attenuation -> segment_crop
-    -> features of the rock's box (:func:`features_batch`, a few dozen rocks at a time).
+class _CropFiles:
+    """What a worker needs to read one chunk's crops (picklable; no calibration scans, no other rows)."""
 
-    Returns
-    -------
-    X : (n, F) float32, NaN rows where the crop gave no usable rock
-    ok : (n,) bool
-    problems : one line per failed row, ``"rock_id: problem"``
+    def __init__(self, root: Path, pixels: int, rows: tuple) -> None:
+        self.root, self.pixels, self.rows = root, pixels, rows
+
+    def crop(self, k: int) -> np.ndarray:
+        from sorting.errors import InputError
+        from sorting.io.tiff import read_tiff
+
+        row = self.rows[k]
+        path = self.root / row.file
+        a = read_tiff(path)
+        if row.x0 + a.shape[1] > self.pixels:
+            raise InputError(path, f"x0={row.x0} + width {a.shape[1]} = {row.x0 + a.shape[1]} exceeds "
+                                   f"detector_pixels={self.pixels} (rock_id {row.rock_id})")
+        return a
+
+
+def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float, lp: float,
+                    config: SegmentConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One task of :func:`dataset_features`: read, normalize, segment and measure the rocks
+    ``indices`` of ``source`` (a dataset, or the :class:`_CropFiles` of a chunk sent to a
+    worker). Only the features travel back.
+
+    The chunk runs on its own copy of the calibration (same arrays, empty table cache): the
+    tables derived per crop window (one per crop position and width) are dropped with it,
+    so memory stays bounded however many crops the dataset holds.
     """
-    idx = list(range(len(ds.rows))) if indices is None else [int(i) for i in indices]
-    x = np.full((len(idx), N_FEATURES), np.nan, np.float32)
-    ok = np.zeros(len(idx), bool)
+    cal = dataclasses.replace(cal)
+    x = np.full((len(indices), N_FEATURES), np.nan, np.float32)
+    ok = np.zeros(len(indices), bool)
     problems: list[str] = []
-    pp, lp = float(ds.pixel_pitch_mm), float(ds.line_pitch_mm)
     pending: list[int] = []
     crops: list[tuple[np.ndarray, np.ndarray]] = []
-    for k, i in enumerate(tqdm(idx, desc="features", unit="rock", disable=None if progress else True)):
-        row = ds.rows[i]
-        a = attenuation(ds.crop(i), cal, row.x0)
+    for k, i in enumerate(indices):
+        row = source.rows[i]
+        a = attenuation(source.crop(i), cal, row.x0)
         mask, problem = segment_crop(a, cal, row.x0, pp, lp, config)
         if problem is not None:
             problems.append(f"{row.rock_id}: {problem}")
@@ -338,4 +359,52 @@ def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] |
     if pending:
         x[pending] = features_batch(crops, cal, pp, lp)
         ok[pending] = True
+    return x, ok, problems
+
+
+def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] | None = None,
+                     progress: bool = True, config: SegmentConfig = SegmentConfig(),
+                     workers: Workers | None = None, chunk_rocks: int | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The batch path over an ``xrt-rocks/1`` dataset: crop -> attenuation -> segment_crop
+    -> features of the rock's box (:func:`features_batch`, a few dozen rocks at a time).
+
+    The rocks are cut into chunks (``chunk_rocks``, by default about four per worker, 32-512
+    rocks) that run as independent tasks on ``workers`` (:mod:`sorting.parallel`: local
+    processes or a Dask cluster; default: this process). Each task reads its own crops, so
+    the crops are streamed and never all in memory; only the feature rows come back. The
+    numbers do not depend on the chunking nor on where the chunks ran.
+
+    Returns
+    -------
+    X : (n, F) float32, NaN rows where the crop gave no usable rock
+    ok : (n,) bool
+    problems : one line per failed row, ``"rock_id: problem"``
+    """
+    from sorting.parallel import Workers, imap
+
+    workers = workers or Workers(1)
+    idx = list(range(len(ds.rows))) if indices is None else [int(i) for i in indices]
+    n = len(idx)
+    x = np.full((n, N_FEATURES), np.nan, np.float32)
+    ok = np.zeros(n, bool)
+    problems: list[str] = []
+    pp, lp = float(ds.pixel_pitch_mm), float(ds.line_pitch_mm)
+    if n == 0:
+        return x, ok, problems
+    if chunk_rocks is None:
+        par = 1 if workers.scheduler is None and workers.local_jobs == 1 else max(workers.local_jobs, 2)
+        chunk_rocks = min(max(-(-n // (4 * par)), _CHUNK_MIN), _CHUNK_MAX)
+    starts = range(0, n, int(chunk_rocks))
+    if workers.scheduler is None and workers.local_jobs == 1:  # in this process: the dataset itself
+        tasks = ((ds, idx[s:s + chunk_rocks], cal, pp, lp, config) for s in starts)
+    else:  # to a worker: the chunk's rows and where its files are
+        tasks = ((_CropFiles(Path(ds.root), ds.pixels, tuple(ds.rows[i] for i in idx[s:s + chunk_rocks])),
+                  range(min(chunk_rocks, n - s)), cal, pp, lp, config) for s in starts)
+    with tqdm(total=n, desc="features", unit="rock", disable=None if progress else True) as bar:
+        for s, (xc, okc, pc) in zip(starts, imap(_chunk_features, tasks, workers)):
+            x[s:s + len(xc)] = xc
+            ok[s:s + len(xc)] = okc
+            problems.extend(pc)
+            bar.update(len(xc))
     return x, ok, problems

@@ -1,7 +1,8 @@
 """Labeled rock images (``xrt-rocks/1``) from the digital twin."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,18 @@ def crop_signal(renderer: Renderer, rock: RockImage, margin: int) -> tuple[np.nd
     return mean, var
 
 
+def twin_recipe(machine: MachineConfig, ore: OreConfig, library: MaterialLibrary, **run) -> dict:
+    """JSON-ready: the machine, ore and material configs (as their YAML would hold them) and
+    the run's arguments (``n``, ``seed``, ``test_fraction``)."""
+    used = {m for lith in ore.lithotypes for m in lith.minerals}
+    used |= {f.material for f in machine.tube.filters} | {layer.material for layer in machine.detector.interlayer}
+    used |= {machine.detector.front.material, machine.detector.back.material, machine.belt.material, "pom", "iron"}
+    mats = {name: {"formula": library[name].formula, "density_g_cm3": library[name].density_g_cm3}
+            for name in sorted(used)}
+    return {"generator": "sorting simulate rocks", "machine": json.loads(json.dumps(asdict(machine))),
+            "ore": json.loads(json.dumps(asdict(ore))), "materials": mats, **run}
+
+
 def simulate_rocks(out: Path, n: int, seed: int, machine: MachineConfig, ore: OreConfig,
                    library: MaterialLibrary, test_fraction: float = 0.3, progress: bool = True) -> Path:
     minerals = mineral_list(ore)
@@ -74,6 +87,8 @@ def simulate_rocks(out: Path, n: int, seed: int, machine: MachineConfig, ore: Or
         "seed": seed,
         "label_cutoff_ppm": ore.label_cutoff_ppm,
         "tube_kvp": machine.tube.kvp,
+        # the whole recipe: with these the twin writes this dataset again, rock for rock
+        "twin": twin_recipe(machine, ore, library, n=n, seed=seed, test_fraction=test_fraction),
     }
     with RockDatasetWriter(out, meta, scans, extra_columns=("lithotype", "size_mm")) as writer, \
             threadpool_limits(limits=1, user_api="blas"):  # small products: threads only spin
@@ -94,3 +109,21 @@ def simulate_rocks(out: Path, n: int, seed: int, machine: MachineConfig, ore: Or
             )
             writer.add(row, crop)
     return out
+
+
+def configs_from_recipe(recipe: dict, where: str = "recipe") -> tuple[MachineConfig, OreConfig, MaterialLibrary]:
+    """The machine, ore and material library of a :func:`twin_recipe` (InputError naming
+    ``where`` when it is incomplete or its values are out of range)."""
+    from sorting.config import build
+    from sorting.errors import InputError
+    from sorting.physics.materials import Material
+
+    try:
+        mats = {str(k).lower(): Material(str(k).lower(), str(v["formula"]), float(v["density_g_cm3"]))
+                for k, v in recipe["materials"].items()}
+        library = MaterialLibrary(mats, where)
+        machine = build(MachineConfig, recipe["machine"], where, "machine")
+        ore = build(OreConfig, recipe["ore"], where, "ore")
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise InputError(where, f"not a complete twin recipe ({exc})") from None
+    return machine, ore, library

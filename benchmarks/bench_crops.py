@@ -1,0 +1,137 @@
+"""Feature extraction over many rock crops: crops per second and peak memory, on 1 and 2 local
+processes (joblib) and on a Dask LocalCluster (loopback), the path of train/predict/evaluate/
+select/adapt (sorting.stages.features.dataset_features).
+
+The crops are simulated once into --work and reused. Each configuration runs in a fresh
+subprocess, so its peak memory (ru_maxrss of the process and of its finished children) is its
+own: ru_maxrss of the main process, and the peak of the whole process tree (main process and
+workers, sampled with psutil). Writes benchmarks/results/crops.json.
+
+    python benchmarks/bench_crops.py [--n 10000] [--work /tmp/bench_crops] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ("local_1", "local_2", "dask_local_2")
+
+
+def one(config: str, dataset: Path) -> dict:
+    """Run one configuration in this process; returns its figures."""
+    import numpy as np
+
+    from sorting.io import read_rocks_dataset
+    from sorting.parallel import Workers
+    from sorting.stages.calibrate import calibrate
+    from sorting.stages.features import dataset_features
+
+    ds = read_rocks_dataset(dataset)
+    cal = calibrate(ds.calibration)
+    n = len(ds.rows)
+    cluster = None
+    if config == "local_1":
+        workers = Workers(1)
+    elif config == "local_2":
+        workers = Workers(2)
+    else:
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp", host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0")
+        workers = Workers(-1, cluster.scheduler_address)
+    # warm-up on the same workers: processes started, kernels loaded (compiled once, cached on
+    # disk); the start-up is timed on its own
+    t0 = time.perf_counter()
+    dataset_features(ds, cal, range(min(64, n)), progress=False, workers=workers, chunk_rocks=32)
+    startup = time.perf_counter() - t0
+    peak = _TreePeak()
+    t0 = time.perf_counter()
+    X, ok, _ = dataset_features(ds, cal, progress=False, workers=workers)
+    wall = time.perf_counter() - t0
+    tree_mb = peak.stop()
+    if cluster is not None:
+        cluster.close()
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"config": config, "crops": n, "ok": int(ok.sum()), "seconds": round(wall, 2),
+            "crops_per_s": round(n / wall, 1), "startup_seconds": round(startup, 2),
+            "peak_rss_mb": round(self_kb / 1024, 1), "peak_rss_mb_process_tree": tree_mb,
+            "feature_checksum": float(np.nansum(X.astype(np.float64)))}
+
+
+class _TreePeak:
+    """Peak resident memory of this process and all its descendants (workers), sampled every 0.1 s."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        me = psutil.Process()
+        while not self._stop.wait(0.1):
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total / 2**20)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak, 1) if self.peak else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10000, help="crops to simulate (once) and measure")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_crops"))
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "crops.json")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    dataset = args.work / f"rocks_{args.n}"
+    if args.one:
+        print(json.dumps(one(args.one, dataset)))
+        return
+    if not (dataset / "dataset.json").is_file():
+        from sorting.cli import main as sorting
+
+        assert sorting(["simulate", "rocks", str(dataset), "--n", str(args.n), "--seed", "7", "--quiet"]) == 0
+    runs = []
+    for config in args.configs:
+        p = subprocess.run([sys.executable, __file__, "--one", config, "--n", str(args.n), "--work", str(args.work)],
+                           capture_output=True, text=True, check=True)
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(runs[-1], flush=True)
+    base = next((r for r in runs if r["config"] == "local_1"), None)
+    for r in runs:
+        r["speedup_over_1"] = round(r["crops_per_s"] / base["crops_per_s"], 2) if base else None
+        r["same_features_as_1"] = base is None or r["feature_checksum"] == base["feature_checksum"]
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "python": platform.python_version(), "load_average_1min": os.getloadavg()[0]},
+              "crops": args.n, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
