@@ -169,8 +169,7 @@ class FeaturePool:
         try:
             self.conns[k].send((key, request))
         except OSError:  # its end of the pipe is gone
-            self._check(k)
-            raise RuntimeError(f"feature worker {k} is gone (its pipe closed)") from None
+            self._dead(k)
         self.in_flight[k] += 1
         self._owner[key] = k
         return True
@@ -202,28 +201,26 @@ class FeaturePool:
                 del self._owner[tag]
                 got.append((tag, result))
             if self.procs[k].sentinel in ready and self.in_flight[k]:
-                self._check(k)
+                self._dead(k)
         return got
 
     def _recv(self, k: int) -> tuple:
         try:
             tag, payload = self.conns[k].recv()
         except (EOFError, OSError):
-            self._check(k)
-            raise RuntimeError(f"feature worker {k} closed its pipe") from None
+            self._dead(k)
         if tag == "error":
             self.kill()
             raise RuntimeError(f"feature worker {k} failed: {payload}")
         return tag, payload
 
-    def _check(self, k: int) -> None:
-        """Raise when worker ``k`` is dead (it answers nothing more)."""
+    def _dead(self, k: int) -> None:
+        """Worker ``k`` closed its pipe or exited without answering: end every worker and raise."""
         p = self.procs[k]
-        p.join(0.05)
-        if p.exitcode is not None and not self.conns[k].poll():
-            self.kill()
-            raise RuntimeError(f"feature worker {k} died (exit code {p.exitcode}) with "
-                               f"{self.in_flight[k]} chunks unanswered")
+        p.join(1.0)  # its pipe closes as it exits: the exit code follows within moments
+        code = p.exitcode
+        self.kill()
+        raise RuntimeError(f"feature worker {k} died (exit code {code}) with {self.in_flight[k]} chunks unanswered")
 
     # ------------------------------------------------------------ the end
     def close(self, timeout_s: float = 10.0) -> list[dict]:
