@@ -23,9 +23,9 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import select
 import signal
 import time
-from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,17 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)  # the parent was gone before the worker could ask to go with it
 
 
+def unpack_request(request: tuple) -> tuple:
+    """A request as it came through the pipe (the masks as one flat array, in box order) as
+    :meth:`Pipeline.classify` takes it (one mask per box, views of that array)."""
+    boxes, flat = request[0], request[1]
+    sizes = (boxes[:, 2] * boxes[:, 3]).tolist()
+    ends = np.cumsum([0] + sizes).tolist()
+    shapes = boxes[:, 2:4].tolist()
+    masks = [flat[ends[i]:ends[i + 1]].reshape(shapes[i]) for i in range(len(sizes))]
+    return (boxes, masks) + tuple(request[2:])
+
+
 def _serve(k: int, pipeline: Pipeline, model_path: str, conn, parent: int) -> None:
     """Feature worker ``k``: (key, request) in, (key, result) out, until None or the pipe closes."""
     # a stop signal (Ctrl-C to the terminal's process group, a supervisor's SIGTERM) is the
@@ -95,7 +106,7 @@ def _serve(k: int, pipeline: Pipeline, model_path: str, conn, parent: int) -> No
             if msg is None:
                 break
             key, request = msg
-            conn.send((key, pipeline.classify(request)))
+            conn.send((key, pipeline.classify(unpack_request(request))))
             jobs += 1
         conn.send(("done", {"cpu_s": time.process_time() - cpu0, "jobs": jobs}))
     except EOFError:
@@ -124,6 +135,8 @@ class FeaturePool:
         self.in_flight = [0] * workers
         self._owner: dict[int, int] = {}
         self.stats: list[dict] = []
+        self._poller = None
+        self._fd: dict[int, tuple[int, bool]] = {}
         ctx = mp.get_context("fork")
         self.procs, self.conns = [], []
         t0 = time.monotonic()
@@ -166,8 +179,10 @@ class FeaturePool:
         k = int(np.argmin(self.in_flight)) if len(self.in_flight) > 1 else 0
         if self.in_flight[k] >= self.depth:
             return False
+        boxes, masks = request[0], request[1]
+        flat = np.concatenate([m.reshape(-1) for m in masks]) if masks else np.zeros(0, bool)
         try:
-            self.conns[k].send((key, request))
+            self.conns[k].send((key, (boxes, flat) + tuple(request[2:])))
         except OSError:  # its end of the pipe is gone
             self._dead(k)
         self.in_flight[k] += 1
@@ -187,21 +202,28 @@ class FeaturePool:
                 return got
 
     def _collect(self, timeout: float) -> list:
-        busy = [k for k, n in enumerate(self.in_flight) if n]
-        if not busy:
-            return []
-        objs = [self.conns[k] for k in busy] + [self.procs[k].sentinel for k in busy]
-        ready = wait_ready(objs, timeout)
+        """One look at every pipe and every worker (one poll system call): a message from each
+        pipe that has one (more wait for the next look); a worker that has exited ends the run."""
+        if self._poller is None:
+            self._poller = select.poll()
+            for k, (conn, p) in enumerate(zip(self.conns, self.procs)):
+                self._poller.register(conn.fileno(), select.POLLIN)
+                self._poller.register(p.sentinel, select.POLLIN)
+                self._fd[conn.fileno()], self._fd[p.sentinel] = (k, True), (k, False)
         got = []
-        for k in busy:
-            conn = self.conns[k]
-            while conn in ready and conn.poll():
-                tag, result = self._recv(k)
-                self.in_flight[k] -= 1
-                del self._owner[tag]
-                got.append((tag, result))
-            if self.procs[k].sentinel in ready and self.in_flight[k]:
-                self._dead(k)
+        dead = []
+        for fd, _ in self._poller.poll(int(timeout * 1000)):
+            k, is_pipe = self._fd[fd]
+            if not is_pipe:
+                dead.append(k)
+                continue
+            key, result = self._recv(k)
+            self.in_flight[k] -= 1
+            del self._owner[key]
+            got.append((key, result))
+        if dead:
+            # a worker only exits when asked to: its last answers (already read above) are all it gives
+            self._dead(dead[0])
         return got
 
     def _recv(self, k: int) -> tuple:
