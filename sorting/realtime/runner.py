@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from sorting.config import SorterConfig
 from sorting.errors import InputError
+from sorting.realtime.counters import LatencyHistogram
 from sorting.realtime.sinks import EventLog, UDPValveSink
 from sorting.realtime.sources import Chunk
-from sorting.realtime.stream import LatencyHistogram, Pipeline
+from sorting.realtime.stream import Pipeline
 from sorting.stages.calibrate import Calibration, calibrate
 from sorting.stages.eject import Timing, check_geometry
 from sorting.stages.inference import OnnxModel

@@ -13,17 +13,16 @@ the decisions a clean run gives them.
 """
 from __future__ import annotations
 
-import mmap
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
 from sorting.config import SorterConfig
+from sorting.realtime.counters import Counters
 from sorting.realtime.health import ChunkHealth, LineHealth, good_runs, runs
+from sorting.realtime.inflight import ChunkJob, FeatureQueue, ring_buffer
 from sorting.stages import split
 from sorting.stages.air import AirSums, AirTracker
 from sorting.stages.calibrate import Calibration
@@ -104,108 +103,7 @@ def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, re
     return out
 
 
-def _ring_buffer(shape: tuple, shared: bool) -> np.ndarray:
-    """A zeroed float32 array; ``shared``: in anonymous shared memory, which processes forked
-    later see (and write) as this one does, and which goes with the last of them."""
-    if not shared:
-        return np.zeros(shape, np.float32)
-    nbytes = int(np.prod(shape)) * 4
-    return np.frombuffer(mmap.mmap(-1, nbytes), np.float32, int(np.prod(shape))).reshape(shape)
-
-
-class LatencyHistogram:
-    """Latency percentiles over a run of any length in fixed memory: 10 us bins up to 2 s
-    (slower decisions land in the last bin; the exact maximum is kept aside)."""
-
-    BIN_MS = 0.01
-    BINS = 200_000
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(self.BINS, np.int64)
-        self.max_ms = 0.0
-        self.n = 0
-
-    def add(self, latency_ms: float) -> None:
-        i = int(latency_ms / self.BIN_MS)
-        self.counts[min(max(i, 0), self.BINS - 1)] += 1
-        self.max_ms = max(self.max_ms, latency_ms)
-        self.n += 1
-
-    def add_many(self, latency_ms: np.ndarray) -> None:
-        """:meth:`add` for each value of a (n,) float array (one chunk's particles)."""
-        if latency_ms.size == 0:
-            return
-        values = latency_ms.tolist()
-        counts, top, bin_ms = self.counts, self.BINS - 1, self.BIN_MS
-        for v in values:  # a handful per chunk: in Python scalars, ~0.2 us each (np.clip alone costs ~5 us)
-            counts[min(max(int(v / bin_ms), 0), top)] += 1
-        self.max_ms = max(self.max_ms, max(values))
-        self.n += len(values)
-
-    def percentile(self, q: float) -> float:
-        if self.n == 0:
-            return 0.0
-        k = int(np.searchsorted(np.cumsum(self.counts), q / 100.0 * self.n, side="left"))
-        return min((k + 1) * self.BIN_MS, self.max_ms)  # upper edge of the bin: never optimistic
-
-    def summary(self) -> dict:
-        return {"p50": self.percentile(50), "p99": self.percentile(99), "p999": self.percentile(99.9),
-                "max": self.max_ms}
-
-
-@dataclass
-class Counters:
-    chunks: int = 0
-    lines: int = 0
-    particles: int = 0
-    ejected: int = 0
-    passed: int = 0
-    late: int = 0
-    cut: int = 0
-    too_long: int = 0
-    gaps: int = 0
-    dropped_lines: int = 0
-    valve_errors: int = 0
-    undecided: int = 0
-    particle_errors: int = 0  # particles passed because their own processing raised
-    error_episodes: int = 0  # ... alarms: runs of consecutive chunks with such particles
-    tramp: int = 0
-    over_cap: int = 0
-    splices: int = 0
-    splice_lines: int = 0
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-
-    def summary(self) -> dict:
-        return {
-            "chunks": self.chunks, "lines": self.lines, "particles": self.particles,
-            "ejected": self.ejected, "passed": self.passed, "late": self.late, "cut": self.cut,
-            "too_long": self.too_long, "gaps": self.gaps, "dropped_lines": self.dropped_lines,
-            "valve_errors": self.valve_errors,
-            "undecided": self.undecided,
-            "particle_errors": self.particle_errors,
-            "tramp": self.tramp, "over_cap": self.over_cap, "splices": self.splices,
-            "splice_lines": self.splice_lines,
-            "latency_ms": self.latency.summary(),
-        }
-
-
-class _Job:
-    """One chunk's completed particles between planning and deciding (see Pipeline._decide)."""
-
-    __slots__ = ("done", "ints", "cents", "lo", "hi", "times", "request", "on_splice", "suspect", "prepare_s",
-                 "key", "step", "line0", "result", "end")
-
-    def __init__(self, done, ints, cents, lo, hi, times, request, on_splice, suspect, prepare_s):
-        self.done, self.ints, self.cents, self.lo, self.hi, self.times = done, ints, cents, lo, hi, times
-        self.request, self.on_splice, self.suspect, self.prepare_s = request, on_splice, suspect, prepare_s
-        self.key = self.step = 0
-        # the earliest stream line it reads from the ring (its boxes, its lines' arrival times)
-        self.line0 = int(ints[:, 0].min()) if ints.shape[0] else 1 << 62
-        self.result: tuple | None = None
-        self.end = False  # the last job of its chunk: the chunk's episode bookkeeping follows it
-
-
-class Pipeline:
+class Pipeline(FeatureQueue):
     """One chunk at a time, in stream order. Not thread-safe; one per belt (or lane)."""
 
     def __init__(self, cal: Calibration, model: OnnxModel, sorter: SorterConfig, timing: Timing,
@@ -242,7 +140,7 @@ class Pipeline:
         self.chunk_lines, self.max_particle_lines = int(chunk_lines), int(max_particle_lines)
         self.ring_lines = 1 << int(np.ceil(np.log2(max_particle_lines + (2 + self.queue_chunks) * chunk_lines
                                                    + 2 * CROP_MARGIN_PX + 8)))
-        self._ring = _ring_buffer((self.ring_lines, self.pixels, 2), shared=self.queue_chunks > 0)
+        self._ring = ring_buffer((self.ring_lines, self.pixels, 2), shared=self.queue_chunks > 0)
         self._ring.fill(0.0)  # touch every page now (np.zeros maps them lazily): no page faults on the belt
         self._arrival = np.zeros(self.ring_lines, np.float64)
         self._a = np.empty((chunk_lines, self.pixels, 2), np.float32)
@@ -251,12 +149,7 @@ class Pipeline:
         self._x = np.empty((64, len(FEATURE_NAMES)), np.float32)
         self._plan_p = plan_parameters(sorter.ejector, timing)
         self.counters = Counters()
-        # feature workers (attach): the chunks sent out or classified here, waiting in stream order
-        self._pool = None
-        self._pending: deque[_Job] = deque()
-        self._waiting: dict[int, _Job] = {}
-        self._steps = self._jobs = 0
-        self.local_jobs = 0  # chunks classified here because every worker's queue was full
+        self._init_queue()  # feature workers (attach): none yet
         self._next_id = 0
         self._expected: int | None = None
         self._cost_ms = 0.5  # running mean of the time to decide one particle
@@ -463,107 +356,6 @@ class Pipeline:
         """Alarms so far per kind: the line-health fault episodes and the particle-error episodes."""
         return {**self.health.episodes, ERROR_ALARM: self.counters.error_episodes}
 
-    # ------------------------------------------------------------ feature workers
-    def attach(self, pool) -> None:
-        """Classify chunks in ``pool``'s worker processes (forked after this pipeline was built:
-        they share its ring) while this process goes on with the next lines; decisions stay
-        here, in stream order, the same as without workers. ``pool`` has ``submit(key,
-        request) -> bool`` (False: every worker's queue is full; the chunk is then classified
-        here), ``poll()`` and ``wait(key)``, both giving the results in as (key, result) pairs
-        and raising when a worker died. None detaches (with nothing left waiting)."""
-        if pool is not None:
-            need = self.queue_chunks * self.chunk_lines + self.max_particle_lines
-            if self.queue_chunks < 1 or need > self.ring_lines:
-                raise ValueError(f"the ring ({self.ring_lines} lines) must hold {self.queue_chunks} queued chunks of "
-                                 f"{self.chunk_lines} lines and the longest particle ({self.max_particle_lines}); "
-                                 "build the pipeline with queue_chunks >= 1")
-        elif self._pending:
-            raise RuntimeError("chunks are still waiting for the feature workers")
-        self._pool = pool
-
-    def detach(self) -> None:
-        """Forget the feature workers and whatever was still out with them (the run ended)."""
-        self._pool = None
-        self._pending.clear()
-        self._waiting.clear()
-
-    def serve_features(self, model: OnnxModel) -> None:
-        """Make this copy of the pipeline (in a feature worker forked from the loop's process)
-        ready to :meth:`classify`: its own model session, the shared ring read-only (only the
-        loop writes it), and the first-call costs paid with the argument types met on the belt
-        (the read-only ring; boxes, masks and flags as they come out of a pipe: an unwarmed
-        worker paid a 10-12 ms compile on its first chunk)."""
-        import pickle
-
-        self.model = model
-        ring = self._ring.view()
-        ring.flags.writeable = False
-        self._ring = ring
-        self.tramp.warm_up(ring)  # (passes the tramp gate on purpose)
-        boxes = np.array([[self.ring_lines - 1, 0, 2, 2], [0, 1, 3, 2]], np.int64)
-        masks = [np.ones((2, 2), bool), np.ones((3, 2), bool)]
-        for request in ((boxes, masks, None, None, np.ones(2, bool)),
-                        (boxes, masks, ["warm-up", None], np.array([False, True]), np.ones(2, bool))):
-            self.classify(pickle.loads(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
-
-    def _step_queued(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
-        """:meth:`step` with feature workers: first make room in the ring for the chunk's lines
-        (decide what still reads the lines they overwrite), then the chunk."""
-        self._steps += 1
-        events = self._drain(overwrite=first_line + raw.shape[0] - 1) if self._pending else []
-        events += self._epochs(first_line, raw, t_in)
-        self._chunk_ends()
-        return events
-
-    def _chunk_ends(self) -> None:
-        """The end of a chunk (a step) for the episodes of particle errors: now, when none of
-        its particles wait; else after its last job is decided."""
-        pending = self._pending
-        if not pending:
-            self._end_chunk()
-        elif pending[-1].step == self._steps:
-            pending[-1].end = True
-
-    def _queue(self, job: _Job) -> list[dict]:
-        """Send ``job`` to a worker (or classify it here when every queue is full), then decide
-        whatever is ready in stream order."""
-        self._jobs += 1
-        job.key, job.step = self._jobs, self._steps
-        if job.ints.shape[0] == 0 or not self._pool.submit(job.key, job.request):
-            self.local_jobs += job.ints.shape[0] > 0
-            job.result = self.classify(job.request)
-        else:
-            self._waiting[job.key] = job
-        self._pending.append(job)
-        return self._drain()
-
-    def _take(self, results: list) -> None:
-        for key, result in results:
-            self._waiting.pop(key).result = result
-
-    def _drain(self, overwrite: int | None = None, everything: bool = False) -> list[dict]:
-        """Decide the waiting chunks whose results are in, in stream order; wait for the oldest
-        when ``everything`` is asked for, when more than ``queue_chunks`` wait, or when writing
-        stream line ``overwrite`` into the ring would overwrite lines a waiting chunk reads."""
-        events: list[dict] = []
-        pending = self._pending
-        if self._waiting:
-            self._take(self._pool.poll())
-        while pending:
-            head = pending[0]
-            if head.result is None:
-                must = everything or len(pending) > self.queue_chunks or (
-                    overwrite is not None and overwrite - min(j.line0 for j in pending) >= self.ring_lines)
-                if not must:
-                    break
-                self._take(self._pool.wait(head.key))
-                continue
-            pending.popleft()
-            events += self._finish(head, head.result)
-            if head.end:
-                self._end_chunk()
-        return events
-
     # ------------------------------------------------------------ the fail-safe fallbacks
     def _plan_each(self, ints: np.ndarray, err: list) -> tuple:
         """:func:`_chunk_plan` one particle at a time, after the chunk's batch raised. A particle
@@ -636,7 +428,7 @@ class Pipeline:
             return self._finish(job, self.classify(job.request))
         return self._queue(job)
 
-    def _prepare(self, done: list[Completed]) -> "_Job":
+    def _prepare(self, done: list[Completed]) -> ChunkJob:
         """Everything of a chunk's decisions that reads the stream's state as it stands now
         (the plan, the overload shedding, line health, splices), and the request to classify it."""
         # by last line: the order in which the stream completes them, whatever the chunk size
@@ -682,7 +474,7 @@ class Pipeline:
             suspect = [self.health.suspect(p.line0, p.line1, p.col0, p.col1) for p in done]
         judge = np.array([not p.too_long for p in done], bool)
         request = (boxes, [p.mask for p in done], err, undecided, judge)
-        return _Job(done, ints, cents, lo, hi, times, request, on_splice, suspect, time.perf_counter() - t0)
+        return ChunkJob(done, ints, cents, lo, hi, times, request, on_splice, suspect, time.perf_counter() - t0)
 
     def classify(self, request: tuple) -> tuple:
         """Features, scores and the tramp check of one chunk's particles (``request`` from
@@ -744,7 +536,7 @@ class Pipeline:
             scores[tramp] = 0.0
         return scores, tramp, err, t1 - t0, n - n_skip, time.perf_counter() - t1
 
-    def _finish(self, job: "_Job", result: tuple) -> list[dict]:
+    def _finish(self, job: ChunkJob, result: tuple) -> list[dict]:
         """The chunk's decisions and events from its classification (:meth:`classify`)."""
         scores, tramp, err, feat_s, n_featured, cls_s = result
         done, ints, lo, hi, times = job.done, job.ints, job.lo, job.hi, job.times
