@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import pickle
+import time
 from collections import deque
 
 import numpy as np
@@ -56,8 +57,8 @@ class FeatureQueue:
         they share its ring) while this process goes on with the next lines; decisions stay
         here, in stream order, the same as without workers. ``pool`` has ``submit(key,
         request) -> bool`` (False: every worker's queue is full; the chunk is then classified
-        here), ``poll()`` and ``wait(key)``, both giving the results in as (key, result) pairs
-        and raising when a worker died. None detaches (with nothing left waiting)."""
+        here), ``poll(timeout_s=0)`` and ``wait(key)``, both giving the results in as (key,
+        result) pairs and raising when a worker died. None detaches (with nothing left waiting)."""
         if pool is not None:
             need = self.queue_chunks * self.chunk_lines + self.max_particle_lines
             if self.queue_chunks < 1 or need > self.ring_lines:
@@ -98,6 +99,24 @@ class FeatureQueue:
         events = self._drain(overwrite=first_line + raw.shape[0] - 1) if self._pending else []
         events += self._epochs(first_line, raw, t_in)
         self._chunk_ends()
+        if self.shed_late and self._waiting:
+            # live: a loop that keeps up has nothing to do until the next chunk's last line
+            # arrives (a chunk period after this one's): it decides the chunks out with the
+            # workers as their scores come back in the meantime, not a chunk later (a loop
+            # that is behind has no such time: it goes on at once, pipelined)
+            events += self._drain_until(t_in + raw.shape[0] / self.timing.line_rate_hz)
+        return events
+
+    def _drain_until(self, t_next: float) -> list[dict]:
+        """Wait for the workers' results until wall time ``t_next`` at most, deciding in stream
+        order what comes back; return as soon as nothing is out any more."""
+        events: list[dict] = []
+        while self._waiting:
+            left = t_next - time.perf_counter()
+            if left <= 0:
+                break
+            self._take(self._pool.poll(left))
+            events += self._drain()
         return events
 
     def _chunk_ends(self) -> None:

@@ -21,6 +21,7 @@ the parent's alone (it stops after the current chunk and decides what is still o
 from __future__ import annotations
 
 import gc
+import math
 import multiprocessing as mp
 import os
 import select
@@ -189,9 +190,10 @@ class FeaturePool:
         self._owner[key] = k
         return True
 
-    def poll(self) -> list:
-        """The results that are in, without waiting (one system call when none are)."""
-        return self._collect(0.0)
+    def poll(self, timeout_s: float = 0.0) -> list:
+        """The results that are in (one system call when none are), waiting up to ``timeout_s``
+        for the first of them."""
+        return self._collect(timeout_s)
 
     def wait(self, key: int) -> list:
         """The results that are in, waiting until ``key``'s is among them."""
@@ -212,7 +214,7 @@ class FeaturePool:
                 self._fd[conn.fileno()], self._fd[p.sentinel] = (k, True), (k, False)
         got = []
         dead = []
-        for fd, _ in self._poller.poll(int(timeout * 1000)):
+        for fd, _ in self._poller.poll(math.ceil(timeout * 1000)):
             k, is_pipe = self._fd[fd]
             if not is_pipe:
                 dead.append(k)
