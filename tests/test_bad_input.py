@@ -698,7 +698,7 @@ CASES = {
     # output files and folders
     "events_missing_folder": _events_missing_folder,
     "summary_json_missing_folder": _summary_json_missing_folder(1),
-    "summary_json_missing_folder_lanes": _summary_json_missing_folder(2),
+    "summary_json_missing_folder_workers": _summary_json_missing_folder(2),
     "predict_out_missing_folder": _predict_out_missing_folder,
     "train_out_missing_folder": _train_out_missing_folder,
     "bench_json_missing_folder": _bench_json_missing_folder,
@@ -844,7 +844,7 @@ def test_extra_truth_columns_are_accepted(fx, tmp_path, capsys):
 # ---------------------------------------------------------------- a real terminal
 SUBPROCESS_CASES = ["crop_truncated", "crop_float", "lines_short", "one_class", "model_other_version",
                     "sorter_nan_distance", "machine_nan_kvp", "events_missing_folder",
-                    "summary_json_missing_folder_lanes", "simulate_belt_not_empty", "model_is_folder",
+                    "summary_json_missing_folder_workers", "simulate_belt_not_empty", "model_is_folder",
                     "inspect_truncated_crop", "inspect_model_other_version", "inspect_sorter_negative_pitch"]
 
 

@@ -49,19 +49,19 @@ def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
     assert "dense" not in r  # only on a belt the bench simulates itself
 
 
-def test_bench_lanes_keys(small_belt, small_model, tmp_path, capsys):
+def test_bench_workers_keys(small_belt, small_model, tmp_path, capsys):
+    """The particle-parallel runs, under the ``lanes`` key readers of the bench JSON know."""
     out = tmp_path / "bench.json"
     assert main(["bench", "--recording", str(small_belt), "--model", str(small_model), "--workers", "2",
                  "--repeats", "1", "--json", str(out), "--quiet"]) == 0
     r = json.loads(out.read_text())
     lanes = r["lanes"]
-    assert (f"lanes: 2 workers {lanes['realtime_factor']:.2f}x = {lanes['speedup_over_one_worker']:.2f}x one worker "
-            "(target 1.7x for 2: ") in capsys.readouterr().out
+    assert (f"workers: 2 processes (particle-parallel) {lanes['realtime_factor']:.2f}x = "
+            f"{lanes['speedup_over_one_worker']:.2f}x one worker (target 1.7x for 2: ") in capsys.readouterr().out
+    assert lanes["mode"] == "particle-parallel"
     assert lanes["workers"] == 2 and lanes["particles"] == r["particles"]
     assert lanes["speedup_over_one_worker"] == pytest.approx(lanes["throughput_lines_s"] / r["throughput_lines_s"])
     assert lanes["realtime_factor"] == pytest.approx(lanes["throughput_lines_s"] / r["line_rate_hz"])
-    (lo0, hi0), (lo1, hi1) = lanes["columns"]
-    assert lo0 == 0 and hi1 == r["pixels"] and lo1 < hi0  # the belt covered, with an overlap
-    assert len(lanes["lane_cpu_s"]) == len(lanes["lane_wall_s"]) == 2 and lanes["merge_cpu_s"] >= 0
-    wall = r["lines"] / lanes["throughput_lines_s"]
-    assert all(0 < w <= wall + 1e-6 for w in lanes["lane_wall_s"])  # no lane outlasts the run
+    assert len(lanes["worker_cpu_s"]) == len(lanes["worker_chunks"]) == 1
+    assert lanes["cpu_s"] == pytest.approx(lanes["loop_cpu_s"] + sum(lanes["worker_cpu_s"]), abs=1e-3)
+    assert lanes["one_worker_cpu_s"] > 0 and lanes["worker_chunks"][0] + lanes["local_chunks"] > 0

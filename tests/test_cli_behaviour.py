@@ -55,23 +55,20 @@ def test_a_signal_during_set_up_exits_128_plus_signum(small_belt, small_model, t
     assert signal.getsignal(signal.SIGTERM) is not None  # main() put its handler back
 
 
-def test_a_signal_while_lanes_set_up_exits_143(small_belt, small_model, tmp_path, capsys, monkeypatch):
-    """With --workers 2 the parent holds the signal until the lanes have reported ready, then
-    kills them: the same 143 (not the 130 of a Ctrl-C), and no lane is left behind."""
+def test_a_signal_while_workers_set_up_exits_143(small_belt, small_model, tmp_path, capsys, monkeypatch):
+    """With --workers 2 a signal while the feature workers set up ends the run before the belt
+    starts: the same 143 (not the 130 of a Ctrl-C), and no worker is left behind."""
     import multiprocessing as mp
 
-    from sorting.realtime import lanes
+    from sorting.realtime import parallel
 
-    real = lanes._Watch.message
-    sent = []
+    real = parallel.FeaturePool._wait_ready
 
-    def message(self):
-        if not sent:
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self)
+    def wait_ready(self, *args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args)
 
-    monkeypatch.setattr(lanes._Watch, "message", message)
+    monkeypatch.setattr(parallel.FeaturePool, "_wait_ready", wait_ready)
     rc, _, err = _cli(["run", small_belt, "--model", small_model, "--sorter", SORTER, "--events",
                        tmp_path / "ev.jsonl", "--workers", "2", "--quiet"], capsys)
     assert rc == 143, err

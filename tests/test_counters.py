@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sorting.realtime.stream import LatencyHistogram
+from sorting.realtime.counters import LatencyHistogram
 
 
 @pytest.mark.parametrize("scale", [0.5, 5.0, 80.0])

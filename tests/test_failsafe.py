@@ -264,10 +264,10 @@ def test_failures_and_overload_together(rec, model, sorter, clean, monkeypatch):
         [e for e in calm.events if e["first_line"] not in keep])
 
 
-# ------------------------------------------------------------------ the command line, one worker and lanes
-def test_cli_run_reports_particle_errors_with_one_worker_and_with_lanes(small_belt, small_model, clean, tmp_path,
+# ------------------------------------------------------------------ the command line, one and two processes
+def test_cli_run_reports_particle_errors_with_one_worker_and_with_workers(small_belt, small_model, clean, tmp_path,
                                                                        monkeypatch, capsys):
-    """`sorting run` and `sorting run --workers 2` (the lanes fork after the patch: they inherit
+    """`sorting run` and `sorting run --workers 2` (the feature workers fork after the patch: they inherit
     it): the same events, the errors in the event log, the summary text and its JSON."""
     targets = _targets(clean[0].events)
     failed = {t["first_line"] for t in targets}

@@ -564,8 +564,10 @@ def test_cli_run_paced_at_the_line_rate_is_never_late(short_belt, small_model, s
     assert "late ejects 0, undecided (overload) 0" in out
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_cli_run_listening_on_tcp_sorts_like_the_replay(short_belt, small_model, sorter_yaml, model, sorter,
-                                                        tmp_path, capsys):
+                                                        tmp_path, capsys, workers):
+    """A live stream, with one process or with a feature worker beside the loop."""
     short = read_belt_recording(short_belt)
     with socket.socket() as probe:  # a free port for --listen
         probe.bind(("127.0.0.1", 0))
@@ -587,7 +589,8 @@ def test_cli_run_listening_on_tcp_sorts_like_the_replay(short_belt, small_model,
     client.start()
     events, summary = tmp_path / "ev.jsonl", tmp_path / "summary.json"
     code = main(["run", str(short_belt), "--model", str(small_model), "--sorter", str(sorter_yaml), "--events",
-                 str(events), "--quiet", "--listen", f"127.0.0.1:{port}", "--summary-json", str(summary)])
+                 str(events), "--quiet", "--listen", f"127.0.0.1:{port}", "--summary-json", str(summary),
+                 "--workers", str(workers)])
     client.join(10)
     assert code == 0
     s = json.loads(summary.read_text())

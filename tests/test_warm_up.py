@@ -88,3 +88,77 @@ def test_no_compilation_on_a_belt_with_splices_tramp_and_slabs(objects_belt, sma
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok"), proc.stdout
+
+
+WORKER_SCRIPT = textwrap.dedent('''
+    import dataclasses, importlib, os, pkgutil, sys
+    from pathlib import Path
+    from numba.core.registry import CPUDispatcher
+    import sorting
+    from sorting.config import CONFIG_DIR, load_sorter
+    from sorting.io import read_belt_recording
+    from sorting.stages.inference import load_model
+    from sorting.realtime.parallel import queue_chunks, run_parallel
+    from sorting.realtime.runner import build_pipeline, timing_of
+    from sorting.realtime.sources import replay
+    from sorting.realtime.stream import Pipeline
+    from sorting.twin.faults import FaultSpec, inject
+
+    kernels = {}
+    for info in pkgutil.walk_packages(sorting.__path__, "sorting."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, CPUDispatcher) and obj.__module__ == info.name:
+                kernels[info.name + "." + name] = obj
+    parent = os.getpid()
+    real_serve, real_classify = Pipeline.serve_features, Pipeline.classify
+    state = {"warm": False, "calls": 0}
+
+    def serve(self, model):
+        real_serve(self, model)
+        state["warm"] = True  # from here on, nothing may compile or import
+
+    def classify(self, request):
+        if os.getpid() == parent or not state["warm"]:
+            return real_classify(self, request)
+        before = {k: len(d.signatures) for k, d in kernels.items()}
+        modules = set(sys.modules)
+        out = real_classify(self, request)
+        grew = {k: (before[k], len(d.signatures)) for k, d in kernels.items() if len(d.signatures) != before[k]}
+        new = sorted(set(sys.modules) - modules)
+        if grew or new:
+            raise AssertionError(f"a feature worker compiled {grew} / imported {new[:10]} on the belt")
+        return out
+
+    Pipeline.serve_features, Pipeline.classify = serve, classify
+    rec = read_belt_recording(Path(sys.argv[1]))
+    timing = timing_of(rec.meta)
+    ref = load_sorter(CONFIG_DIR / "sorter_reference.yaml")
+    sorter = dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=0.5))
+    pipe = build_pipeline(rec.calibration, load_model(sys.argv[2]), sorter, timing, "sorter", 32,
+                          queue_chunks=queue_chunks(2))
+    faults = [FaultSpec("stuck_module", 900, 200, col0=600, n_cols=64), FaultSpec("saturated", 2000, 40)]
+    out = run_parallel(inject(replay(rec.lines, timing.line_rate_hz, 32, False), faults, pipe.cal), pipe,
+                       sys.argv[2], 2, keep_events=False)
+    s = out.summary
+    assert s["worker_chunks"][0] > 20, s
+    if len(sys.argv) > 3:
+        assert s["tramp"] >= 1, s
+    print("ok", s["worker_chunks"][0], "chunks in the worker")
+''')
+
+
+def test_a_feature_worker_compiles_nothing_on_the_belt(small_belt, small_model):
+    """A feature worker is warmed up with the types it meets on the belt (its read-only view
+    of the ring, boxes and masks out of a pipe): none of its chunks compiles or imports."""
+    proc = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(small_belt), str(small_model)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok"), proc.stdout
+
+
+def test_a_feature_worker_compiles_nothing_on_a_belt_with_tramp(objects_belt, small_model):
+    proc = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(objects_belt), str(small_model), "objects"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok"), proc.stdout

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="take lines from a TCP line stream (sorting/wire.py) instead of lines.u16")
     run.add_argument("--summary-json", type=Path, default=None, help="write the run summary as JSON")
     run.add_argument("--workers", type=int, default=1,
-                     help="lane-parallel worker processes, each owning a range of columns (replay only)")
+                     help="processes: the loop (lines, particles, decisions) and N-1 feature workers "
+                          "(features, scores); the events equal one worker's")
     run.add_argument("--save-crops", type=Path, default=None, metavar="DIR",
                      help="write the decided particles' crops to DIR as an xrt-rocks/1 dataset (new or empty "
                      "folder; one worker only)")
@@ -116,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunk-lines", type=int, default=32)
     bench.add_argument("--no-paced", action="store_true", help="skip the paced (latency) run")
     bench.add_argument("--repeats", type=int, default=3,
-                       help="unpaced and lane runs each (the median is reported; default 3)")
+                       help="unpaced and --workers runs each (the median is reported; default 3)")
     bench.add_argument("--dense-seconds", type=float, default=8.0,
                        help="belt seconds of the paced run at twice the occupancy, on a simulated belt "
                        "(0: skip; default 8)")
     bench.add_argument("--workers", type=int, default=2,
-                       help="also measure lane-parallel throughput with this many workers (0 = skip)")
+                       help="also measure particle-parallel throughput with this many processes (0 or 1 = skip)")
     bench.add_argument("--save-crops", action="store_true",
                        help="also the paced run with every decided particle's crop saved (run --save-crops)")
     bench.add_argument("--quiet", action="store_true")

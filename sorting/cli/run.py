@@ -7,11 +7,10 @@ import sys
 
 from sorting.cli.options import option
 from sorting.errors import InputError, Interrupted
-from sorting.realtime.lanes import lane_plan
+from sorting.realtime.parallel import check_workers, queue_chunks, run_parallel
 from sorting.realtime.runner import (
     build_pipeline,
     check_chunk_lines,
-    run_loop,
     signal_name,
     timing_of,
 )
@@ -142,12 +141,10 @@ def cli_run(args) -> int:
         raise InputError("--save-crops", "works with one worker only (--workers 1)")
     rec, model, sorter = _load_run_inputs(args)
     timing = timing_of(rec.meta)
-    if args.workers != 1:
-        with option("--workers"):
-            lane_plan(timing, args.workers)
-        return _cli_run_lanes(args, rec, sorter, timing)
+    with option("--workers"):
+        check_workers(args.workers)
     pipeline = build_pipeline(rec.calibration, model, sorter, timing, str(args.sorter), args.chunk_lines,
-                              shed_late=bool(args.realtime or args.listen))
+                              shed_late=bool(args.realtime or args.listen), queue_chunks=queue_chunks(args.workers))
     saver = None
     if args.save_crops is not None:
         from sorting.realtime.crops import check_save_dir, start_saving
@@ -175,8 +172,9 @@ def cli_run(args) -> int:
         total, stop, source = rec.n_lines, None, None
     log = EventLog(args.events)
     try:
-        result = run_loop(chunks, pipeline, log, valves, keep_events=rec.truth is not None, total_lines=total,
-                          progress=not args.quiet, on_signal=stop)
+        result = run_parallel(chunks, pipeline, args.model, args.workers, log=log, valves=valves,
+                              keep_events=rec.truth is not None, total_lines=total, progress=not args.quiet,
+                              on_signal=stop)
     finally:
         crops = saver.close() if saver is not None else None
     if crops is not None:
@@ -185,6 +183,10 @@ def cli_run(args) -> int:
               f"{crops['dropped']} dropped (writer behind), {crops['crops_skipped']} skipped"
               + (": " + "; ".join(f"{k} {v}" for k, v in sorted(crops["skipped"].items())) if crops["skipped"]
                  else ""), file=sys.stderr)
+    if args.workers > 1:
+        s = result.summary
+        print(f"{args.workers} processes: the loop and {args.workers - 1} feature workers "
+              f"({s['local_chunks']} chunks classified in the loop, {sum(s['worker_chunks'])} by the workers)")
     if source is not None:
         result.summary["tcp"] = {k: getattr(source, k) for k in
                                  ("connections", "frames", "lines", "rejected", "broken", "stale", "seq_gaps")}
@@ -226,21 +228,3 @@ def _report(args, summary: dict, outcome, detection, log) -> int:
             raise InputError("--summary-json", f"{args.summary_json}: cannot write ({exc.strerror})") from None
     sys.stdout.flush()
     return exit_status(summary)
-
-
-def _cli_run_lanes(args, rec, sorter, timing) -> int:
-    from sorting.realtime.lanes import run_lanes
-    from sorting.realtime.sinks import parse_hostport
-
-    if args.listen:
-        raise InputError("--workers", "lane-parallel mode reads a recording; it cannot take --listen")
-    valves = None
-    if args.udp:
-        host, port = parse_hostport(args.udp, "--udp")
-        with option("--udp"):
-            valves = UDPValveSink(host, port, sorter.ejector.valves)
-    log = EventLog(args.events)
-    result = run_lanes(args.recording, args.model, args.sorter, args.workers, args.chunk_lines, args.realtime,
-                       log=log, valves=valves)
-    print(f"{args.workers} lane-parallel workers, columns {result.summary['lanes']}")
-    return _score_and_report(args, rec, sorter, timing, result.summary, result.events, log)

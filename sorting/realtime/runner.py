@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from sorting.config import SorterConfig
 from sorting.errors import InputError
+from sorting.realtime.counters import LatencyHistogram
 from sorting.realtime.sinks import EventLog, UDPValveSink
 from sorting.realtime.sources import Chunk
-from sorting.realtime.stream import LatencyHistogram, Pipeline
+from sorting.realtime.stream import Pipeline
 from sorting.stages.calibrate import Calibration, calibrate
 from sorting.stages.eject import Timing, check_geometry
 from sorting.stages.inference import OnnxModel
@@ -104,8 +105,8 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     stopped = False
     signum = None
     try:
-        # the loop is single-threaded by design (one core per belt or lane): a BLAS thread pool
-        # would only spin against the other lanes and the acquisition
+        # the loop is single-threaded by design (one core per process): a BLAS thread pool
+        # would only spin against the feature workers and the acquisition
         def deliver(events: list[dict]) -> None:
             if not events:
                 return
@@ -185,7 +186,7 @@ def check_chunk_lines(chunk_lines: int) -> None:
 def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,
                    chunk_lines: int = 32, **window) -> Pipeline:
     """Calibrate from ``scans`` (or take a ready Calibration) and set up the loop; ``window`` =
-    Pipeline's x0, width, claim (lanes)."""
+    Pipeline's x0, width, claim (a window of columns), shed_late, queue_chunks."""
     check_geometry(sorter.ejector, timing, sorter_path)
     check_chunk_lines(chunk_lines)
     cal = scans if isinstance(scans, Calibration) else calibrate(scans)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
 from sorting.config import SorterConfig
+from sorting.realtime.counters import Counters
 from sorting.realtime.health import ChunkHealth, LineHealth, good_runs, runs
+from sorting.realtime.inflight import ChunkJob, FeatureQueue, ring_buffer
 from sorting.stages import split
 from sorting.stages.air import AirSums, AirTracker
 from sorting.stages.calibrate import Calibration
@@ -102,95 +103,25 @@ def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, re
     return out
 
 
-class LatencyHistogram:
-    """Latency percentiles over a run of any length in fixed memory: 10 us bins up to 2 s
-    (slower decisions land in the last bin; the exact maximum is kept aside)."""
-
-    BIN_MS = 0.01
-    BINS = 200_000
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(self.BINS, np.int64)
-        self.max_ms = 0.0
-        self.n = 0
-
-    def add(self, latency_ms: float) -> None:
-        i = int(latency_ms / self.BIN_MS)
-        self.counts[min(max(i, 0), self.BINS - 1)] += 1
-        self.max_ms = max(self.max_ms, latency_ms)
-        self.n += 1
-
-    def add_many(self, latency_ms: np.ndarray) -> None:
-        """:meth:`add` for each value of a (n,) float array (one chunk's particles)."""
-        if latency_ms.size == 0:
-            return
-        values = latency_ms.tolist()
-        counts, top, bin_ms = self.counts, self.BINS - 1, self.BIN_MS
-        for v in values:  # a handful per chunk: in Python scalars, ~0.2 us each (np.clip alone costs ~5 us)
-            counts[min(max(int(v / bin_ms), 0), top)] += 1
-        self.max_ms = max(self.max_ms, max(values))
-        self.n += len(values)
-
-    def percentile(self, q: float) -> float:
-        if self.n == 0:
-            return 0.0
-        k = int(np.searchsorted(np.cumsum(self.counts), q / 100.0 * self.n, side="left"))
-        return min((k + 1) * self.BIN_MS, self.max_ms)  # upper edge of the bin: never optimistic
-
-    def summary(self) -> dict:
-        return {"p50": self.percentile(50), "p99": self.percentile(99), "p999": self.percentile(99.9),
-                "max": self.max_ms}
-
-
-@dataclass
-class Counters:
-    chunks: int = 0
-    lines: int = 0
-    particles: int = 0
-    ejected: int = 0
-    passed: int = 0
-    late: int = 0
-    cut: int = 0
-    too_long: int = 0
-    gaps: int = 0
-    dropped_lines: int = 0
-    valve_errors: int = 0
-    undecided: int = 0
-    particle_errors: int = 0  # particles passed because their own processing raised
-    error_episodes: int = 0  # ... alarms: runs of consecutive chunks with such particles
-    tramp: int = 0
-    over_cap: int = 0
-    splices: int = 0
-    splice_lines: int = 0
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-
-    def summary(self) -> dict:
-        return {
-            "chunks": self.chunks, "lines": self.lines, "particles": self.particles,
-            "ejected": self.ejected, "passed": self.passed, "late": self.late, "cut": self.cut,
-            "too_long": self.too_long, "gaps": self.gaps, "dropped_lines": self.dropped_lines,
-            "valve_errors": self.valve_errors,
-            "undecided": self.undecided,
-            "particle_errors": self.particle_errors,
-            "tramp": self.tramp, "over_cap": self.over_cap, "splices": self.splices,
-            "splice_lines": self.splice_lines,
-            "latency_ms": self.latency.summary(),
-        }
-
-
-class Pipeline:
+class Pipeline(FeatureQueue):
     """One chunk at a time, in stream order. Not thread-safe; one per belt (or lane)."""
 
     def __init__(self, cal: Calibration, model: OnnxModel, sorter: SorterConfig, timing: Timing,
                  seg: SegmentConfig = SegmentConfig(), chunk_lines: int = 32, max_particle_lines: int = 512,
                  line_pitch_mm: float | None = None, x0: int = 0, width: int | None = None,
-                 claim: Callable[[int, int], bool] | None = None, shed_late: bool = False):
+                 claim: Callable[[int, int], bool] | None = None, shed_late: bool = False,
+                 queue_chunks: int = 0):
         """``x0``/``width``: the detector columns this pipeline sees (a lane; default the whole
         belt). ``claim(col0, col1)``, in window columns, decides on each whole connected
         component (before touching rocks are split) whether this pipeline owns it.
         ``shed_late``: on a live stream, leave particles whose command is already due
         undecided instead of classifying them (overload protection; off for replays run as
-        fast as possible, where wall-clock age means nothing)."""
+        fast as possible, where wall-clock age means nothing).
+        ``queue_chunks``: chunks whose particles may wait for feature workers (:meth:`attach`)
+        at once; the ring grows to hold them besides the longest particle, in memory shared
+        with processes forked after this (0: one process, a private ring)."""
+        if queue_chunks < 0:
+            raise ValueError(f"queue_chunks must be >= 0, got {queue_chunks}")
         self.shed_late = shed_late
         self.cal, self.model, self.sorter, self.timing = cal, model, sorter, timing
         self.seg = seg
@@ -204,8 +135,12 @@ class Pipeline:
         self.segmenter = StreamSegmenter(self.pixels, cal, timing.pixel_pitch_mm, self.line_pitch_mm, seg,
                                          max_particle_lines, claim=claim)
         # the ring must still hold a particle's first lines (and margin) when it completes
-        self.ring_lines = 1 << int(np.ceil(np.log2(max_particle_lines + 2 * chunk_lines + 2 * CROP_MARGIN_PX + 8)))
-        self._ring = np.zeros((self.ring_lines, self.pixels, 2), np.float32)
+        # (and, with feature workers, while the chunks queued after it are written)
+        self.queue_chunks = int(queue_chunks)
+        self.chunk_lines, self.max_particle_lines = int(chunk_lines), int(max_particle_lines)
+        self.ring_lines = 1 << int(np.ceil(np.log2(max_particle_lines + (2 + self.queue_chunks) * chunk_lines
+                                                   + 2 * CROP_MARGIN_PX + 8)))
+        self._ring = ring_buffer((self.ring_lines, self.pixels, 2), shared=self.queue_chunks > 0)
         self._ring.fill(0.0)  # touch every page now (np.zeros maps them lazily): no page faults on the belt
         self._arrival = np.zeros(self.ring_lines, np.float64)
         self.crop_sink = None  # --save-crops (attach_crop_sink); nothing is kept otherwise
@@ -216,6 +151,7 @@ class Pipeline:
         self._x = np.empty((64, len(FEATURE_NAMES)), np.float32)
         self._plan_p = plan_parameters(sorter.ejector, timing)
         self.counters = Counters()
+        self._init_queue()  # feature workers (attach): none yet
         self._next_id = 0
         self._expected: int | None = None
         self._cost_ms = 0.5  # running mean of the time to decide one particle
@@ -311,6 +247,8 @@ class Pipeline:
         so the tracked air level a line is normalized with does not depend on chunking. A
         chunk of no lines changes nothing.
         """
+        if self._pool is not None:
+            return self._step_queued(first_line, raw, t_in)
         events = self._epochs(first_line, raw, t_in)
         self._end_chunk()
         return events
@@ -416,8 +354,14 @@ class Pipeline:
         self._splice_spans = [sp for sp in spans if sp[1] >= keep_from]
 
     def finish(self) -> list[dict]:
-        """End of stream: particles still open are cut."""
+        """End of stream: particles still open are cut (and, with feature workers, every chunk
+        still out is waited for and decided)."""
         done = self.segmenter.flush()
+        if self._pool is not None:
+            self._steps += 1
+            events = self._decide(done)
+            self._chunk_ends()
+            return events + self._drain(everything=True)
         events = self._decide(done)
         self._end_chunk()
         if self.crop_sink is not None:
@@ -504,12 +448,21 @@ class Pipeline:
 
     # ------------------------------------------------------------ decisions
     def _decide(self, done: list[Completed]) -> list[dict]:
+        """A chunk's completed particles: planned (:meth:`_prepare`), classified
+        (:meth:`classify`: features, scores, tramp) and decided (:meth:`_finish`); with feature
+        workers attached (:meth:`attach`), classified by a worker while the loop goes on, and
+        decided in stream order when their scores are back."""
+        job = self._prepare(done)
+        if self._pool is None:
+            return self._finish(job, self.classify(job.request))
+        return self._queue(job)
+
+    def _prepare(self, done: list[Completed]) -> ChunkJob:
+        """Everything of a chunk's decisions that reads the stream's state as it stands now
+        (the plan, the overload shedding, line health, splices), and the request to classify it."""
         # by last line: the order in which the stream completes them, whatever the chunk size
         done.sort(key=lambda p: (p.line1, p.line0, p.col0))
         n = len(done)
-        if n > self._x.shape[0]:
-            self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
-        x = self._x[:n]
         t0 = time.perf_counter()
         # per particle: first line, first column, last line, last column, area (px); centroid line, column
         ints = np.array([(p.line0, p.col0, p.line1, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
@@ -530,21 +483,47 @@ class Pipeline:
         # overload: a particle whose command is already due cannot be ejected any more;
         # it is not classified (that time goes to the particles still in time), passes and is
         # logged late and undecided
-        n_und = 0
+        undecided = None
         if self.shed_late:
             age_ms = (t0 - self._arrival[ints[:, 2] & (self.ring_lines - 1)]) * 1000.0
             # deciding this chunk's particles takes about n times the running cost of one
             busy_ms = SHED_MARGIN_MS + self._cost_ms * n
-            undecided = age_ms + busy_ms > times[3]
-            n_und = int(np.count_nonzero(undecided))
+            shed = age_ms + busy_ms > times[3]
+            if shed.any():
+                undecided = shed
+        on_splice = [False] * n
+        if self._splice_spans and n and self._splice_spans[-1][1] >= int(ints[:, 0].min()):
+            sp = np.array(self._splice_spans, np.int64)
+            on_splice = ((sp[None, :, 0] <= ints[:, 2:3]) & (sp[None, :, 1] >= ints[:, 0:1])).any(axis=1).tolist()
+        # next to a frozen detector module a particle may be mis-read (it passes); none can be
+        # when no column froze since the chunk's earliest particle began
+        last_bad = self.health.last_bad_line
+        suspect = [False] * n
+        if n > 0 and last_bad >= 0 and last_bad >= int(ints[:, 0].min()):
+            suspect = [self.health.suspect(p.line0, p.line1, p.col0, p.col1) for p in done]
+        judge = np.array([not p.too_long for p in done], bool)
+        request = (boxes, [p.mask for p in done], err, undecided, judge)
+        return ChunkJob(done, ints, cents, lo, hi, times, request, on_splice, suspect, time.perf_counter() - t0)
+
+    def classify(self, request: tuple) -> tuple:
+        """Features, scores and the tramp check of one chunk's particles (``request`` from
+        :meth:`_prepare`: boxes, masks, errors so far, shed particles, particles the tramp check
+        may judge), from the ring. Returns (scores with failed, shed and tramp particles at 0,
+        tramp flags, errors, features seconds, particles featured, scores-and-tramp seconds).
+        A feature worker runs this on its read-only view of the ring."""
+        boxes, masks, err, undecided, judge = request
+        n = boxes.shape[0]
+        if n > self._x.shape[0]:
+            self._x = np.empty((2 * n, self._x.shape[1]), np.float32)
+        x = self._x[:n]
+        t0 = time.perf_counter()
         # not classified: shed (overload) or failed
-        skip = undecided if n_und else None
+        skip = undecided
         if err is not None:
-            skip = self._failed(err, undecided if n_und else None)
+            skip = self._failed(err, undecided)
         n_skip = int(np.count_nonzero(skip)) if skip is not None else 0
         # every particle of the chunk in one pass (the same kernel as training), its box read
         # from the ring
-        masks = [p.mask for p in done]
         if n_skip:
             x[skip] = 0.0
             keep = np.flatnonzero(~skip)
@@ -555,22 +534,19 @@ class Pipeline:
         elif n:
             err = self._features(boxes, masks, x, None, err, n)
         t1 = time.perf_counter()
-        if n > n_skip:
-            self._cost_ms += 0.1 * ((t1 - t0) * 1000.0 / (n - n_skip) - self._cost_ms)
         if n:
             try:
                 scores = np.clip(self.model.scores_f32(x), 0.0, 1.0)
             except Exception:  # noqa: BLE001 - isolate the failing particle(s)
                 err = err if err is not None else [None] * n
-                scores = self._scores_each(x, self._failed(err, undecided if n_und else None), err)
+                scores = self._scores_each(x, self._failed(err, undecided), err)
         else:
             scores = np.zeros(0, np.float32)
         # tramp metal: the sorter's setting decides, never the model (its score is not used)
-        judge = np.array([not p.too_long for p in done], bool)
-        if n_und:
-            judge &= ~undecided
+        if undecided is not None:
+            judge = judge & ~undecided
         if err is not None:
-            judge &= ~self._failed(err, None)
+            judge = judge & ~self._failed(err, None)
         try:
             tramp = self.tramp.find(self._ring, boxes, masks, x, use=judge)
         except Exception as exc:  # noqa: BLE001 - the particles it judged pass, with the error
@@ -578,18 +554,27 @@ class Pipeline:
             for i in np.flatnonzero(judge).tolist():
                 err[i] = err[i] or f"tramp: {type(exc).__name__}"
             tramp = np.zeros(n, bool)
-        n_tramp = int(np.count_nonzero(tramp))
-        failed = None
         skip = None
         if err is not None:
-            failed = self._failed(err, None)
-            skip = failed | undecided if n_und else failed
-        elif n_und:
+            skip = self._failed(err, undecided)
+        elif undecided is not None:
             skip = undecided
         if skip is not None:
             scores[skip] = 0.0
-        if n_tramp:
+        if tramp.any():
             scores[tramp] = 0.0
+        return scores, tramp, err, t1 - t0, n - n_skip, time.perf_counter() - t1
+
+    def _finish(self, job: ChunkJob, result: tuple) -> list[dict]:
+        """The chunk's decisions and events from its classification (:meth:`classify`)."""
+        scores, tramp, err, feat_s, n_featured, cls_s = result
+        done, ints, lo, hi, times = job.done, job.ints, job.lo, job.hi, job.times
+        undecided = job.request[3]
+        n = len(done)
+        if n_featured:
+            self._cost_ms += 0.1 * ((job.prepare_s + feat_s) * 1000.0 / n_featured - self._cost_ms)
+        n_tramp = int(np.count_nonzero(tramp))
+        failed = self._failed(err, None) if err is not None else None
         t2 = time.perf_counter()
         is_sc = scores >= self.threshold
         eject = is_sc if self.eject_sc else ~is_sc
@@ -605,27 +590,20 @@ class Pipeline:
         x0 = self.x0
         # Python scalars once per chunk, not numpy scalars per particle and field; rounded for
         # the log once per chunk (decisions use the unrounded numbers)
-        numbers = _chunk_numbers(ints, cents, x0, scores, times, self._arrival, self.ring_lines - 1, t_out,
+        numbers = _chunk_numbers(ints, job.cents, x0, scores, times, self._arrival, self.ring_lines - 1, t_out,
                                  self.sorter.ejector.response_ms / 1000.0, self.timing.line_rate_hz, px_area,
                                  _LOG_SCALE)
         rounded = zip(*numbers[:N_LOGGED].tolist())
         slack_l = numbers[N_LOGGED + 1].tolist()
         eject_l, sc_l = eject.tolist(), is_sc.tolist()
-        und_l = undecided.tolist() if n_und else [False] * n
+        und_l = undecided.tolist() if undecided is not None else [False] * n
         lo_l, hi_l = lo.tolist(), hi.tolist()
         tramp_l = tramp.tolist()
-        on_splice = [False] * n
-        if self._splice_spans and n and self._splice_spans[-1][1] >= int(ints[:, 0].min()):
-            sp = np.array(self._splice_spans, np.int64)
-            on_splice = ((sp[None, :, 0] <= ints[:, 2:3]) & (sp[None, :, 1] >= ints[:, 0:1])).any(axis=1).tolist()
+        on_splice, suspect_l = job.on_splice, job.suspect
         cap = self.max_valves
-        # next to a frozen detector module a particle may be mis-read (it passes); none can be
-        # when no column froze since the chunk's earliest particle began
-        last_bad = self.health.last_bad_line
-        any_suspect = n > 0 and last_bad >= 0 and last_bad >= int(ints[:, 0].min())
         for i, (p, r) in enumerate(zip(done, rounded)):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
-            suspect = any_suspect and self.health.suspect(p.line0, p.line1, p.col0, p.col1)
+            suspect = suspect_l[i]
             und = und_l[i]
             n_valves = hi_l[i] - lo_l[i] + 1
             wanted = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
@@ -679,7 +657,7 @@ class Pipeline:
         c.cut += sum(p.cut for p in done)
         c.too_long += sum(p.too_long for p in done)
         st = self.stage_s
-        st["features"] += t1 - t0
-        st["classify"] += t2 - t1
+        st["features"] += job.prepare_s + feat_s
+        st["classify"] += cls_s
         st["decide"] += time.perf_counter() - t2
         return events

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from sorting.realtime.counters import LatencyHistogram
 from sorting.realtime.runner import StopOnSignal, opencv_threads, rates
 from sorting.realtime.service import channel
 from sorting.realtime.service.audit import AuditLog, utc_iso
@@ -26,7 +27,7 @@ from sorting.realtime.service.control import Control
 from sorting.realtime.service.rotate import RotatingEventLog
 from sorting.realtime.sinks import UDPValveSink
 from sorting.realtime.sources import TCPLineSource
-from sorting.realtime.stream import LatencyHistogram, Pipeline
+from sorting.realtime.stream import Pipeline
 
 #: the belt picture on the page: at most this many columns (every sx-th detector column)
 PREVIEW_MAX_WIDTH = 320
