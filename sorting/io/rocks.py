@@ -68,13 +68,18 @@ class RockDataset:
 
     def crop(self, i: int) -> np.ndarray:
         """The ``(h, w, 2)`` uint16 crop of ``rows[i]``; InputError naming the file if it is bad."""
-        row = self.rows[i]
-        path = self.root / row.file
-        a = read_tiff(path)
-        if row.x0 + a.shape[1] > self.pixels:
-            raise InputError(path, f"x0={row.x0} + width {a.shape[1]} = {row.x0 + a.shape[1]} exceeds "
-                                   f"detector_pixels={self.pixels} (rock_id {row.rock_id})")
-        return a
+        return read_crop(self.root, self.rows[i], self.pixels)
+
+
+def read_crop(root: Path, row: RockRow, pixels: int) -> np.ndarray:
+    """The ``(h, w, 2)`` uint16 crop of ``row`` in the dataset at ``root`` on a detector of
+    ``pixels``; InputError naming the file if it is bad or reaches past the detector."""
+    path = root / row.file
+    a = read_tiff(path)
+    if row.x0 + a.shape[1] > pixels:
+        raise InputError(path, f"x0={row.x0} + width {a.shape[1]} = {row.x0 + a.shape[1]} exceeds "
+                               f"detector_pixels={pixels} (rock_id {row.rock_id})")
+    return a
 
 
 def check_crops(ds: RockDataset) -> None:

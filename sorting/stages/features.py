@@ -315,16 +315,9 @@ class _CropFiles:
         self.root, self.pixels, self.rows = root, pixels, rows
 
     def crop(self, k: int) -> np.ndarray:
-        from sorting.errors import InputError
-        from sorting.io.tiff import read_tiff
+        from sorting.io.rocks import read_crop
 
-        row = self.rows[k]
-        path = self.root / row.file
-        a = read_tiff(path)
-        if row.x0 + a.shape[1] > self.pixels:
-            raise InputError(path, f"x0={row.x0} + width {a.shape[1]} = {row.x0 + a.shape[1]} exceeds "
-                                   f"detector_pixels={self.pixels} (rock_id {row.rock_id})")
-        return a
+        return read_crop(self.root, self.rows[k], self.pixels)
 
 
 def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float, lp: float,
