@@ -14,7 +14,23 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent('''
+#: every compiled kernel of the package, by dotted name (both scripts below start with it)
+FIND_KERNELS = textwrap.dedent('''
+    import importlib, pkgutil
+    from numba.core.registry import CPUDispatcher
+    import sorting
+
+    def all_kernels():
+        kernels = {}
+        for info in pkgutil.walk_packages(sorting.__path__, "sorting."):
+            module = importlib.import_module(info.name)
+            for name, obj in vars(module).items():
+                if isinstance(obj, CPUDispatcher) and obj.__module__ == info.name:
+                    kernels[info.name + "." + name] = obj
+        return kernels
+''')
+
+SCRIPT = FIND_KERNELS + textwrap.dedent('''
     import dataclasses, importlib, pkgutil, sys
     from pathlib import Path
     from numba.core.registry import CPUDispatcher
@@ -26,12 +42,7 @@ SCRIPT = textwrap.dedent('''
     from sorting.realtime.runner import build_pipeline, run_loop, timing_of
     from sorting.realtime.sources import replay
 
-    kernels = {}
-    for info in pkgutil.walk_packages(sorting.__path__, "sorting."):
-        module = importlib.import_module(info.name)
-        for name, obj in vars(module).items():
-            if isinstance(obj, CPUDispatcher) and obj.__module__ == info.name:
-                kernels[info.name + "." + name] = obj
+    kernels = all_kernels()
     assert kernels, "the loop's compiled kernels were not found"
     rec = read_belt_recording(Path(sys.argv[1]))
     timing = timing_of(rec.meta)
@@ -90,7 +101,7 @@ def test_no_compilation_on_a_belt_with_splices_tramp_and_slabs(objects_belt, sma
     assert proc.stdout.startswith("ok"), proc.stdout
 
 
-WORKER_SCRIPT = textwrap.dedent('''
+WORKER_SCRIPT = FIND_KERNELS + textwrap.dedent('''
     import dataclasses, importlib, os, pkgutil, sys
     from pathlib import Path
     from numba.core.registry import CPUDispatcher
@@ -104,12 +115,7 @@ WORKER_SCRIPT = textwrap.dedent('''
     from sorting.realtime.stream import Pipeline
     from sorting.twin.faults import FaultSpec, inject
 
-    kernels = {}
-    for info in pkgutil.walk_packages(sorting.__path__, "sorting."):
-        module = importlib.import_module(info.name)
-        for name, obj in vars(module).items():
-            if isinstance(obj, CPUDispatcher) and obj.__module__ == info.name:
-                kernels[info.name + "." + name] = obj
+    kernels = all_kernels()
     parent = os.getpid()
     real_serve, real_classify = Pipeline.serve_features, Pipeline.classify
     state = {"warm": False, "calls": 0}
