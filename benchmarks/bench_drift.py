@@ -105,14 +105,15 @@ def sort_run(path: Path, label: str, model, sorter, tracked: bool) -> dict:
     timing = timing_of(rec.meta)
     pipe = build_pipeline(rec.calibration, model, sorter, timing, str(SORTER))
     if not tracked:  # the air level stays the calibration's
-        pipe.air = AirTracker(pipe.cal, x0=pipe.x0, width=pipe.pixels, max_step=0.0)
+        pipe.air = AirTracker(pipe.cal, max_step=0.0)
     t0 = time.perf_counter()
     result = run_loop(replay(rec.lines, rec.line_rate_hz, 32), pipe)
     wall = time.perf_counter() - t0
-    det = match_particles(result.events, rec.truth)
-    out = jets_outcome(result.events, rec.truth, sorter, timing)
+    events = [e.to_json() for e in result.events]  # as the event log holds them
+    det = match_particles(events, rec.truth)
+    out = jets_outcome(events, rec.truth, sorter, timing)
     gain = np.median(pipe.air.gain[~pipe.cal.bad], axis=0)
-    decision, area = matched(result.events, rec.truth)
+    decision, area = matched(events, rec.truth)
     return {
         "belt": label, "drift": float(rec.meta.get("drift", 0.0)), "tracked": tracked,
         "truth_rocks": det["truth_rocks"], "particles": result.summary["particles"],

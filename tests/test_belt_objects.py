@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BELT_SECONDS, OBJECTS
+from loop_helpers import logged
 
 from sorting.cli import main
 from sorting.config import default_max_valves, load_sorter
@@ -77,7 +78,7 @@ def _run(path, model, sorter, frozen_air=False):
     for i in range(0, rec.lines.shape[0], 32):
         events += pipe.step(i, rec.lines[i:i + 32], 0.0)
     events += pipe.finish()
-    return events, pipe.counters.summary()
+    return logged(events), pipe.counters.summary()
 
 
 @pytest.fixture(scope="module")

@@ -59,12 +59,12 @@ def test_event_rounding_is_numpy_round():
 
 def test_chunk_numbers_are_the_event_formulas():
     """The loop's compiled per-chunk numbers against the formulas written out in numpy: the
-    column centroid from its integer sum shifted by the window's x0, area, score, air window,
+    column centroid from its integer sum, area, score, air window,
     latency from each particle's last line, slack to its command, then rounded as np.round."""
     from sorting.realtime.stream import _LOG_DECIMALS, _LOG_SCALE, _chunk_numbers
 
     rng = np.random.default_rng(8)
-    n, x0, ring = 300, 417, 1024
+    n, ring = 300, 1024
     first = rng.integers(0, 10**6, n)
     last = first + rng.integers(0, 200, n)
     area = rng.integers(1, 4000, n)
@@ -75,10 +75,10 @@ def test_chunk_numbers_are_the_event_formulas():
     times = np.sort(rng.random((4, n)) * 100.0, axis=0)
     arrival = rng.random(ring) * 100.0
     t_out, resp_s, rate, px_area = 101.5, 0.004, 3750.0, 0.64
-    got = _chunk_numbers(ints, cents, x0, scores, times, arrival, ring - 1, t_out, resp_s, rate, px_area, _LOG_SCALE)
+    got = _chunk_numbers(ints, cents, scores, times, arrival, ring - 1, t_out, resp_s, rate, px_area, _LOG_SCALE)
     latency = (t_out - arrival[last & (ring - 1)]) * 1000.0
     slack = (times[0] - resp_s - last / rate) * 1000.0 - latency
-    cx = (np.rint(cents[:, 1] * area) + x0 * area) / np.maximum(area, 1)
+    cx = np.rint(cents[:, 1] * area) / np.maximum(area, 1)
     want = (cents[:, 0], cx, area * px_area, scores.astype(np.float64), times[0], times[1], latency, slack)
     for row, (col, d) in enumerate(zip(want, _LOG_DECIMALS)):
         np.testing.assert_array_equal(got[row], np.round(col, d))

@@ -218,21 +218,21 @@ def test_every_planned_pulse_covers_its_own_particle_centre():
 
 
 def test_the_loops_chunk_kernel_plans_as_plan_does():
-    """The streaming loop's per-chunk kernel (window columns + its x0) gives plan's valves and
-    times bit for bit, and each particle's box in the ring."""
+    """The streaming loop's per-chunk kernel gives plan's valves and times bit for bit, and each
+    particle's box in the ring."""
     from sorting.realtime.stream import _chunk_plan
     from sorting.stages.eject import plan_parameters
 
     rng = np.random.default_rng(4)
-    n, x0 = 5000, 333
+    n = 5000
     first = rng.integers(0, 10**7, n)
     last = first + rng.integers(0, 300, n)
-    col0 = rng.integers(0, 900, n)
+    col0 = rng.integers(0, 1050, n)
     col1 = col0 + rng.integers(0, 200, n)
     ints = np.column_stack((first, col0, last, col1, rng.integers(1, 5000, n))).astype(np.int64)
     for timing in (T, Timing(1234.5, 1.7, 1.1, 1250)):
-        lo, hi, times, boxes = _chunk_plan(ints, x0, plan_parameters(REF, timing))
-        want = plan(first, last, col0 + x0, col1 + x0, REF, timing)
+        lo, hi, times, boxes = _chunk_plan(ints, plan_parameters(REF, timing))
+        want = plan(first, last, col0, col1, REF, timing)
         np.testing.assert_array_equal(lo, want.valve_lo)
         np.testing.assert_array_equal(hi, want.valve_hi)
         for row, name in enumerate(("open_s", "close_s", "command_s", "deadline_ms")):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from loop_helpers import run_loop
 
 import sorting.realtime.stream as stream
 import sorting.stages.stitch as stitch
@@ -26,7 +27,7 @@ from sorting.cli import main
 from sorting.config import load_sorter
 from sorting.io import read_belt_recording
 from sorting.realtime.health import FAULT_KINDS
-from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.runner import build_pipeline, timing_of
 from sorting.realtime.sources import replay
 from sorting.stages.inference import OnnxModel, load_model
 from sorting.stages.particles import SegmentConfig
@@ -199,10 +200,10 @@ def test_planning_that_raises_passes_only_its_particles(rec, model, sorter, clea
     failed = {t["first_line"] for t in targets}
     real = stream._chunk_plan
 
-    def plan(ints, x0, p):
+    def plan(ints, p):
         if np.isin(ints[:, 0], list(failed)).any():
             raise Boom("planning")
-        return real(ints, x0, p)
+        return real(ints, p)
 
     monkeypatch.setattr(stream, "_chunk_plan", plan)
     _check(rec, clean[0].events, _run(rec, model, sorter), targets, "planning")
@@ -326,7 +327,7 @@ def test_errors_beyond_one_particle_still_end_the_run(rec, model, sorter, monkey
 
     class Log:
         def write(self, events):
-            if where == "event log" and events[0]["first_line"] > 2000:
+            if where == "event log" and events[0].first_line > 2000:
                 raise OSError(28, "No space left on device")
 
         def close(self):
@@ -335,10 +336,10 @@ def test_errors_beyond_one_particle_still_end_the_run(rec, model, sorter, monkey
     if where == "line pass":
         real = stream.Pipeline._normalize_lines
 
-        def normalize(self, raw, health, a, mask, acc, x0=0):
+        def normalize(self, raw, health, a, mask, acc):
             if self.counters.lines >= 2000:
                 raise Boom("line pass")
-            return real(self, raw, health, a, mask, acc, x0)
+            return real(self, raw, health, a, mask, acc)
 
         monkeypatch.setattr(stream.Pipeline, "_normalize_lines", normalize)
     elif where == "stitching":
@@ -367,7 +368,7 @@ def test_a_component_whose_split_raises_comes_out_whole(monkeypatch):
 
     def stream_of(mask):
         seg = stitch.StreamSegmenter(60, None, 1.0, 1.0, config)
-        out = seg.push(100, mask[:16]) + seg.push(116, mask[16:]) + seg.flush()
+        out = [*seg.push(100, mask[:16]), *seg.push(116, mask[16:]), *seg.flush()]
         return seg, sorted(out, key=lambda p: (p.col0, p.line0))
 
     seg, parts = stream_of(mask)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from loop_helpers import logged, run_loop
 from udp_receiver import UDPReceiver
 
 from sorting.config import load_sorter
 from sorting.io import read_belt_recording
 from sorting.offline.outcome import jets_outcome, match_particles
 from sorting.realtime.health import FAULT_KINDS
-from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.runner import build_pipeline, timing_of
 from sorting.realtime.sinks import UDPValveSink
 from sorting.realtime.sources import replay
 from sorting.realtime.stream import ERROR_ALARM
@@ -380,16 +381,16 @@ def test_a_stage_crash_leaves_a_complete_flushed_log(rec, small_belt, small_mode
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr  # an internal error (docs/cli.md)
     assert "injected stage failure" in proc.stderr
-    logged = _log(events_path)
+    in_log = _log(events_path)
     # what the same pipeline decided on the chunks before the failing one, in process
     pipe = _pipeline(rec, model, load_sorter(sorter_yaml))
     decided = []
     for k, (first, raw, t_in) in enumerate(replay(rec.lines, rec.line_rate_hz, CHUNK)):
         if k == CRASH_AT_CHUNK - 1:
             break
-        decided += pipe.step(first, raw, t_in)
+        decided += logged(pipe.step(first, raw, t_in))
     assert len(decided) > 300
-    assert _clockless(logged) == _clockless(decided)
+    assert _clockless(in_log) == _clockless(decided)
 
 
 @pytest.mark.parametrize("workers,signum", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGINT)])
@@ -529,7 +530,7 @@ def drift_runs(tmp_path_factory, small_configs, small_model):
                 continue
             pipe = build_pipeline(rec.calibration, model, sorter, timing_of(rec.meta), str(SORTER_YAML), CHUNK)
             if not tracked:
-                pipe.air = AirTracker(pipe.cal, x0=pipe.x0, width=pipe.pixels, max_step=0.0)
+                pipe.air = AirTracker(pipe.cal, max_step=0.0)
             events = run_loop(replay(rec.lines, rec.line_rate_hz, CHUNK), pipe).events
             runs[drift, tracked] = (rec, events, np.median(pipe.air.gain[~pipe.cal.bad], axis=0))
     return runs

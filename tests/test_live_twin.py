@@ -1,10 +1,12 @@
 """The live digital-twin source: the belt generated on the fly sorts like its recording."""
 from __future__ import annotations
 
+from loop_helpers import run_loop
+
 from sorting.config import CONFIG_DIR, load_machine, load_ore, load_sorter
 from sorting.io import read_belt_recording
 from sorting.physics import load_materials
-from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.runner import build_pipeline, timing_of
 from sorting.realtime.sources import rechunk, replay
 from sorting.stages.inference import load_model
 from sorting.twin import BeltTwin, simulate_belt

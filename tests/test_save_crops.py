@@ -18,10 +18,12 @@ SORTER = shipped_config("sorter_reference.yaml")
 def _run_api(belt, model_path, out, hold_air: bool, every: int = 1, queue_crops: int = 256, wait: bool = True,
              block_writer: threading.Event | None = None):
     """The loop over the recording with a CropSaver attached; returns (events, saver summary)."""
+    from loop_helpers import run_loop
+
     from sorting.config import load_sorter
     from sorting.io import read_belt_recording
     from sorting.realtime.crops import start_saving
-    from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+    from sorting.realtime.runner import build_pipeline, timing_of
     from sorting.realtime.sources import replay
     from sorting.stages.inference import load_model
 

@@ -191,23 +191,37 @@ def test_split_anisotropic_pitch():
 
 # ---------------------------------------------------------------- Particles
 def test_particles_container():
-    p = Particles(line0=[0, 5], line1=[3, 9], col0=[1, 2], col1=[4, 2], area_px=[7, 5],
-                  centroid_line=[1.5, 7.0], centroid_px=[2.5, 2.0], touches_border=[False, True])
+    masks = [np.ones((4, 4), bool), np.ones((5, 1), bool)]
+    masks[0][0, 0] = False  # 15 px
+    p = Particles(line0=[0, 5], line1=[3, 9], col0=[1, 2], col1=[4, 2], area_px=[15, 5],
+                  centroid_line=[1.5, 7.0], centroid_px=[2.5, 2.0], masks=masks, touches_border=[False, True])
     assert len(p) == 2 and p.line0.dtype == np.int64 and p.centroid_px.dtype == np.float64
+    assert p.cut.tolist() == [False, False] and p.errors is None and not p.failed
     q = p[p.touches_border]
-    assert len(q) == 1 and q.line0.tolist() == [5]
+    assert len(q) == 1 and q.line0.tolist() == [5] and q.masks[0].shape == (5, 1)
+    one = p[1]  # an integer gives one particle, as numpy gives a scalar
+    assert (one.line0, one.line1, one.col0, one.col1, one.area_px) == (5, 9, 2, 2, 5) and one.touches_border
+    assert [r.line0 for r in p] == [0, 5]
     assert len(Particles.empty()) == 0 and len(p[np.zeros(2, bool)]) == 0
+    both = Particles.concat([p[1:], Particles.empty(), p[:1]])
+    assert both.line0.tolist() == [5, 0] and both.masks[1] is masks[0]
+    failed = Particles.from_rows([p[0]._replace(error="features: ValueError"), p[1]])
+    assert failed.failed and failed.errors == ("features: ValueError", None)
+    assert Particles.concat([failed, p]).errors == ("features: ValueError", None, None, None)
     mask = np.zeros((30, 30), bool)
     mask[5:15, 0:8] = True
-    from_stream = Particles.from_completed(_run(mask, 4))
+    from_stream = _run(mask, 4)
     assert from_stream.line0.tolist() == [5] and from_stream.touches_border.tolist() == [True]
     assert from_stream.area_px.tolist() == [80] and from_stream.centroid_px.tolist() == [3.5]
-    with pytest.raises(ValueError, match="entries"):
+    with pytest.raises(ValueError, match="one entry per mask"):
         Particles(line0=[0], line1=[1, 2], col0=[0], col1=[0], area_px=[1], centroid_line=[0.0],
-                  centroid_px=[0.0], touches_border=[False])
+                  centroid_px=[0.0], masks=[np.ones((2, 1), bool)])
     with pytest.raises(ValueError, match="ends before"):
         Particles(line0=[3], line1=[1], col0=[0], col1=[0], area_px=[1], centroid_line=[0.0],
-                  centroid_px=[0.0], touches_border=[False])
+                  centroid_px=[0.0], masks=[np.ones((1, 1), bool)])
+    with pytest.raises(ValueError, match="its box is bool"):
+        Particles(line0=[0], line1=[1], col0=[0], col1=[0], area_px=[1], centroid_line=[0.0],
+                  centroid_px=[0.0], masks=[np.ones((3, 1), bool)])
 
 
 # ---------------------------------------------------------------- stream
@@ -225,10 +239,8 @@ def _scene(seed=1, lines=2500, pixels=300):
 
 def _run(mask, chunk, config=SegmentConfig(), max_lines=512, start=0):
     seg = StreamSegmenter(mask.shape[1], None, PITCH, PITCH, config, max_particle_lines=max_lines)
-    out = []
-    for i in range(0, mask.shape[0], chunk):
-        out += seg.push(start + i, mask[i:i + chunk])
-    return out + seg.flush()
+    out = [seg.push(start + i, mask[i:i + chunk]) for i in range(0, mask.shape[0], chunk)]
+    return Particles.concat(out + [seg.flush()])
 
 
 def _key(items):
@@ -268,21 +280,21 @@ def test_stream_completion_is_prompt_and_once():
     mask = np.zeros((100, 50), bool)
     mask[10:30, 5:15] = True
     seg = StreamSegmenter(50, None, PITCH, PITCH)
-    assert seg.push(0, mask[0:30]) == []
+    assert len(seg.push(0, mask[0:30])) == 0
     done = seg.push(30, mask[30:31])
     assert len(done) == 1 and (done[0].line0, done[0].line1, done[0].col0, done[0].col1) == (10, 29, 5, 14)
     assert done[0].area_px == 200 and not done[0].cut and done[0].mask.all()
-    assert seg.push(31, mask[31:]) == [] and seg.flush() == []
+    assert len(seg.push(31, mask[31:])) == 0 and len(seg.flush()) == 0
 
 
 def test_gap_cuts_and_never_stitches():
     mask = np.zeros((80, 40), bool)
     mask[10:60, 10:20] = True  # one rock, lines 10..59
     seg = StreamSegmenter(40, None, PITCH, PITCH)
-    assert seg.push(0, mask[0:25]) == []
+    assert len(seg.push(0, mask[0:25])) == 0
     first = seg.gap(30)  # lines 25..29 lost
     assert len(first) == 1 and first[0].cut and (first[0].line0, first[0].line1) == (10, 24)
-    later = seg.push(30, mask[30:80]) + seg.flush()
+    later = Particles.concat([seg.push(30, mask[30:80]), seg.flush()])
     assert len(later) == 1 and later[0].cut and (later[0].line0, later[0].line1) == (30, 59)
     # a chunk arriving after a hole is an implicit gap; overlapping lines are refused
     seg = StreamSegmenter(40, None, PITCH, PITCH)

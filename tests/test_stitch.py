@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sorting.stages.particles import SegmentConfig
+from sorting.stages.particles import Particles, SegmentConfig
 from sorting.stages.stitch import StreamSegmenter
 
 PITCH = 0.8
@@ -19,12 +19,8 @@ RAW = SegmentConfig(min_area_mm2=0.0, split_touching=False)
 
 def _run(mask, chunk, config=RAW, max_lines=10_000, gaps=()):
     seg = StreamSegmenter(mask.shape[1], None, PITCH, PITCH, config, max_particle_lines=max_lines)
-    out = []
-    for i in range(0, mask.shape[0], chunk):
-        if i in gaps:
-            continue
-        out += seg.push(i, mask[i:i + chunk])
-    return out + seg.flush()
+    out = [seg.push(i, mask[i:i + chunk]) for i in range(0, mask.shape[0], chunk) if i not in gaps]
+    return list(Particles.concat(out + [seg.flush()]))
 
 
 def _expected(mask):
@@ -141,7 +137,7 @@ def test_non_bool_mask_reads_nonzero():
     mask = rng.random((64, 50)) < 0.4
     as_int = mask.astype(np.int16) * 7
     seg = StreamSegmenter(50, None, PITCH, PITCH, RAW)
-    got = seg.push(0, as_int[:32]) + seg.push(32, as_int[32:]) + seg.flush()
+    got = [*seg.push(0, as_int[:32]), *seg.push(32, as_int[32:]), *seg.flush()]
     _same(_got(got), _expected(mask))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from loop_helpers import run_loop
 from udp_receiver import UDPReceiver
 
 from sorting.cli import main
@@ -26,7 +27,8 @@ from sorting.errors import InputError
 from sorting.io import read_belt_recording
 from sorting.io.wire import LINE_HEADER, decode_valve, encode_frame
 from sorting.offline.outcome import jets_outcome, match_particles
-from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.events import Event
+from sorting.realtime.runner import build_pipeline, timing_of
 from sorting.realtime.sinks import EventLog, UDPValveSink
 from sorting.realtime.sources import TCPLineSource, rechunk, replay
 from sorting.stages.inference import load_model
@@ -228,9 +230,9 @@ def test_udp_datagrams_match_the_sent_ejects(sorter, run32):
     assert all(len(d) == 40 + (sorter.ejector.valves + 7) // 8 for d in datagrams)
 
 
-def _event(pid, decision, late=False, valves=(), open_s=None, close_s=None, **kw):
-    return dict({"particle": pid, "decision": decision, "late": late, "valves": list(valves),
-                 "open_s": open_s, "close_s": close_s}, **kw)
+def _event(pid, decision, late=False, valves=(), open_s=None, close_s=None):
+    return Event(pid, 0, 1, 0, 1, 0.5, 0.5, 100.0, 0.5, decision, list(valves), open_s, close_s, 1.0,
+                 -1.0 if late else 1.0, late, "sc")
 
 
 def test_udp_sink_sends_only_timely_ejects_and_survives_no_listener():
@@ -279,7 +281,7 @@ def test_jets_outcome_by_hand(sorter):
         _event(2, "eject", valves=[40], open_s=0.37, close_s=0.38),  # hits no rock: a misfire
         _event(3, "pass"),
     ]
-    out = jets_outcome(events, truth, sorter, t)
+    out = jets_outcome([e.to_json() for e in events], truth, sorter, t)  # as the event log holds them
     assert out["pulses_sent"] == 2 and out["blown_out"] == 1 and out["misfires"] == 1
     # product = rock A: mass pull 10 / 100; Sc recovery 10 x 400 / (4000 + 1500 + 12000)
     assert out["mass_pull"] == pytest.approx(0.10)

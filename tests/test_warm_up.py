@@ -4,10 +4,10 @@ pays seconds of JIT compilation, nor a lazy import (scikit-image's watershed: ~2
 
 Checked on the kernels' own records of compiled signatures and on the modules loaded, in a
 fresh interpreter (dispatchers are per process: in this one, other tests have compiled
-their own signatures already), over five kinds of input: a replayed recording (read-only
-lines), a stream of copied lines (writable, as a TCP source gives them), a stream with
-faults (the faulty path's flags), and a lane's window fed the recording's whole lines, with
-and without faults; and all five again on a belt with splices, tramp steel and a slab."""
+their own signatures already), over three kinds of input: a replayed recording (read-only
+lines), a stream of copied lines (writable, as a TCP source gives them) and a stream with
+faults (the faulty path's flags); and all three again on a belt with splices, tramp steel
+and a slab."""
 from __future__ import annotations
 
 import subprocess
@@ -49,9 +49,8 @@ SCRIPT = FIND_KERNELS + textwrap.dedent('''
     ref = load_sorter(CONFIG_DIR / "sorter_reference.yaml")
     sorter = dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=0.5))
 
-    def pipe(name):
-        window = {"x0": 562, "width": 688} if name.startswith("lane") else {}  # the second of two lanes
-        return build_pipeline(rec.calibration, load_model(sys.argv[2]), sorter, timing, "sorter", 32, **window)
+    def pipe():
+        return build_pipeline(rec.calibration, load_model(sys.argv[2]), sorter, timing, "sorter", 32)
 
     faults = [FaultSpec("stuck_module", 900, 200, col0=600, n_cols=64), FaultSpec("saturated", 2000, 40),
               FaultSpec("dark", 3000, 60)]
@@ -60,19 +59,17 @@ SCRIPT = FIND_KERNELS + textwrap.dedent('''
         "replayed": lambda p: replay(rec.lines, timing.line_rate_hz, 37, False),
         "copied": lambda p: ((f, raw.copy(), t) for f, raw, t in replay(rec.lines, timing.line_rate_hz, 32, False)),
         "faulty": lambda p: inject(replay(rec.lines, timing.line_rate_hz, 32, False), faults, p.cal),
-        "lane": lambda p: replay(rec.lines, timing.line_rate_hz, 32, False),
-        "lane_faulty": lambda p: inject(replay(rec.lines, timing.line_rate_hz, 32, False), faults, p.cal),
     }
     # run_loop's start-up makes a (disabled) progress bar, whose first use imports a lock
     # module: before the first line, not on the belt
     from tqdm import tqdm
     tqdm(disable=True).close()
     for name, stream in streams.items():
-        p = pipe(name)
+        p = pipe()
         before = {k: len(d.signatures) for k, d in kernels.items()}
         modules = set(sys.modules)
         out = run_loop(stream(p), p, keep_events=False)
-        assert out.summary["particles"] > (20 if name.startswith("lane") else 50), (name, out.summary["particles"])
+        assert out.summary["particles"] > 50, (name, out.summary["particles"])
         grew = {k: (before[k], len(d.signatures)) for k, d in kernels.items() if len(d.signatures) != before[k]}
         assert not grew, (name, "compiled on the belt", grew)
         new = sorted(set(sys.modules) - modules)

@@ -10,11 +10,12 @@ import signal
 import time
 
 import pytest
+from loop_helpers import run_loop, run_recording
 
 from sorting.config import CONFIG_DIR, load_sorter
 from sorting.io import read_belt_recording
-from sorting.realtime.parallel import FeaturePool, queue_chunks, run_recording
-from sorting.realtime.runner import build_pipeline, run_loop, timing_of
+from sorting.realtime.parallel import FeaturePool, queue_chunks
+from sorting.realtime.runner import build_pipeline, timing_of
 from sorting.realtime.sources import replay
 from sorting.realtime.stream import Pipeline
 from sorting.stages.inference import load_model

@@ -212,6 +212,7 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
     never waiting for the writer); the saver's counts come back under ``save_crops``."""
     from sorting.cli.run import stop_if_interrupted
     from sorting.io import read_belt_recording
+    from sorting.realtime.events import missed_deadlines
     from sorting.realtime.runner import build_pipeline, run_loop, timing_of
     from sorting.realtime.sources import prefault, replay
 
@@ -234,9 +235,9 @@ def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: in
     return {**extra,
         "paced_particles": p["particles"],
         "latency_ms": p["latency_ms"],
-        # logged late: ejects that missed their deadline, and particles left undecided
-        "late": p["late"] + p["undecided"],
-        "late_ejects": p["late"],
+        # every particle whose deadline was missed: late ejects and particles left undecided
+        "late": missed_deadlines(p["late_ejects"], p["undecided"]),
+        "late_ejects": p["late_ejects"],
         "undecided": p["undecided"],
         "cpu_fraction": p["cpu_fraction"],
         # latency = intake lag + the wait for the chunk to fill + the step: a slow wake-up of

@@ -161,11 +161,12 @@ def cli_demo(args) -> int:
     summary["throughput_lines_s"] = fast.summary["throughput_lines_s"]
     summary["realtime_factor"] = fast.summary["realtime_factor"]
     summary["wall_s"] = fast.summary["wall_s"]
-    detection = match_particles(paced.events, rec.truth)
-    outcome = jets_outcome(paced.events, rec.truth, sorter, timing)
+    logged = [e.to_json() for e in paced.events]  # the events as the log holds them
+    detection = match_particles(logged, rec.truth)
+    outcome = jets_outcome(logged, rec.truth, sorter, timing)
     summary["detection"], summary["outcome"] = detection, outcome
     plot = out / "belt.png"
-    _plot_stretch(plot, rec, pipeline.cal, paced.events)
+    _plot_stretch(plot, rec, pipeline.cal, logged)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print()
     print(f"Sorting report: {rec.meta.get('rocks')} rocks, {args.seconds:g} s of belt, model {Path(model_path).name} "

@@ -29,7 +29,7 @@ def format_summary(summary: dict, outcome: dict | None = None, detection: dict |
         f"lines {s['lines']} ({s['stream_s']:.2f} s of belt) in {s['wall_s']:.2f} s: "
         f"{_num(s['throughput_lines_s'], '.0f')} lines/s = {_num(s['realtime_factor'], '.2f')}x the "
         f"{s['line_rate_hz']:g} Hz line rate",
-        f"particles {s['particles']}: eject {s['ejected']}, pass {s['passed']}, late ejects {s['late']}, "
+        f"particles {s['particles']}: eject {s['ejected']}, pass {s['passed']}, late ejects {s['late_ejects']}, "
         f"undecided (overload) {s.get('undecided', 0)}, "
         f"cut {s['cut']}, gaps {s['gaps']} ({s['dropped_lines']} lines dropped)",
         f"latency ms (last line in -> decision out): p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  "
@@ -85,7 +85,7 @@ def jets_line(summary: dict, outcome: dict) -> str:
     with the air: a pulse also catches the neighbours lying under the same air, a misfire
     catches none, and a late eject is never sent."""
     sent, blown = outcome["pulses_sent"], outcome["blown_out"]
-    late = summary["ejected"] - sent
+    late_ejects = summary["ejected"] - sent
     extra = blown - (sent - outcome["misfires"])
     if extra > 0:
         why = f"{extra} more than the pulses that hit, because neighbours lying under the same air went with them"
@@ -94,7 +94,7 @@ def jets_line(summary: dict, outcome: dict) -> str:
     else:
         why = "one per pulse that hit"
     return (f"jets: eject {summary['ejected']} counts the particles the jets were fired at"
-            + (f" ({late} late, not sent)" if late else "")
+            + (f" ({late_ejects} late, not sent)" if late_ejects else "")
             + f"; they blew out {blown} rocks ({why}); the product holds {outcome['n_product']} rocks")
 
 
@@ -193,7 +193,7 @@ def cli_run(args) -> int:
     if valves is not None:
         result.summary["valve_datagrams"] = valves.sent
         valves.close()
-    return _score_and_report(args, rec, sorter, timing, result.summary, result.events, log)
+    return _score_and_report(args, rec, sorter, timing, result.summary, [e.to_json() for e in result.events], log)
 
 
 def _score_and_report(args, rec, sorter, timing, summary: dict, events: list[dict], log) -> int:
@@ -203,7 +203,7 @@ def _score_and_report(args, rec, sorter, timing, summary: dict, events: list[dic
     from sorting.offline.outcome import jets_outcome, match_particles
     from sorting.realtime.runner import StopOnSignal
 
-    with StopOnSignal() as late:
+    with StopOnSignal() as stop:
         detection = outcome = None
         if rec.truth is not None and not args.listen:
             truth = truth_read(rec.truth, summary["lines"])
@@ -211,9 +211,9 @@ def _score_and_report(args, rec, sorter, timing, summary: dict, events: list[dic
             outcome = jets_outcome(events, truth, sorter, timing)
             summary["detection"], summary["outcome"] = detection, outcome
         status = _report(args, summary, outcome, detection, log)
-    if status == 0 and late.requested:
-        sys.stderr.write(f"sorting run: stopped by {signal_name(late.signum)} after the run\n")
-        status = 128 + late.signum
+    if status == 0 and stop.requested:
+        sys.stderr.write(f"sorting run: stopped by {signal_name(stop.signum)} after the run\n")
+        status = 128 + stop.signum
     return status
 
 

@@ -53,7 +53,7 @@ class Counters:
     particles: int = 0
     ejected: int = 0
     passed: int = 0
-    late: int = 0
+    late_ejects: int = 0  # ejects whose command could not be sent in time (logged, never sent)
     cut: int = 0
     too_long: int = 0
     gaps: int = 0
@@ -71,7 +71,9 @@ class Counters:
     def summary(self) -> dict:
         return {
             "chunks": self.chunks, "lines": self.lines, "particles": self.particles,
-            "ejected": self.ejected, "passed": self.passed, "late": self.late, "cut": self.cut,
+            "ejected": self.ejected, "passed": self.passed, "late_ejects": self.late_ejects,
+            # the same count under its earlier name, for existing readers of the summary
+            "late": self.late_ejects, "cut": self.cut,
             "too_long": self.too_long, "gaps": self.gaps, "dropped_lines": self.dropped_lines,
             "valve_errors": self.valve_errors,
             "undecided": self.undecided,

@@ -19,7 +19,6 @@ Counts are never invented: nothing is zeroed out of a crop to make it fit the ru
 """
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 from collections import Counter
@@ -34,8 +33,9 @@ from sorting.stages.crops import CROP_MARGIN_PX, MIN_MARGIN_PX, cut_crop
 
 if TYPE_CHECKING:
     from sorting.io import CalibrationScans
+    from sorting.realtime.events import Event
     from sorting.stages.calibrate import Calibration
-    from sorting.stages.particles import Completed, SegmentConfig
+    from sorting.stages.particles import Particle, Particles, SegmentConfig
 
 #: belt lines and columns kept around a particle's box when the belt is free that far
 MARGIN_PX = CROP_MARGIN_PX
@@ -79,7 +79,7 @@ class CropSaver:
         self.pixels = cal.pixels
         self.writer = RockDatasetWriter(self.root, {"pixel_pitch_mm": self.pp, "line_pitch_mm": self.lp,
                                                     **(meta or {})}, scans, extra_columns=("first_line",))
-        self._pending: list[tuple[int, Completed]] = []  # (particle number, particle) waiting for margin
+        self._pending: list[tuple[int, Particle]] = []  # (particle number, particle) waiting for margin
         self._queue: queue.Queue = queue.Queue(maxsize=queue_crops)
         self.handed = 0  # crops put on the queue
         self.dropped = 0  # ... not: the queue was full (the writer fell behind)
@@ -91,19 +91,19 @@ class CropSaver:
         self._thread.start()
 
     # ------------------------------------------------------------ loop side
-    def on_chunk(self, ring: np.ndarray, last_line: int, done: list[Completed], events: list[dict]) -> None:
+    def on_chunk(self, ring: np.ndarray, last_line: int, done: Particles, events: list[Event]) -> None:
         """Called by the loop once per chunk with its raw ring, the last stream line in it and the
         chunk's completed particles with their events (same order). Only hands off."""
         every = self.every
-        for p, ev in zip(done, events):
-            pid = ev["particle"]
+        for i, ev in enumerate(events):
+            pid = ev.particle
             if pid % every:
                 continue
             why = self._not_decided(ev)
             if why is not None:
                 self._skip(why)
                 continue
-            self._pending.append((pid, p))
+            self._pending.append((pid, done[i]))
         if self._pending:
             self._hand_off(ring, last_line, final=False)
 
@@ -113,14 +113,14 @@ class CropSaver:
             self._hand_off(ring, last_line, final=True)
 
     @staticmethod
-    def _not_decided(ev: dict) -> str | None:
-        if ev.get("error"):
+    def _not_decided(ev: Event) -> str | None:
+        if ev.error:
             return "its own processing failed"
-        if ev.get("undecided"):
+        if ev.undecided:
             return "undecided (overload)"
-        if ev.get("kind") == "tramp":
+        if ev.kind == "tramp":
             return "tramp metal"
-        if ev.get("splice"):
+        if ev.splice:
             return "on a belt splice"
         return None
 
@@ -164,8 +164,8 @@ class CropSaver:
                     self.write_errors += 1
                     self.skipped[f"write error: {type(exc).__name__}"] += 1
 
-    def _write_one(self, pid: int, p: Completed, window: np.ndarray, r0: int, c0: int) -> None:
-        local = dataclasses.replace(p, line0=p.line0 - r0, line1=p.line1 - r0, col0=p.col0 - c0, col1=p.col1 - c0)
+    def _write_one(self, pid: int, p: Particle, window: np.ndarray, r0: int, c0: int) -> None:
+        local = p._replace(line0=p.line0 - r0, line1=p.line1 - r0, col0=p.col0 - c0, col1=p.col1 - c0)
         # the window's edges are the margin, the detector edges or the stream's start/end: the
         # batch path's own rules decide (at least MIN_MARGIN_PX of free belt, grown to MARGIN_PX)
         crop, problem = cut_crop(window, self.cal, local, self.pp, self.lp, self.seg, margin_px=MARGIN_PX,
@@ -205,11 +205,9 @@ def _reason(problem: str) -> str:
 
 def start_saving(pipeline, root: Path, scans: CalibrationScans, every: int = 1,
                  queue_crops: int = QUEUE_CROPS, wait: bool = False) -> CropSaver:
-    """A :class:`CropSaver` for ``pipeline`` (one that sees the whole detector), attached to it:
-    the pipeline starts keeping its raw ring and hands each chunk's decided particles over.
-    ``wait``: see :class:`CropSaver` (unpaced replays only)."""
-    if pipeline.x0 != 0 or pipeline.pixels != pipeline.cal.pixels:
-        raise ValueError("crops are saved from a pipeline that sees the whole detector")
+    """A :class:`CropSaver` for ``pipeline``, attached to it: the pipeline starts keeping its raw
+    ring and hands each chunk's decided particles over. ``wait``: see :class:`CropSaver`
+    (unpaced replays only)."""
     saver = CropSaver(root, scans, pipeline.cal, pipeline.timing.pixel_pitch_mm, pipeline.line_pitch_mm,
                       pipeline.seg, every, queue_crops, wait=wait)
     pipeline.attach_crop_sink(saver)

@@ -11,10 +11,14 @@ import mmap
 import pickle
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sorting.stages.inference import OnnxModel
+
+if TYPE_CHECKING:
+    from sorting.realtime.events import Event
 
 
 def ring_buffer(shape: tuple, shared: bool) -> np.ndarray:
@@ -92,7 +96,7 @@ class FeatureQueue:
                         (boxes, masks, ["warm-up", None], np.array([False, True]), np.ones(2, bool))):
             self.classify(pickle.loads(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
 
-    def _step_queued(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
+    def _step_queued(self, first_line: int, raw: np.ndarray, t_in: float) -> list[Event]:
         """:meth:`step` with feature workers: first make room in the ring for the chunk's lines
         (decide what still reads the lines they overwrite), then the chunk."""
         self._steps += 1
@@ -107,10 +111,10 @@ class FeatureQueue:
             events += self._drain_until(t_in + raw.shape[0] / self.timing.line_rate_hz)
         return events
 
-    def _drain_until(self, t_next: float) -> list[dict]:
+    def _drain_until(self, t_next: float) -> list[Event]:
         """Wait for the workers' results until wall time ``t_next`` at most, deciding in stream
         order what comes back; return as soon as nothing is out any more."""
-        events: list[dict] = []
+        events: list[Event] = []
         while self._waiting:
             left = t_next - time.perf_counter()
             if left <= 0:
@@ -128,7 +132,7 @@ class FeatureQueue:
         elif pending[-1].step == self._steps:
             pending[-1].end = True
 
-    def _queue(self, job: ChunkJob) -> list[dict]:
+    def _queue(self, job: ChunkJob) -> list[Event]:
         """Send ``job`` to a worker (or classify it here when every queue is full), then decide
         whatever is ready in stream order."""
         self._jobs += 1
@@ -145,11 +149,11 @@ class FeatureQueue:
         for key, result in results:
             self._waiting.pop(key).result = result
 
-    def _drain(self, overwrite: int | None = None, everything: bool = False) -> list[dict]:
+    def _drain(self, overwrite: int | None = None, everything: bool = False) -> list[Event]:
         """Decide the waiting chunks whose results are in, in stream order; wait for the oldest
         when ``everything`` is asked for, when more than ``queue_chunks`` wait, or when writing
         stream line ``overwrite`` into the ring would overwrite lines a waiting chunk reads."""
-        events: list[dict] = []
+        events: list[Event] = []
         pending = self._pending
         if self._waiting:
             self._take(self._pool.poll())

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from sorting.config import SorterConfig
 from sorting.errors import InputError
 from sorting.realtime.counters import LatencyHistogram
+from sorting.realtime.events import Event
 from sorting.realtime.sinks import EventLog, UDPValveSink
 from sorting.realtime.sources import Chunk
 from sorting.realtime.stream import Pipeline
@@ -30,7 +31,7 @@ from sorting.stages.inference import OnnxModel
 @dataclass
 class RunResult:
     summary: dict
-    events: list[dict]
+    events: list[Event]
 
 
 class StopOnSignal:
@@ -93,7 +94,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
              valves: UDPValveSink | None = None, keep_events: bool = True, total_lines: int | None = None,
              progress: bool = False, on_signal: Callable[[], None] | None = None) -> RunResult:
     """Drive ``pipeline`` over ``chunks``; returns the summary and (optionally) the events."""
-    kept: list[dict] = []
+    kept: list[Event] = []
     intake, step = LatencyHistogram(), LatencyHistogram()
     gc.collect()
     gc.freeze()  # start-up objects never need another full GC pass
@@ -107,7 +108,7 @@ def run_loop(chunks: Iterable[Chunk], pipeline: Pipeline, log: EventLog | None =
     try:
         # the loop is single-threaded by design (one core per process): a BLAS thread pool
         # would only spin against the feature workers and the acquisition
-        def deliver(events: list[dict]) -> None:
+        def deliver(events: list[Event]) -> None:
             if not events:
                 return
             if valves is not None:
@@ -184,13 +185,13 @@ def check_chunk_lines(chunk_lines: int) -> None:
 
 
 def build_pipeline(scans, model: OnnxModel, sorter: SorterConfig, timing: Timing, sorter_path: str,
-                   chunk_lines: int = 32, **window) -> Pipeline:
-    """Calibrate from ``scans`` (or take a ready Calibration) and set up the loop; ``window`` =
-    Pipeline's x0, width, claim (a window of columns), shed_late, queue_chunks."""
+                   chunk_lines: int = 32, **options) -> Pipeline:
+    """Calibrate from ``scans`` (or take a ready Calibration) and set up the loop; ``options``:
+    the Pipeline's ``shed_late``, ``queue_chunks``, ``seg``, ``max_particle_lines``."""
     check_geometry(sorter.ejector, timing, sorter_path)
     check_chunk_lines(chunk_lines)
     cal = scans if isinstance(scans, Calibration) else calibrate(scans)
     if cal.pixels != timing.pixels:
         raise InputError(getattr(scans, "source", "calibration"),
                          f"calibration has {cal.pixels} pixels, the stream {timing.pixels}")
-    return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines, **window)
+    return Pipeline(cal, model, sorter, timing, chunk_lines=chunk_lines, **options)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sorting.errors import InputError
 from sorting.io.wire import encode_valve
+from sorting.realtime.events import Event
 
 
 class EventLog:
@@ -21,10 +22,10 @@ class EventLog:
             raise InputError(path, f"cannot write the event log ({exc.strerror})") from None
         self.count = 0
 
-    def write(self, events: list[dict]) -> None:
+    def write(self, events: list[Event]) -> None:
         if not events:
             return
-        self._fh.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
+        self._fh.write("".join(json.dumps(e.to_json(), separators=(",", ":")) + "\n" for e in events))
         self.count += len(events)
         self._fh.flush()
 
@@ -55,11 +56,11 @@ class UDPValveSink:
         self.sent = 0
         self.errors = 0
 
-    def send(self, events: list[dict]) -> None:
+    def send(self, events: list[Event]) -> None:
         for e in events:
-            if e["decision"] != "eject" or e["late"]:
+            if not e.sent:  # a pass, or a late eject
                 continue
-            msg = encode_valve(self.seq, e["particle"], e["open_s"], e["close_s"], e["valves"], self.n_valves)
+            msg = encode_valve(self.seq, e.particle, e.open_s, e.close_s, e.valves, self.n_valves)
             self.seq += 1
             try:
                 self.sock.send(msg)

@@ -59,7 +59,7 @@ class Pacer:
 def replay(lines: np.ndarray, line_rate_hz: float, chunk_lines: int = 32, realtime: bool = False,
            start: int = 0, stop: int | None = None, t0: float | None = None) -> Iterator[Chunk]:
     """Chunks of a memory-mapped recording, as fast as possible or paced at the line rate
-    (``t0``: a shared wall time of line 0, for lanes that must keep the same clock)."""
+    (``t0``: the wall time of line 0, when several sources must keep one clock; default: now)."""
     n = lines.shape[0] if stop is None else min(stop, lines.shape[0])
     pacer = Pacer(line_rate_hz, realtime, t0)
     for first in range(start, n, chunk_lines):

@@ -14,13 +14,13 @@ the decisions a clean run gives them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numba
 import numpy as np
 
 from sorting.config import SorterConfig
 from sorting.realtime.counters import Counters
+from sorting.realtime.events import Event
 from sorting.realtime.health import ChunkHealth, LineHealth, good_runs, runs
 from sorting.realtime.inflight import ChunkJob, FeatureQueue, ring_buffer
 from sorting.stages import split
@@ -31,7 +31,7 @@ from sorting.stages.eject import Timing, plan_one, plan_parameters
 from sorting.stages.features import FEATURE_NAMES, features_from_ring, particle_features
 from sorting.stages.inference import OnnxModel
 from sorting.stages.linepass import normalize_lines
-from sorting.stages.particles import Completed, SegmentConfig
+from sorting.stages.particles import Particles, SegmentConfig
 from sorting.stages.segment import detector_arrays
 from sorting.stages.splice import SpliceFinder
 from sorting.stages.stitch import StreamSegmenter
@@ -53,11 +53,11 @@ N_LOGGED = len(_LOG_DECIMALS)
 
 
 @numba.njit(cache=True, nogil=True)
-def _chunk_plan(ints, x0, p):
+def _chunk_plan(ints, p):
     """Per particle of a chunk (``ints`` rows: first line, first column, last line, last
-    column (window), area px): its valve plan (:func:`sorting.stages.eject.plan_one`, in detector
-    columns) and its box in the ring. Returns valve_lo, valve_hi, times (4, n: open, close,
-    command, deadline_ms) and boxes (n, 4: first line, first column, height, width)."""
+    column, area px): its valve plan (:func:`sorting.stages.eject.plan_one`) and its box in the
+    ring. Returns valve_lo, valve_hi, times (4, n: open, close, command, deadline_ms) and boxes
+    (n, 4: first line, first column, height, width)."""
     n = ints.shape[0]
     lo, hi = np.empty(n, np.int64), np.empty(n, np.int64)
     times = np.empty((4, n), np.float64)
@@ -65,7 +65,7 @@ def _chunk_plan(ints, x0, p):
     for i in range(n):
         line0, col0, line1, col1 = ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3]
         lo[i], hi[i], times[0, i], times[1, i], times[2, i], times[3, i] = plan_one(
-            float(line0), float(line1), float(col0 + x0), float(col1 + x0), p)
+            float(line0), float(line1), float(col0), float(col1), p)
         boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3] = line0, col0, line1 - line0 + 1, col1 - col0 + 1
     return lo, hi, times, boxes
 
@@ -80,7 +80,7 @@ def _round_rows(values, scale):
 
 
 @numba.njit(cache=True, nogil=True)
-def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, resp_s, rate, px_area, scale):
+def _chunk_numbers(ints, cents, scores, times, arrival, ring_mask, t_out, resp_s, rate, px_area, scale):
     """A chunk's logged numbers, (N_LOGGED + 2, n): rows 0..7 rounded (:data:`_LOG_DECIMALS`):
     centroid line, centroid column (detector), area mm2, score, open s, close s, latency ms
     (last line -> decision at ``t_out``), slack ms; rows 8, 9: latency and slack unrounded."""
@@ -91,9 +91,8 @@ def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, re
         latency = (t_out - arrival[last & ring_mask]) * 1000.0
         slack = (times[0, i] - resp_s - last / rate) * 1000.0 - latency
         out[0, i] = cents[i, 0]
-        # the column centroid from its integer sum, shifted to detector columns before the one
-        # division: a lane (x0 > 0) then rounds a tie exactly as one worker does
-        out[1, i] = (np.rint(cents[i, 1] * area) + x0 * area) / max(area, 1)
+        # the column centroid from its integer sum (one division, as the stitcher made it)
+        out[1, i] = np.rint(cents[i, 1] * area) / max(area, 1)
         out[2, i] = area * px_area
         out[3, i] = scores[i]
         out[4, i], out[5, i] = times[0, i], times[1, i]
@@ -103,18 +102,23 @@ def _chunk_numbers(ints, cents, x0, scores, times, arrival, ring_mask, t_out, re
     return out
 
 
+def _completion_order(done: Particles) -> Particles:
+    """A chunk's particles by last line (then first line, first column): the order in which the
+    stream completes them, whatever the chunk size; the order of their events."""
+    if len(done) > 1:
+        order = np.lexsort((done.col0, done.line0, done.line1))
+        if (order[1:] < order[:-1]).any():
+            return done[order]
+    return done
+
+
 class Pipeline(FeatureQueue):
-    """One chunk at a time, in stream order. Not thread-safe; one per belt (or lane)."""
+    """One chunk at a time, in stream order. Not thread-safe; one per belt."""
 
     def __init__(self, cal: Calibration, model: OnnxModel, sorter: SorterConfig, timing: Timing,
                  seg: SegmentConfig = SegmentConfig(), chunk_lines: int = 32, max_particle_lines: int = 512,
-                 line_pitch_mm: float | None = None, x0: int = 0, width: int | None = None,
-                 claim: Callable[[int, int], bool] | None = None, shed_late: bool = False,
-                 queue_chunks: int = 0):
-        """``x0``/``width``: the detector columns this pipeline sees (a lane; default the whole
-        belt). ``claim(col0, col1)``, in window columns, decides on each whole connected
-        component (before touching rocks are split) whether this pipeline owns it.
-        ``shed_late``: on a live stream, leave particles whose command is already due
+                 line_pitch_mm: float | None = None, shed_late: bool = False, queue_chunks: int = 0):
+        """``shed_late``: on a live stream, leave particles whose command is already due
         undecided instead of classifying them (overload protection; off for replays run as
         fast as possible, where wall-clock age means nothing).
         ``queue_chunks``: chunks whose particles may wait for feature workers (:meth:`attach`)
@@ -125,15 +129,14 @@ class Pipeline(FeatureQueue):
         self.shed_late = shed_late
         self.cal, self.model, self.sorter, self.timing = cal, model, sorter, timing
         self.seg = seg
-        self.x0 = int(x0)
-        self.pixels = timing.pixels - self.x0 if width is None else int(width)
+        self.pixels = timing.pixels
         self.line_pitch_mm = line_pitch_mm or timing.belt_speed_m_s * 1000.0 / timing.line_rate_hz
         self.threshold = sorter.sorting.threshold if sorter.sorting.threshold is not None else model.threshold
         self.eject_sc = sorter.sorting.eject == "sc"
         self.eject_tramp = sorter.sorting.tramp == "eject"
         self.max_valves = int(sorter.ejector.max_valves)
         self.segmenter = StreamSegmenter(self.pixels, cal, timing.pixel_pitch_mm, self.line_pitch_mm, seg,
-                                         max_particle_lines, claim=claim)
+                                         max_particle_lines)
         # the ring must still hold a particle's first lines (and margin) when it completes
         # (and, with feature workers, while the chunks queued after it are written)
         self.queue_chunks = int(queue_chunks)
@@ -157,18 +160,18 @@ class Pipeline(FeatureQueue):
         self._cost_ms = 0.5  # running mean of the time to decide one particle
         self._seg_errors = 0  # the segmenter's failed splits already seen
         self._chunk_failed = self._chunk_decided = self._error_episode = False
-        self.health = LineHealth(cal, self.x0, self.pixels)
-        self.air = AirTracker(cal, x0=self.x0, width=self.pixels)
+        self.health = LineHealth(cal, 0, self.pixels)
+        self.air = AirTracker(cal)
         # belt splices (whole-width steel lines) and tramp metal (steel the model never judges)
-        self.splice = SpliceFinder(cal, self.x0, self.pixels, seg)
+        self.splice = SpliceFinder(cal, 0, self.pixels, seg)
         self._splice_spans: list[tuple[int, int]] = []  # recent splice lines, (first, last) stream lines
         self.tramp = TrampFinder(cal)
-        self._dark_w = np.ascontiguousarray(cal.dark[self.x0:self.x0 + self.pixels])
-        self._bad_w = np.ascontiguousarray(cal.bad[self.x0:self.x0 + self.pixels])
+        self._dark_w = np.ascontiguousarray(cal.dark)
+        self._bad_w = np.ascontiguousarray(cal.bad)
         # the fused line pass's arguments, prepared once
         self._dark_flat = self._dark_w.reshape(-1)
         self._repair = repair_plan(self._bad_w)
-        self._det = detector_arrays(cal, self.x0, self.pixels, seg)
+        self._det = detector_arrays(cal, 0, self.pixels, seg)
         # wall seconds per stage, for the benchmark's "where the time goes"
         self.stage_s = dict.fromkeys(("normalize", "segment", "features", "classify", "decide"), 0.0)
         self._warm_up()
@@ -198,8 +201,8 @@ class Pipeline(FeatureQueue):
         raw = np.zeros((2, self.pixels, 2), np.uint16)
         a = np.zeros((2, self.pixels, 2), np.float32)
         mask = np.empty((2, self.pixels), bool)
-        health = LineHealth(self.cal, self.x0, self.pixels)
-        acc = AirTracker(self.cal, x0=self.x0, width=self.pixels).accumulators()  # throwaway sums
+        health = LineHealth(self.cal, 0, self.pixels)
+        acc = AirTracker(self.cal).accumulators()  # throwaway sums
         # a faulty chunk's own flags, and a healthy chunk's shared read-only ones (another type)
         faulty = ChunkHealth(np.zeros(2, bool), np.zeros(self.pixels, bool), {})
         healthy = ChunkHealth(np.zeros(2, bool), np.zeros(self.pixels, bool), {})
@@ -212,22 +215,22 @@ class Pipeline(FeatureQueue):
         stitch_warm_up()
         # splice screen and correction (on a throwaway finder: a splice line in the middle), and
         # the tramp statistics
-        finder = SpliceFinder(self.cal, self.x0, self.pixels, self.seg)
+        finder = SpliceFinder(self.cal, 0, self.pixels, self.seg)
         a = np.zeros((5, self.pixels, 2), np.float32)
         a[2] = 1.0
         mask = np.zeros((5, self.pixels), bool)
         mask[2] = True
         if finder.screen(mask):
             finder.correct(a, mask, np.zeros(0, bool), np.zeros(self.pixels, bool))
-        AirTracker(self.cal, x0=self.x0, width=self.pixels).retract(a[:1], mask[:1], np.zeros(self.pixels, bool))
+        AirTracker(self.cal).retract(a[:1], mask[:1], np.zeros(self.pixels, bool))
         self.tramp.warm_up(self._ring)
         # the touching-rock split: its compiled flooding, and the gate's OpenCV calls
         yy, xx = np.mgrid[:24, :44]
         discs = ((yy - 12) ** 2 + (xx - 11) ** 2 < 100) | ((yy - 12) ** 2 + (xx - 29) ** 2 < 100)  # a neck
         split.split_touching(discs, self.timing.pixel_pitch_mm, self.line_pitch_mm, self.seg)
         ints, cents = np.zeros((1, 5), np.int64), np.zeros((1, 2), np.float64)
-        lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
-        _chunk_numbers(ints, cents, self.x0, np.zeros(1, np.float32), times, self._arrival, self.ring_lines - 1, 0.0,
+        lo, hi, times, boxes = _chunk_plan(ints, self._plan_p)
+        _chunk_numbers(ints, cents, np.zeros(1, np.float32), times, self._arrival, self.ring_lines - 1, 0.0,
                        0.0, self.timing.line_rate_hz, 1.0, _LOG_SCALE)
 
     # ------------------------------------------------------------ input side
@@ -238,10 +241,9 @@ class Pipeline(FeatureQueue):
             self._line_lag = np.arange(n - 1, -1, -1) / self.timing.line_rate_hz
         return self._a[:n], self._mask[:n]
 
-    def step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
-        """Process lines ``first_line ..`` that entered at wall time ``t_in``: raw (L, W, 2)
-        uint16, the window's columns; a window narrower than the detector (a lane) also takes
-        whole lines (L, P, 2) and reads its columns in place.
+    def step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[Event]:
+        """Process lines ``first_line ..`` that entered at wall time ``t_in``: raw (L, P, 2)
+        uint16. Returns the decisions made meanwhile, in completion order.
 
         A chunk is cut at the air tracker's epoch boundaries (multiples of its epoch lines),
         so the tracked air level a line is normalized with does not depend on chunking. A
@@ -253,7 +255,7 @@ class Pipeline(FeatureQueue):
         self._end_chunk()
         return events
 
-    def _epochs(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
+    def _epochs(self, first_line: int, raw: np.ndarray, t_in: float) -> list[Event]:
         """:meth:`step`'s work, cut at the air tracker's epoch boundaries."""
         epoch = self.air.epoch_lines
         n = raw.shape[0]
@@ -270,7 +272,7 @@ class Pipeline(FeatureQueue):
             self.air.end_epoch()
         return events
 
-    def _step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[dict]:
+    def _step(self, first_line: int, raw: np.ndarray, t_in: float) -> list[Event]:
         n = raw.shape[0]
         a, mask = self._buffers(n)
         t0 = time.perf_counter()
@@ -284,14 +286,12 @@ class Pipeline(FeatureQueue):
         # columns never hold a particle; the air level follows drift from empty belt
         raw = np.ascontiguousarray(raw)  # a recording's or the wire's lines already are: no copy
         health = self.health.check(raw, first_line)
-        # whole detector lines (a lane fed from the shared line stream): its window is read in place
-        x0 = self.x0 if raw.shape[1] != self.pixels else 0
         i0 = first_line & (self.ring_lines - 1)
         wraps = i0 + n > self.ring_lines
         if not wraps:
             a = self._ring[i0:i0 + n]  # straight into the ring (whole lines: a C-contiguous block)
         # attenuation, foreground, a frozen module's columns, the air tracker's sums: line by line
-        self._normalize_lines(raw, health, a, mask, self.air.accumulators(), x0)
+        self._normalize_lines(raw, health, a, mask, self.air.accumulators())
         if self.splice.screen(mask):
             self._take_out_splices(first_line, a, mask, health)
         # each line's own acquisition time (t_in is the chunk's last line): the wait for the
@@ -306,22 +306,22 @@ class Pipeline(FeatureQueue):
         c.chunks += 1
         c.lines += n
         if health.bad_lines.any():
-            done = []
             # bad lines act as a gap: what was open comes out cut, and so does what starts
             # after (the segmenter sees lines missing before the next good run)
-            for start, stop in good_runs(health.bad_lines):
-                done += self.segmenter.push(first_line + start, mask[start:stop])
+            done = Particles.concat([self.segmenter.push(first_line + start, mask[start:stop])
+                                     for start, stop in good_runs(health.bad_lines)])
         else:
             done = self.segmenter.push(first_line, mask)
         st = self.stage_s
         st["normalize"] += t1 - t0
         st["segment"] += time.perf_counter() - t1
-        events = self._decide(done) if done else []
+        done = _completion_order(done)
+        events = self._decide(done) if len(done) else []
         if self._raw_ring is not None:
-            self._keep_raw(first_line, raw[:, x0:x0 + self.pixels], done, events)
+            self._keep_raw(first_line, raw, done, events)
         return events
 
-    def _keep_raw(self, first_line: int, raw: np.ndarray, done: list[Completed], events: list[dict]) -> None:
+    def _keep_raw(self, first_line: int, raw: np.ndarray, done: Particles, events: list[Event]) -> None:
         """--save-crops: the chunk's raw counts into the raw ring, then the sink's hand-off."""
         n = raw.shape[0]
         i0 = first_line & (self.ring_lines - 1)
@@ -332,10 +332,10 @@ class Pipeline(FeatureQueue):
         self.crop_sink.on_chunk(self._raw_ring, first_line + n - 1, done, events)
 
     def _normalize_lines(self, raw: np.ndarray, health: ChunkHealth, a: np.ndarray, mask: np.ndarray,
-                         sums: AirSums, x0: int = 0) -> None:
+                         sums: AirSums) -> None:
         """The chunk through the fused line pass (:mod:`sorting.stages.linepass`)."""
         normalize_lines(raw, self._dark_flat, self.air.log_flat.reshape(-1), self._repair, self._det,
-                        health.bad_cols, health.bad_lines, sums, a, mask, x0)
+                        health.bad_cols, health.bad_lines, sums, a, mask)
 
     def _take_out_splices(self, first_line: int, a: np.ndarray, mask: np.ndarray, health: ChunkHealth) -> None:
         """Splice lines of the chunk (rare): the steel taken out of ``a``, the lines segmented
@@ -353,10 +353,10 @@ class Pipeline(FeatureQueue):
         keep_from = first_line - self.ring_lines
         self._splice_spans = [sp for sp in spans if sp[1] >= keep_from]
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> list[Event]:
         """End of stream: particles still open are cut (and, with feature workers, every chunk
         still out is waited for and decided)."""
-        done = self.segmenter.flush()
+        done = _completion_order(self.segmenter.flush())
         if self._pool is not None:
             self._steps += 1
             events = self._decide(done)
@@ -396,7 +396,7 @@ class Pipeline(FeatureQueue):
         boxes = np.empty((n, 4), np.int64)
         for i in range(n):
             try:
-                r = _chunk_plan(ints[i:i + 1], self.x0, self._plan_p)
+                r = _chunk_plan(ints[i:i + 1], self._plan_p)
                 lo[i], hi[i], times[:, i], boxes[i] = r[0][0], r[1][0], r[2][:, 0], r[3][0]
             except Exception as exc:  # noqa: BLE001 - this particle passes; the belt goes on
                 err[i] = err[i] or f"planning: {type(exc).__name__}"
@@ -447,7 +447,7 @@ class Pipeline(FeatureQueue):
         return scores
 
     # ------------------------------------------------------------ decisions
-    def _decide(self, done: list[Completed]) -> list[dict]:
+    def _decide(self, done: Particles) -> list[Event]:
         """A chunk's completed particles: planned (:meth:`_prepare`), classified
         (:meth:`classify`: features, scores, tramp) and decided (:meth:`_finish`); with feature
         workers attached (:meth:`attach`), classified by a worker while the loop goes on, and
@@ -457,26 +457,21 @@ class Pipeline(FeatureQueue):
             return self._finish(job, self.classify(job.request))
         return self._queue(job)
 
-    def _prepare(self, done: list[Completed]) -> ChunkJob:
+    def _prepare(self, done: Particles) -> ChunkJob:
         """Everything of a chunk's decisions that reads the stream's state as it stands now
         (the plan, the overload shedding, line health, splices), and the request to classify it."""
-        # by last line: the order in which the stream completes them, whatever the chunk size
-        done.sort(key=lambda p: (p.line1, p.line0, p.col0))
-        n = len(done)
         t0 = time.perf_counter()
+        n = len(done)
         # per particle: first line, first column, last line, last column, area (px); centroid line, column
-        ints = np.array([(p.line0, p.col0, p.line1, p.col1, p.area_px) for p in done], np.int64).reshape(n, 5)
-        cents = np.array([(p.centroid_line, p.centroid_px) for p in done], np.float64).reshape(n, 2)
+        ints = np.stack((done.line0, done.col0, done.line1, done.col1, done.area_px), axis=1)
+        cents = np.stack((done.centroid_line, done.centroid_px), axis=1)
         # per particle, once one's own processing has raised: "stage: ExceptionType" or None;
         # None as a whole on the common path (each stage below runs on the chunk's batch and
         # goes one particle at a time only when that raises)
-        err = None
-        if self.segmenter.errors != self._seg_errors:  # a component came out unsplit
-            self._seg_errors = self.segmenter.errors
-            err = [p.error for p in done]
+        err = list(done.errors) if done.failed else None
         # the valve plan, and each box (first line, first column, height, width) in the ring
         try:
-            lo, hi, times, boxes = _chunk_plan(ints, self.x0, self._plan_p)
+            lo, hi, times, boxes = _chunk_plan(ints, self._plan_p)
         except Exception:  # noqa: BLE001 - isolate the failing particle(s)
             err = err if err is not None else [None] * n
             lo, hi, times, boxes = self._plan_each(ints, err)
@@ -500,9 +495,10 @@ class Pipeline(FeatureQueue):
         last_bad = self.health.last_bad_line
         suspect = [False] * n
         if n > 0 and last_bad >= 0 and last_bad >= int(ints[:, 0].min()):
-            suspect = [self.health.suspect(p.line0, p.line1, p.col0, p.col1) for p in done]
-        judge = np.array([not p.too_long for p in done], bool)
-        request = (boxes, [p.mask for p in done], err, undecided, judge)
+            suspect = [self.health.suspect(*box) for box in zip(done.line0.tolist(), done.line1.tolist(),
+                                                                  done.col0.tolist(), done.col1.tolist())]
+        judge = ~done.too_long
+        request = (boxes, done.masks, err, undecided, judge)
         return ChunkJob(done, ints, cents, lo, hi, times, request, on_splice, suspect, time.perf_counter() - t0)
 
     def classify(self, request: tuple) -> tuple:
@@ -565,10 +561,10 @@ class Pipeline(FeatureQueue):
             scores[tramp] = 0.0
         return scores, tramp, err, t1 - t0, n - n_skip, time.perf_counter() - t1
 
-    def _finish(self, job: ChunkJob, result: tuple) -> list[dict]:
+    def _finish(self, job: ChunkJob, result: tuple) -> list[Event]:
         """The chunk's decisions and events from its classification (:meth:`classify`)."""
         scores, tramp, err, feat_s, n_featured, cls_s = result
-        done, ints, lo, hi, times = job.done, job.ints, job.lo, job.hi, job.times
+        done, lo, hi, times = job.done, job.lo, job.hi, job.times
         undecided = job.request[3]
         n = len(done)
         if n_featured:
@@ -585,12 +581,10 @@ class Pipeline(FeatureQueue):
             eject = eject & ~failed  # a particle whose own processing raised passes
         t_out = time.perf_counter()
         px_area = self.timing.pixel_pitch_mm * self.line_pitch_mm
-        events = []
         c = self.counters
-        x0 = self.x0
         # Python scalars once per chunk, not numpy scalars per particle and field; rounded for
         # the log once per chunk (decisions use the unrounded numbers)
-        numbers = _chunk_numbers(ints, job.cents, x0, scores, times, self._arrival, self.ring_lines - 1, t_out,
+        numbers = _chunk_numbers(job.ints, job.cents, scores, times, self._arrival, self.ring_lines - 1, t_out,
                                  self.sorter.ejector.response_ms / 1000.0, self.timing.line_rate_hz, px_area,
                                  _LOG_SCALE)
         rounded = zip(*numbers[:N_LOGGED].tolist())
@@ -600,53 +594,39 @@ class Pipeline(FeatureQueue):
         lo_l, hi_l = lo.tolist(), hi.tolist()
         tramp_l = tramp.tolist()
         on_splice, suspect_l = job.on_splice, job.suspect
+        err_l = err if err is not None else [None] * n
         cap = self.max_valves
-        for i, (p, r) in enumerate(zip(done, rounded)):
+        first = self._next_id
+        self._next_id += n
+        events = []
+        for i, (line0, line1, col0, col1, cut, too_long, split_, border, r) in enumerate(zip(
+                done.line0.tolist(), done.line1.tolist(), done.col0.tolist(), done.col1.tolist(), done.cut.tolist(),
+                done.too_long.tolist(), done.split.tolist(), done.touches_border.tolist(), rounded)):
             # a particle cut by a gap or the end of stream may be a fragment: it passes, logged
             suspect = suspect_l[i]
             und = und_l[i]
             n_valves = hi_l[i] - lo_l[i] + 1
-            wanted = (eject_l[i] and not p.cut and not p.too_long and not suspect and not und
-                      and n_valves >= 1)
+            wanted = eject_l[i] and not cut and not too_long and not suspect and not und and n_valves >= 1
             # the air cap: an eject that needs more valves than the sorter allows passes
             over = wanted and n_valves > cap
             fire = wanted and not over
+            # no command in time: negative slack, or left undecided
             late = slack_l[i] < 0 or und
-            ev = {
-                "particle": self._next_id,
-                "first_line": int(p.line0), "last_line": int(p.line1),
-                "x_min_px": p.col0 + x0, "x_max_px": p.col1 + x0,
-                "centroid_line": r[0],
-                "centroid_px": r[1],
-                "area_mm2": r[2],
-                "score": r[3],
-                "decision": "eject" if fire else "pass",
-                "valves": list(range(lo_l[i], hi_l[i] + 1)) if fire else [],
-                "open_s": r[4] if fire else None,
-                "close_s": r[5] if fire else None,
-                "latency_ms": r[6],
-                "slack_ms": r[7],
-                "late": late,
-                "class": "sc" if sc_l[i] else "waste",
-                "cut": p.cut, "too_long": p.too_long, "split": p.split, "touches_border": p.touches_border,
-                "fault": suspect,
-                "undecided": und,
-                "kind": "tramp" if tramp_l[i] else "rock",
-                "over_cap": over,
-                "splice": on_splice[i],
-            }
-            self._next_id += 1
+            events.append(Event(
+                first + i, line0, line1, col0, col1, r[0], r[1], r[2], r[3],
+                "eject" if fire else "pass",
+                list(range(lo_l[i], hi_l[i] + 1)) if fire else [],
+                r[4] if fire else None, r[5] if fire else None, r[6], r[7], late,
+                "sc" if sc_l[i] else "waste", cut, too_long, split_, border, suspect, und,
+                "tramp" if tramp_l[i] else "rock", over, on_splice[i], err_l[i]))
             c.over_cap += over
             if fire:
                 c.ejected += 1
-                c.late += late
+                c.late_ejects += late
             else:
                 c.passed += 1
                 c.undecided += und
-            events.append(ev)
         if failed is not None:
-            for i in np.flatnonzero(failed).tolist():
-                events[i]["error"] = err[i]
             k = int(np.count_nonzero(failed))
             c.particle_errors += k
             self._chunk_failed |= k > 0
@@ -654,8 +634,8 @@ class Pipeline(FeatureQueue):
         c.particles += n
         c.tramp += n_tramp
         c.latency.add_many(numbers[N_LOGGED])
-        c.cut += sum(p.cut for p in done)
-        c.too_long += sum(p.too_long for p in done)
+        c.cut += int(np.count_nonzero(done.cut))
+        c.too_long += int(np.count_nonzero(done.too_long))
         st = self.stage_s
         st["features"] += job.prepare_s + feat_s
         st["classify"] += cls_s

@@ -26,7 +26,7 @@ from sorting.physics import load_materials
 from sorting.stages.features import EDGE_PX, FEATURE_NAMES, features_batch
 from sorting.stages.maps import material_maps
 from sorting.stages.normalize import MAFIC_ENDS, MIXTURES, attenuation, mafic_inverse
-from sorting.stages.particles import Completed, SegmentConfig
+from sorting.stages.particles import Particle, Particles, SegmentConfig
 from sorting.stages.segment import foreground, segment_crop
 from sorting.stages.stitch import StreamSegmenter
 
@@ -97,7 +97,7 @@ def particle_mass_g(a: np.ndarray, mask: np.ndarray, cal: Calibration, pixel_pit
 
 
 def find_particles(lines: np.ndarray, cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: float,
-                   config: SegmentConfig = SegmentConfig(), block_lines: int = BLOCK_LINES) -> list[Completed]:
+                   config: SegmentConfig = SegmentConfig(), block_lines: int = BLOCK_LINES) -> Particles:
     """Every particle of a recording, in order along the belt (by centroid line).
 
     Parameters
@@ -106,16 +106,15 @@ def find_particles(lines: np.ndarray, cal: Calibration, pixel_pitch_mm: float, l
     """
     n, p = lines.shape[:2]
     seg = StreamSegmenter(p, cal, pixel_pitch_mm, line_pitch_mm, config, MAX_PARTICLE_LINES)
-    out: list[Completed] = []
+    out = []
     for i in range(0, n, block_lines):
         a = attenuation(np.asarray(lines[i:i + block_lines]), cal, 0)
-        out += seg.push(i, foreground(a, cal, 0, config))
-    out += seg.flush()
-    out.sort(key=lambda c: (c.centroid_line, c.centroid_px))
-    return out
+        out.append(seg.push(i, foreground(a, cal, 0, config)))
+    found = Particles.concat(out + [seg.flush()])
+    return found[np.lexsort((found.centroid_px, found.centroid_line))]
 
 
-def measure_particles(lines: np.ndarray, cal: Calibration, particles: list[Completed], pixel_pitch_mm: float,
+def measure_particles(lines: np.ndarray, cal: Calibration, particles: Particles, pixel_pitch_mm: float,
                       line_pitch_mm: float, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Each particle's features (n, F) float32 and estimated mass (n,) float64 in g, from its
     own mask on its box's attenuation (with ``EDGE_PX`` of belt around it)."""
@@ -147,7 +146,7 @@ class RockCrop:
     first_line: int
 
 
-def cut_crop(lines: np.ndarray, cal: Calibration, particle: Completed, pixel_pitch_mm: float,
+def cut_crop(lines: np.ndarray, cal: Calibration, particle: Particle, pixel_pitch_mm: float,
              line_pitch_mm: float, config: SegmentConfig = SegmentConfig(), margin_px: int = CROP_MARGIN_PX,
              min_margin_px: int = MIN_MARGIN_PX, x0: int = 0, first_line: int = 0
              ) -> tuple[RockCrop | None, str | None]:

@@ -1,9 +1,11 @@
-"""The particle: the segmentation settings that define one, and its two representations
-(a finished particle of the stream with its mask, and parallel arrays of many)."""
+"""The particle: the segmentation settings that define one, and the one representation of
+finished particles that the batch path and the belt share, from segmentation to the event log:
+parallel arrays (:class:`Particles`), whose single entries are :class:`Particle` tuples."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -60,13 +62,12 @@ def pixel_area_mm2(pixel_pitch_mm: float, line_pitch_mm: float) -> float:
     return float(pixel_pitch_mm) * float(line_pitch_mm)
 
 
-@dataclass(frozen=True)
-class Completed:
-    """One finished particle of the stream, in absolute coordinates.
+class Particle(NamedTuple):
+    """One particle of a :class:`Particles` set (``particles[i]``), in absolute coordinates.
 
     line0..line1 : inclusive stream lines; col0..col1 : inclusive detector columns.
     mask : (line1 - line0 + 1, col1 - col0 + 1) bool, the particle's pixels in its box.
-    centroid_line, centroid_px : unweighted mask centroid (line / column index units).
+    area_px : its pixels. centroid_line, centroid_px : unweighted mask centroid (index units).
     cut : it may be incomplete: it touches the first line of the stream or the first line
         after a gap, or was still open at a gap or at the end of the stream.
     too_long : emitted after ``max_particle_lines`` without ending.
@@ -91,14 +92,25 @@ class Completed:
     error: str | None = None
 
 
-_PARTICLE_DTYPES = {"line0": np.int64, "line1": np.int64, "col0": np.int64, "col1": np.int64,
-                    "area_px": np.int64, "centroid_line": np.float64, "centroid_px": np.float64,
-                    "touches_border": bool}
+#: the per-particle arrays of :class:`Particles` and their dtypes
+ARRAYS = {name: np.dtype(t) for name, t in (
+    ("line0", np.int64), ("line1", np.int64), ("col0", np.int64), ("col1", np.int64), ("area_px", np.int64),
+    ("centroid_line", np.float64), ("centroid_px", np.float64), ("cut", bool), ("too_long", bool),
+    ("touches_border", bool), ("split", bool))}
+_FLAGS = ("cut", "too_long", "touches_border", "split")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Particles:
-    """Parallel arrays, one entry per particle (inclusive boxes, frame coordinates)."""
+    """Finished particles as parallel arrays, one entry per particle: what segmentation gives
+    (the belt's stitcher, a recording's particles, a component's pieces) and what planning,
+    features and the event log read. The fields are those of :class:`Particle`; ``masks`` is
+    a tuple of each particle's (height, width) bool mask in its box, ``errors`` a tuple of
+    ``"stage: ExceptionType"`` or None per particle, or None when no particle failed.
+
+    ``particles[i]`` is one :class:`Particle`; a slice, boolean mask or index array gives a new
+    set. The constructor checks lengths, dtypes, boxes and mask shapes.
+    """
 
     line0: np.ndarray
     line1: np.ndarray
@@ -107,38 +119,106 @@ class Particles:
     area_px: np.ndarray
     centroid_line: np.ndarray
     centroid_px: np.ndarray
-    touches_border: np.ndarray
+    masks: tuple
+    cut: np.ndarray | None = None
+    too_long: np.ndarray | None = None
+    touches_border: np.ndarray | None = None
+    split: np.ndarray | None = None
+    errors: tuple | None = None
 
     def __post_init__(self) -> None:
-        n = None
-        for name, dtype in _PARTICLE_DTYPES.items():
-            v = np.asarray(getattr(self, name))
-            if v.ndim != 1:
-                raise ValueError(f"Particles.{name} must be 1-D, got shape {v.shape}")
-            if n is not None and v.shape[0] != n:
-                raise ValueError(f"Particles.{name} has {v.shape[0]} entries, line0 has {n}")
-            n = v.shape[0]
-            object.__setattr__(self, name, v.astype(dtype, copy=False))
-        if np.any(self.line1 < self.line0) or np.any(self.col1 < self.col0):
+        set_ = object.__setattr__
+        masks = self.masks
+        if type(masks) is not tuple:
+            masks = tuple(masks)
+            set_(self, "masks", masks)
+        n = len(masks)
+        for name, dtype in ARRAYS.items():
+            v = getattr(self, name)
+            if v is None:
+                v = np.zeros(n, dtype)
+            elif type(v) is not np.ndarray or (v.dtype is not dtype and v.dtype != dtype):
+                v = np.asarray(v).astype(dtype, copy=False)
+            if v.ndim != 1 or v.shape[0] != n:
+                raise ValueError(f"Particles.{name} must have one entry per mask ({n}), got shape {v.shape}")
+            set_(self, name, v)
+        if self.errors is not None:
+            set_(self, "errors", tuple(self.errors))
+            if len(self.errors) != n:
+                raise ValueError(f"Particles.errors must have one entry per mask ({n}), got {len(self.errors)}")
+        if n == 0:
+            return
+        # (a chunk holds a handful of particles: Python scalars beat numpy reductions here)
+        h = (self.line1 - self.line0 + 1).tolist()
+        w = (self.col1 - self.col0 + 1).tolist()
+        if min(h) < 1 or min(w) < 1:
             raise ValueError("Particles: a box ends before it starts (line1 < line0 or col1 < col0)")
-        if np.any(self.area_px < 1):
+        if min(self.area_px.tolist()) < 1:
             raise ValueError("Particles: area_px must be >= 1")
+        boolean = ARRAYS["cut"]
+        for i, (m, shape) in enumerate(zip(masks, zip(h, w))):
+            if m.shape != shape or m.dtype != boolean:
+                raise ValueError(f"Particles: mask {i} is {m.dtype} {m.shape}, its box is bool {shape}")
+
+    @classmethod
+    def _derived(cls, arrays: dict, masks: tuple, errors: tuple | None) -> Particles:
+        """A set made from valid sets (a selection, a concatenation): nothing to check again."""
+        out = object.__new__(cls)
+        out.__dict__.update(arrays, masks=masks, errors=errors)
+        return out
 
     def __len__(self) -> int:
-        return int(self.line0.shape[0])
+        return len(self.masks)
 
-    def __getitem__(self, index: Any) -> Particles:
-        """Boolean mask, index array or slice -> a new Particles."""
+    def __getitem__(self, index: Any) -> Particle | Particles:
+        """An integer: that :class:`Particle`; a slice, boolean mask or index array: a new set."""
         if isinstance(index, (int, np.integer)):
-            index = [index]
-        return Particles(**{name: getattr(self, name)[index] for name in _PARTICLE_DTYPES})
+            i = int(index)
+            return Particle(int(self.line0[i]), int(self.line1[i]), int(self.col0[i]), int(self.col1[i]),
+                            self.masks[i], int(self.area_px[i]), float(self.centroid_line[i]),
+                            float(self.centroid_px[i]), bool(self.cut[i]), bool(self.too_long[i]),
+                            bool(self.touches_border[i]), bool(self.split[i]),
+                            None if self.errors is None else self.errors[i])
+        at = np.arange(len(self))[index]
+        picked = at.tolist()
+        masks, errors = self.masks, self.errors
+        return Particles._derived({name: getattr(self, name)[at] for name in ARRAYS},
+                                  tuple(masks[i] for i in picked),
+                                  None if errors is None else tuple(errors[i] for i in picked))
+
+    def __iter__(self) -> Iterator[Particle]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def failed(self) -> bool:
+        """Some particle's own processing raised (its ``errors`` entry is set)."""
+        return self.errors is not None and any(e is not None for e in self.errors)
 
     @classmethod
     def empty(cls) -> Particles:
-        return cls(**{name: np.zeros(0, dtype) for name, dtype in _PARTICLE_DTYPES.items()})
+        return cls(**{name: np.zeros(0, dtype) for name, dtype in ARRAYS.items()}, masks=())
 
     @classmethod
-    def from_completed(cls, items: list[Completed]) -> Particles:
-        if not items:
+    def from_rows(cls, rows: Sequence[Particle]) -> Particles:
+        """A set from single particles (e.g. the pieces of components split one at a time)."""
+        if not rows:
             return cls.empty()
-        return cls(**{name: np.array([getattr(c, name) for c in items]) for name in _PARTICLE_DTYPES})
+        cols = list(zip(*rows))
+        index = Particle._fields.index
+        errors = cols[index("error")]
+        return cls(**{name: np.array(cols[index(name)], dtype) for name, dtype in ARRAYS.items()},
+                   masks=cols[index("mask")], errors=None if all(e is None for e in errors) else errors)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Particles]) -> Particles:
+        """The sets one after the other."""
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.empty()
+        errors = None
+        if any(p.errors is not None for p in parts):
+            errors = tuple(e for p in parts for e in (p.errors or (None,) * len(p)))
+        return cls._derived({name: np.concatenate([getattr(p, name) for p in parts]) for name in ARRAYS},
+                            tuple(m for p in parts for m in p.masks), errors)

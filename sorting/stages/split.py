@@ -20,7 +20,7 @@ from sorting.stages.concavity import (
     bound_clears_gate,
     defect_depth_bound_px,
 )
-from sorting.stages.particles import Completed, SegmentConfig, is_speck, pixel_area_mm2
+from sorting.stages.particles import Particle, Particles, SegmentConfig, is_speck, pixel_area_mm2
 
 #: particles larger than this (pixels) are flooded on max-pooled blocks of about this many
 _FLOOD_PX = 1200
@@ -314,7 +314,7 @@ def _pop(value, age, where, n):
 def pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_pitch_mm: float,
             config: SegmentConfig, cut: bool = False, too_long: bool = False,
             pixels: int | None = None, sums: tuple[int, int, int] | None = None,
-            bound_deep: bool = False) -> list[Completed]:
+            bound_deep: bool = False) -> Particles:
     """One connected component (its tight box mask at line0, col0) -> the particles it holds.
 
     ``sums`` = (area, sum of lines, sum of columns) when the caller has them exactly.
@@ -323,9 +323,9 @@ def pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_
     """
     area_px = sums[0] if sums is not None else int(np.count_nonzero(mask))
     if area_px == 0:  # no pixel, no particle (whatever the speck size)
-        return []
+        return Particles.empty()
     if not bound_deep and is_speck(area_px, pixel_area_mm2(pixel_pitch_mm, line_pitch_mm), config.min_area_mm2):
-        return []
+        return Particles.empty()
     labels = None
     if config.split_touching and not too_long and (
             bound_deep or not _surely_shallow(mask, pixel_pitch_mm, line_pitch_mm, config)):
@@ -342,8 +342,8 @@ def pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_
         if sums is None:
             m = cv2.moments(mask.view(np.uint8), binaryImage=True)
             sums = (area_px, line0 * area_px + int(round(m["m01"])), col0 * area_px + int(round(m["m10"])))
-        return [Completed(line0, line0 + h - 1, col0, col0 + w - 1, mask, area_px, sums[1] / area_px,
-                          sums[2] / area_px, cut, too_long, edge, False)]
+        return Particles.from_rows([Particle(line0, line0 + h - 1, col0, col0 + w - 1, mask, area_px,
+                                             sums[1] / area_px, sums[2] / area_px, cut, too_long, edge, False)])
     out = []
     for k in range(1, int(labels.max()) + 1):
         part = (labels == k).view(np.uint8)
@@ -351,11 +351,11 @@ def pieces(mask: np.ndarray, line0: int, col0: int, pixel_pitch_mm: float, line_
         sub = part[r0:r0 + bh, c0:c0 + bw]
         m = cv2.moments(sub, binaryImage=True)
         a0 = int(round(m["m00"]))
-        out.append(Completed(
+        out.append(Particle(
             line0=line0 + r0, line1=line0 + r0 + bh - 1, col0=col0 + c0, col1=col0 + c0 + bw - 1,
             mask=sub.view(bool).copy(), area_px=a0,
             centroid_line=line0 + r0 + m["m01"] / a0, centroid_px=col0 + c0 + m["m10"] / a0,
             cut=cut, too_long=too_long,
             touches_border=pixels is not None and (col0 + c0 == 0 or col0 + c0 + bw == pixels),
             split=True))
-    return out
+    return Particles.from_rows(out)

@@ -7,18 +7,19 @@ so the belt and the rock crops give the same particles. The run tracking is comp
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sorting.stages import stitch_kernels as K
-from sorting.stages.particles import Completed, SegmentConfig, pixel_area_mm2
+from sorting.stages.particles import Particle, Particles, SegmentConfig, pixel_area_mm2
 from sorting.stages.split import pieces
 
 if TYPE_CHECKING:  # the calibration is only kept for the caller
     from sorting.stages.calibrate import Calibration
 
+#: what a chunk that completes nothing gives (shared: a Particles set is immutable)
+_NONE = Particles.empty()
 _SLOTS0 = 256  # open particles, grown by doubling
 _RUNS0 = 8192  # stored runs of open particles, grown by doubling
 #: the stage named in a particle's ``error`` when splitting its component raised
@@ -42,13 +43,10 @@ class StreamSegmenter:
     max_particle_lines : a particle still open after this many lines is emitted with
         ``too_long=True`` and its continuation starts afresh (also flagged), so a jam on
         the belt cannot hold memory or the deadline.
-    claim : optional ``claim(col0, col1) -> bool`` on each whole component's columns; a
-        component it refuses is dropped (lane-parallel mode: another lane owns it).
     """
 
     def __init__(self, pixels: int, cal: Calibration | None, pixel_pitch_mm: float, line_pitch_mm: float,
-                 config: SegmentConfig = SegmentConfig(), max_particle_lines: int = 512,
-                 claim: Callable[[int, int], bool] | None = None):
+                 config: SegmentConfig = SegmentConfig(), max_particle_lines: int = 512):
         if pixels < 1 or max_particle_lines < 1:
             raise ValueError(f"pixels and max_particle_lines must be >= 1, got {pixels}, {max_particle_lines}")
         self.pixels = int(pixels)
@@ -57,9 +55,6 @@ class StreamSegmenter:
         self.line_pitch_mm = float(line_pitch_mm)
         self.config = config
         self.max_particle_lines = int(max_particle_lines)
-        # lane-parallel mode: only components this lane owns (decided on the whole component,
-        # before touching rocks are split, so two lanes never split the same blob differently)
-        self.claim = claim
         #: components whose split raised, so far (each emitted whole, with ``error`` set)
         self.errors = 0
         self._parts = np.zeros((_SLOTS0, K.N_PART_COLS), np.int64)
@@ -95,7 +90,7 @@ class StreamSegmenter:
         """The line the next chunk must start at (None before the first chunk)."""
         return self._next
 
-    def push(self, first_line: int, mask: np.ndarray) -> list[Completed]:
+    def push(self, first_line: int, mask: np.ndarray) -> Particles:
         """Feed the foreground of lines ``first_line .. first_line + L - 1``.
 
         Parameters
@@ -112,7 +107,7 @@ class StreamSegmenter:
         mask = np.asarray(mask)
         if mask.ndim != 2 or mask.shape[1] != self.pixels or mask.shape[0] < 1:
             raise ValueError(f"mask must be (L >= 1, {self.pixels}), got shape {mask.shape}")
-        out: list[Completed] = []
+        out = None
         if self._next is None:
             self._start = first_line
         elif first_line != self._next:
@@ -132,8 +127,9 @@ class StreamSegmenter:
                 break
             self._grow(int(self._sc[K.S_NEED_SLOTS]), int(self._sc[K.S_NEED_RUNS]))
         if n_emit:
-            out.extend(self._completed(n_emit, flat))
-        return out
+            done = self._completed(n_emit, flat)
+            return done if out is None else Particles.concat([out, done])
+        return _NONE if out is None else out
 
     def _grow(self, slots: int, runs: int) -> None:
         """Room for ``slots`` more particles and ``runs`` more runs (free lists extended)."""
@@ -144,38 +140,52 @@ class StreamSegmenter:
         if sc[K.S_NFREE_RUN] < runs:
             self._runs = _extended(self._runs, runs, K.R_NEXT, sc, K.S_FREE_RUN, K.S_NFREE_RUN)
 
-    def _completed(self, n_emit: int, flat: np.ndarray) -> list[Completed]:
+    def _completed(self, n_emit: int, flat: np.ndarray) -> Particles:
         # the kernel has dropped specks and settled the touching-rock gate of most rocks
         # (split.pieces does the same steps for the others and for the batch path)
-        out: list[Completed] = []
-        claim = self.claim
-        for line0, line1, col0, col1, area, sum_line, sum_col, cut, too_long, off, kind, edge, _ in \
-                self._emit_rows[:n_emit].tolist():
-            if kind == K.KIND_SPECK or (claim is not None and not claim(col0, col1)):
+        rows = self._emit_rows[:n_emit]
+        kind = rows[:, K.E_KIND]
+        if (kind == K.KIND_GATE).any():
+            return self._completed_gated(rows, flat)
+        rows = rows[kind == K.KIND_WHOLE]
+        area = rows[:, K.E_AREA]
+        h = (rows[:, K.E_LINE1] - rows[:, K.E_LINE0] + 1).tolist()
+        w = (rows[:, K.E_COL1] - rows[:, K.E_COL0] + 1).tolist()
+        offsets = rows[:, K.E_OFFSET].tolist()
+        masks = tuple(flat[off:off + hi * wi].reshape(hi, wi) for off, hi, wi in zip(offsets, h, w))
+        return Particles(rows[:, K.E_LINE0], rows[:, K.E_LINE1], rows[:, K.E_COL0], rows[:, K.E_COL1], area,
+                         rows[:, K.E_SUM_LINE] / area, rows[:, K.E_SUM_COL] / area, masks,
+                         cut=rows[:, K.E_CUT] == 1, too_long=rows[:, K.E_TOO_LONG] == 1,
+                         touches_border=rows[:, K.E_EDGE] == 1)
+
+    def _completed_gated(self, rows: np.ndarray, flat: np.ndarray) -> Particles:
+        """:meth:`_completed` when some component needs the full touching-rock gate (one at a time)."""
+        out: list[Particle] = []
+        for line0, line1, col0, col1, area, sum_line, sum_col, cut, too_long, off, kind, edge, _ in rows.tolist():
+            if kind == K.KIND_SPECK:
                 continue
             h, w = line1 - line0 + 1, col1 - col0 + 1
             mask = flat[off:off + h * w].reshape(h, w)
+            whole = Particle(line0, line1, col0, col1, mask, area, sum_line / area, sum_col / area,
+                             cut == 1, too_long == 1, edge == 1, False)
             if kind == K.KIND_WHOLE:
-                out.append(Completed(line0, line1, col0, col1, mask, area, sum_line / area, sum_col / area,
-                                     cut == 1, too_long == 1, edge == 1, False))
-            else:
-                try:
-                    out.extend(pieces(mask, line0, col0, self.pixel_pitch_mm, self.line_pitch_mm, self.config,
-                                      cut=cut == 1, too_long=too_long == 1, pixels=self.pixels,
-                                      sums=(area, sum_line, sum_col), bound_deep=True))
-                except Exception as exc:  # noqa: BLE001 - one rock's shape must never stop the belt
-                    # the component comes out whole, flagged: the loop passes it and logs why
-                    self.errors += 1
-                    out.append(Completed(line0, line1, col0, col1, mask, area, sum_line / area,
-                                         sum_col / area, cut == 1, too_long == 1, edge == 1, False,
-                                         error=f"{SPLIT_STAGE}: {type(exc).__name__}"))
-        return out
+                out.append(whole)
+                continue
+            try:
+                out.extend(pieces(mask, line0, col0, self.pixel_pitch_mm, self.line_pitch_mm, self.config,
+                                  cut=cut == 1, too_long=too_long == 1, pixels=self.pixels,
+                                  sums=(area, sum_line, sum_col), bound_deep=True))
+            except Exception as exc:  # noqa: BLE001 - one rock's shape must never stop the belt
+                # the component comes out whole, flagged: the loop passes it and logs why
+                self.errors += 1
+                out.append(whole._replace(error=f"{SPLIT_STAGE}: {type(exc).__name__}"))
+        return Particles.from_rows(out)
 
-    def _emit_all_cut(self) -> list[Completed]:
+    def _emit_all_cut(self) -> Particles:
         n_emit, flat = K.emit_all(self._parts, self._runs, self._sc, self._emit_rows, self._gate)
-        return self._completed(n_emit, flat) if n_emit else []
+        return self._completed(n_emit, flat) if n_emit else _NONE
 
-    def gap(self, next_line: int) -> list[Completed]:
+    def gap(self, next_line: int) -> Particles:
         """Lines before ``next_line`` were lost: particles open at the last line seen are
         returned with ``cut=True``; nothing is stitched across the gap, and particles on
         ``next_line`` itself will come out ``cut=True`` too."""
@@ -185,7 +195,7 @@ class StreamSegmenter:
         self._reset(next_line)
         return out
 
-    def flush(self) -> list[Completed]:
+    def flush(self) -> Particles:
         """End of stream: particles still open reach the last line and come out ``cut=True``.
         The segmenter is then ready for a new stream."""
         out = self._emit_all_cut()

@@ -20,6 +20,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from sorting.realtime.counters import LatencyHistogram
+from sorting.realtime.events import Event
 from sorting.realtime.runner import StopOnSignal, opencv_threads, rates
 from sorting.realtime.service import channel
 from sorting.realtime.service.audit import AuditLog, utc_iso
@@ -161,7 +162,7 @@ class ServiceLoop:
         })
         return s
 
-    def deliver(self, events: list[dict]) -> None:
+    def deliver(self, events: list[Event]) -> None:
         if not events:
             return
         if self.valves is not None:
@@ -170,18 +171,18 @@ class ServiceLoop:
         bounds, buckets = channel.LATENCY_BUCKETS_MS, self.buckets
         parts = self._parts
         for e in events:
-            lat = e["latency_ms"]
+            lat = e.latency_ms
             buckets[bisect.bisect_left(bounds, lat)] += 1
             self.latency_sum_ms += lat
-            fired = e["decision"] == "eject"
-            m = e["area_mm2"] ** 1.5
+            fired = e.ejected
+            m = e.area_mm2 ** 1.5
             side = self.product if fired == self.eject_sc else self.reject
             side[0] += 1
             side[1] += m
             if len(parts) < MAX_PARTICLES_PER_SNAP:
-                code = (LATE if e["late"] else EJECT) if fired else (
-                    UNDECIDED if e.get("undecided") else SUSPECT if e.get("cut") or e.get("fault") else PASS)
-                parts.append([e["first_line"], e["last_line"], e["x_min_px"], e["x_max_px"], code])
+                code = (LATE if e.late else EJECT) if fired else (
+                    UNDECIDED if e.undecided else SUSPECT if e.cut or e.fault else PASS)
+                parts.append([e.first_line, e.last_line, e.x_min_px, e.x_max_px, code])
 
     # ------------------------------------------------------------------ setpoints
     def apply_pending(self) -> None:
@@ -262,7 +263,7 @@ class ServiceLoop:
         snap = {
             "kind": "snap", "t": time.time(), "state": self.state,
             "lines": c.lines, "chunks": c.chunks, "particles": c.particles, "ejects": c.ejected,
-            "passes": c.passed, "late": c.late, "undecided": c.undecided, "cut": c.cut, "gaps": c.gaps,
+            "passes": c.passed, "late": c.late_ejects, "undecided": c.undecided, "cut": c.cut, "gaps": c.gaps,
             "dropped_lines": c.dropped_lines, "next_line": self.next_line,
             # fault episodes and particle-error episodes; tramp metal as the pieces seen
             "alarms": {**pipe.alarms, "tramp": c.tramp}, "fault_lines": dict(pipe.health.lines),

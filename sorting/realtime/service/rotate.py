@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from sorting.errors import InputError
+from sorting.realtime.events import Event
 
 
 def rotated_name(path: Path, opened_s: float) -> Path:
@@ -81,10 +82,10 @@ class RotatingEventLog:
         self._fh.flush()
         self.size += data_len
 
-    def write(self, events: list[dict]) -> None:
+    def write(self, events: list[Event]) -> None:
         if not events:
             return
-        self._write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
+        self._write_text("".join(json.dumps(e.to_json(), separators=(",", ":")) + "\n" for e in events))
         self.count += len(events)
 
     def write_record(self, record: dict) -> None:
