@@ -68,3 +68,47 @@ def small_model(tmp_path_factory, small_rocks) -> Path:
     out = tmp_path_factory.mktemp("small_model") / "model.onnx"
     assert main(["train", str(small_rocks), "--out", str(out), "--quiet"]) == 0
     return out
+
+
+# ---------------------------------------------------------------- the loop on the small belt
+#: the reference sorter, as shipped
+SORTER_YAML = Path(__file__).resolve().parents[1] / "configs" / "sorter_reference.yaml"
+#: a fixed cut instead of the small model's own operating point, so that both decisions occur
+THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def rec(small_belt):
+    """The small belt, read (its lines memory-mapped)."""
+    from sorting.io import read_belt_recording
+
+    return read_belt_recording(small_belt)
+
+
+@pytest.fixture(scope="module")
+def model(small_model):
+    """The small model, loaded."""
+    from sorting.stages.inference import load_model
+
+    return load_model(small_model)
+
+
+@pytest.fixture(scope="module")
+def sorter():
+    """The reference sorter with the threshold at :data:`THRESHOLD`."""
+    import dataclasses
+
+    from sorting.config import load_sorter
+
+    ref = load_sorter(SORTER_YAML)
+    return dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=THRESHOLD))
+
+
+@pytest.fixture(scope="module")
+def sorter_yaml(tmp_path_factory):
+    """The same sorter as a YAML file (for the CLI)."""
+    text = SORTER_YAML.read_text().replace("threshold: null", f"threshold: {THRESHOLD}")
+    assert f"threshold: {THRESHOLD}" in text
+    path = tmp_path_factory.mktemp("sorter") / "sorter.yaml"
+    path.write_text(text)
+    return path

@@ -15,26 +15,21 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SORTER_YAML
 from loop_helpers import run_loop
 
 import sorting.realtime.stream as stream
 import sorting.stages.stitch as stitch
 from sorting.cli import main
-from sorting.config import load_sorter
-from sorting.io import read_belt_recording
 from sorting.realtime.health import FAULT_KINDS
 from sorting.realtime.runner import build_pipeline, timing_of
 from sorting.realtime.sources import replay
-from sorting.stages.inference import OnnxModel, load_model
+from sorting.stages.inference import OnnxModel
 from sorting.stages.particles import SegmentConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
-THRESHOLD = 0.5  # a fixed cut, so that both decisions occur with the small model
 CHUNK = 32
 CLOCK_KEYS = ("latency_ms", "slack_ms", "late")
 #: what a failed particle keeps from its clean self: where and what it is
@@ -47,22 +42,6 @@ class Boom(RuntimeError):
 
 
 # ------------------------------------------------------------------ fixtures and helpers
-@pytest.fixture(scope="module")
-def rec(small_belt):
-    return read_belt_recording(small_belt)
-
-
-@pytest.fixture(scope="module")
-def model(small_model):
-    return load_model(small_model)
-
-
-@pytest.fixture(scope="module")
-def sorter():
-    ref = load_sorter(SORTER_YAML)
-    return dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=THRESHOLD))
-
-
 def _run(rec, model, sorter):
     pipe = build_pipeline(rec.calibration, model, sorter, timing_of(rec.meta), str(SORTER_YAML), CHUNK)
     return run_loop(replay(rec.lines, rec.line_rate_hz, CHUNK), pipe)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SORTER_YAML
 from loop_helpers import logged, run_loop
 from udp_receiver import UDPReceiver
 
@@ -37,9 +38,6 @@ from sorting.stages.calibrate import calibrate
 from sorting.stages.inference import load_model
 from sorting.twin.faults import FaultSpec, inject
 
-ROOT = Path(__file__).resolve().parents[1]
-SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
-THRESHOLD = 0.5  # a fixed cut, so that both decisions occur with the small model
 CHUNK = 32
 GUARD = 2  # lines after a saturated or dark run that LineHealth also holds back (its default)
 TOL_PX = 2.0  # centroid match, as outcome.match_particles
@@ -69,33 +67,8 @@ MAX_FLIPS = 5
 
 # ------------------------------------------------------------------ fixtures and helpers
 @pytest.fixture(scope="module")
-def rec(small_belt):
-    return read_belt_recording(small_belt)
-
-
-@pytest.fixture(scope="module")
 def cal(rec):
     return calibrate(rec.calibration)
-
-
-@pytest.fixture(scope="module")
-def model(small_model):
-    return load_model(small_model)
-
-
-@pytest.fixture(scope="module")
-def sorter():
-    ref = load_sorter(SORTER_YAML)
-    return dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=THRESHOLD))
-
-
-@pytest.fixture(scope="module")
-def sorter_yaml(tmp_path_factory):
-    text = SORTER_YAML.read_text().replace("threshold: null", f"threshold: {THRESHOLD}")
-    assert f"threshold: {THRESHOLD}" in text
-    path = tmp_path_factory.mktemp("sorter") / "sorter.yaml"
-    path.write_text(text)
-    return path
 
 
 def _pipeline(rec, model, sorter, **kw):

@@ -6,7 +6,6 @@ lines per chunk (with the UDP valve sink and the event log attached) is shared b
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import socket
@@ -14,15 +13,14 @@ import subprocess
 import sys
 import threading
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SORTER_YAML, THRESHOLD
 from loop_helpers import run_loop
 from udp_receiver import UDPReceiver
 
 from sorting.cli import main
-from sorting.config import load_sorter
 from sorting.errors import InputError
 from sorting.io import read_belt_recording
 from sorting.io.wire import LINE_HEADER, decode_valve, encode_frame
@@ -31,33 +29,12 @@ from sorting.realtime.events import Event
 from sorting.realtime.runner import build_pipeline, timing_of
 from sorting.realtime.sinks import EventLog, UDPValveSink
 from sorting.realtime.sources import TCPLineSource, rechunk, replay
-from sorting.stages.inference import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SORTER_YAML = ROOT / "configs" / "sorter_reference.yaml"
-#: a fixed cut instead of the small model's own operating point, so both decisions occur
-THRESHOLD = 0.5
 #: event keys that depend on the wall clock
 CLOCK_KEYS = ("latency_ms", "slack_ms", "late")
 
 
 # ------------------------------------------------------------------ fixtures and helpers
-@pytest.fixture(scope="module")
-def rec(small_belt):
-    return read_belt_recording(small_belt)
-
-
-@pytest.fixture(scope="module")
-def model(small_model):
-    return load_model(small_model)
-
-
-@pytest.fixture(scope="module")
-def sorter():
-    ref = load_sorter(SORTER_YAML)
-    return dataclasses.replace(ref, sorting=dataclasses.replace(ref.sorting, threshold=THRESHOLD))
-
-
 def _pipeline(rec, model, sorter, chunk_lines=32):
     return build_pipeline(rec.calibration, model, sorter, timing_of(rec.meta), str(SORTER_YAML), chunk_lines)
 
@@ -528,15 +505,6 @@ def short_belt(rec, tmp_path_factory):
     keep = [row for row, t in zip(src[1:], rec.truth) if t["last_line"] < n - 1]
     (root / "truth.csv").write_text("\n".join([src[0]] + keep) + "\n")
     return root
-
-
-@pytest.fixture(scope="module")
-def sorter_yaml(tmp_path_factory):
-    text = SORTER_YAML.read_text().replace("threshold: null", f"threshold: {THRESHOLD}")
-    assert f"threshold: {THRESHOLD}" in text
-    path = tmp_path_factory.mktemp("sorter") / "sorter.yaml"
-    path.write_text(text)
-    return path
 
 
 def test_cli_run_paced_at_the_line_rate_is_never_late(short_belt, small_model, sorter_yaml, tmp_path, capsys):
