@@ -158,7 +158,6 @@ class Pipeline(FeatureQueue):
         self._next_id = 0
         self._expected: int | None = None
         self._cost_ms = 0.5  # running mean of the time to decide one particle
-        self._seg_errors = 0  # the segmenter's failed splits already seen
         self._chunk_failed = self._chunk_decided = self._error_episode = False
         self.health = LineHealth(cal, 0, self.pixels)
         self.air = AirTracker(cal)
