@@ -319,6 +319,11 @@ class _CropFiles:
 
         return read_crop(self.root, self.rows[k], self.pixels)
 
+    def air(self, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
+        from sorting.io.rocks import read_air
+
+        return read_air(self.root, self.rows[k], shape)
+
 
 def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float, lp: float,
                     config: SegmentConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -338,7 +343,9 @@ def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float,
     crops: list[tuple[np.ndarray, np.ndarray]] = []
     for k, i in enumerate(indices):
         row = source.rows[i]
-        a = attenuation(source.crop(i), cal, row.x0)
+        counts = source.crop(i)
+        # a crop saved by the sorter carries the air level the loop normalized it with
+        a = attenuation(counts, cal, row.x0, log_flat=source.air(i, counts.shape))
         mask, problem = segment_crop(a, cal, row.x0, pp, lp, config)
         if problem is not None:
             problems.append(f"{row.rock_id}: {problem}")
@@ -361,6 +368,8 @@ def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] |
                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The batch path over an ``xrt-rocks/1`` dataset: crop -> attenuation -> segment_crop
     -> features of the rock's box (:func:`features_batch`, a few dozen rocks at a time).
+    A row with an ``air_file`` (a crop saved by the sorter) is normalized with the air level
+    it carries (the one the loop tracked and used), any other with the calibration's flat field.
 
     The rocks are cut into chunks (``chunk_rocks``, by default about four per worker, 32-512
     rocks) that run as independent tasks on ``workers`` (:mod:`sorting.parallel`: local
