@@ -2,12 +2,19 @@
 processes (joblib) and on a Dask LocalCluster (loopback), the path of train/predict/evaluate/
 select/adapt (sorting.stages.features.dataset_features).
 
+With ``--paced``: the reference belt (20 s, occupancy 0.3, seed 0, as ``sorting bench`` builds
+it) run paced at the line rate (``sorting run --realtime``) without and with every particle's
+crop saved (``--save-crops DIR --save-every 1``), alternately, ``--repeats`` times each: late
+count, p99.9 latency, crops written and dropped, and the 1-minute load average before each run
+(the machine may be shared).
+
 The crops are simulated once into --work and reused. Each configuration runs in a fresh
 subprocess, so its peak memory (ru_maxrss of the process and of its finished children) is its
 own: ru_maxrss of the main process, and the peak of the whole process tree (main process and
 workers, sampled with psutil). Writes benchmarks/results/crops.json.
 
     python benchmarks/bench_crops.py [--n 10000] [--work /tmp/bench_crops] [--out FILE]
+    python benchmarks/bench_crops.py --paced [--repeats 2] [--work /tmp/bench_crops]
 """
 from __future__ import annotations
 
@@ -16,8 +23,10 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +76,11 @@ def one(config: str, dataset: Path) -> dict:
             "feature_checksum": float(np.nansum(X.astype(np.float64)))}
 
 
+def _machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "load_average_1min": os.getloadavg()[0]}
+
+
 class _TreePeak:
     """Peak resident memory of this process and all its descendants (workers), sampled every 0.1 s."""
 
@@ -99,6 +113,42 @@ class _TreePeak:
         return round(self.peak, 1) if self.peak else None
 
 
+def paced(work: Path, repeats: int) -> dict:
+    """The reference belt paced, without and with --save-crops (every particle), alternately."""
+    from sorting.cli import main as sorting
+    from sorting.resources import SHIPPED_MODEL, shipped_config
+
+    belt = work / "reference_belt"
+    if not (belt / "recording.json").is_file():
+        assert sorting(["simulate", "belt", str(belt), "--seconds", "20", "--seed", "0", "--occupancy", "0.3",
+                        "--quiet"]) == 0
+    runs = []
+    for k in range(repeats):
+        for save in (False, True):
+            tmp = Path(tempfile.mkdtemp(prefix="bench_crops_", dir=work))
+            argv = [sys.executable, "-m", "sorting.cli", "run", str(belt), "--model", str(SHIPPED_MODEL), "--sorter",
+                    str(shipped_config("sorter_reference.yaml")), "--events", str(tmp / "events.jsonl"),
+                    "--realtime", "--quiet", "--summary-json", str(tmp / "summary.json")]
+            if save:
+                argv += ["--save-crops", str(tmp / "crops"), "--save-every", "1"]
+            load = os.getloadavg()[0]
+            subprocess.run(argv, check=True, capture_output=True, text=True)
+            s = json.loads((tmp / "summary.json").read_text())
+            r = {"save_crops": save, "load_average_1min_before": round(load, 2), "particles": s["particles"],
+                 "late": s["late"] + s.get("undecided", 0), "late_ejects": s["late"],
+                 "undecided": s.get("undecided", 0), "p50_ms": round(s["latency_ms"]["p50"], 2),
+                 "p99_ms": round(s["latency_ms"]["p99"], 2), "p999_ms": round(s["latency_ms"]["p999"], 2),
+                 "max_ms": round(s["latency_ms"]["max"], 2), "cpu_fraction": round(s["cpu_fraction"], 3)}
+            if save:
+                c = s["save_crops"]
+                r.update({"crops_written": c["written"], "crops_dropped": c["dropped"],
+                          "crops_skipped": c["crops_skipped"], "writer_error": c.get("writer_error")})
+            runs.append(r)
+            print(r, flush=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"belt": {"seconds": 20, "seed": 0, "occupancy": 0.3}, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10000, help="crops to simulate (once) and measure")
@@ -106,7 +156,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "crops.json")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--paced", action="store_true", help="the paced reference belt with and without --save-crops")
+    ap.add_argument("--repeats", type=int, default=2, help="with --paced: runs of each")
     args = ap.parse_args()
+    if args.paced:
+        args.work.mkdir(parents=True, exist_ok=True)
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        result["paced_save_crops"] = {"machine": _machine(), **paced(args.work, args.repeats)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return
     dataset = args.work / f"rocks_{args.n}"
     if args.one:
         print(json.dumps(one(args.one, dataset)))
@@ -125,9 +185,8 @@ def main() -> None:
     for r in runs:
         r["speedup_over_1"] = round(r["crops_per_s"] / base["crops_per_s"], 2) if base else None
         r["same_features_as_1"] = base is None or r["feature_checksum"] == base["feature_checksum"]
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "python": platform.python_version(), "load_average_1min": os.getloadavg()[0]},
-              "crops": args.n, "runs": runs}
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result.update({"machine": _machine(), "crops": args.n, "runs": runs})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -40,6 +40,7 @@ renamed into place.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -69,6 +70,8 @@ MARGIN_PX = CROP_MARGIN_PX
 QUEUE_CROPS = 256
 #: how often an idle writer looks whether the loop's process is still there
 PARENT_CHECK_S = 0.5
+#: crops after which the writer drops the calibration's table cache (one entry per crop window)
+FRESH_CAL_CROPS = 512
 #: longest wait for a live writer to finish at close (then it is killed and reported)
 CLOSE_TIMEOUT_S = 300.0
 
@@ -313,6 +316,7 @@ def _writer_main(q, conn, writer: RockDatasetWriter, cal: Calibration, pp: float
     # loop's: it stops after its chunk and then closes the saver, which needs this process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _lowest_priority()
     import cv2
 
     cv2.setNumThreads(1)
@@ -330,6 +334,10 @@ def _writer_main(q, conn, writer: RockDatasetWriter, cal: Calibration, pp: float
                 break  # the loop's end of the queue broke (its process died mid-message)
             if item is None:
                 break
+            if (written + sum(skipped.values())) % FRESH_CAL_CROPS == 0:
+                # the detection tables are kept per crop window: a fresh cache now and then keeps
+                # the writer's memory bounded however long the belt runs
+                cal = dataclasses.replace(cal)
             try:
                 problem = _write_one(writer, cal, pp, lp, seg, epoch_lines, *item)
             except Exception as exc:  # noqa: BLE001 - one bad crop never stops the saving (nor the belt)
@@ -346,6 +354,19 @@ def _writer_main(q, conn, writer: RockDatasetWriter, cal: Calibration, pp: float
         except OSError:
             pass
         raise
+
+
+def _lowest_priority() -> None:
+    """The writer runs only on CPU time nobody else wants (Linux SCHED_IDLE; elsewhere the
+    highest nice value): on a busy machine it falls behind and crops are dropped, rather than
+    taking a core from the loop."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19)
+        except OSError:
+            pass
 
 
 def _write_one(writer: RockDatasetWriter, cal: Calibration, pp: float, lp: float, seg: SegmentConfig,
