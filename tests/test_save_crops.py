@@ -214,12 +214,12 @@ def test_a_bad_air_file_is_refused(small_belt, small_model, tmp_path, capsys):
     import tifffile
 
     air = tmp_path / "crops" / row["air_file"]
-    tifffile.imwrite(air, np.zeros((3, 3, 2), np.float32))
+    tifffile.imwrite(air, np.zeros((3, 3, 2), np.float32), photometric="minisblack", planarconfig="contig")
     assert main(["predict", str(tmp_path / "crops"), "--model", str(small_model), "--out",
                  str(tmp_path / "p.csv"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and row["air_file"] in err[0] and "shape" in err[0]
-    tifffile.imwrite(air, np.zeros((3, 3, 2), np.uint16))
+    tifffile.imwrite(air, np.zeros((3, 3, 2), np.uint16), photometric="minisblack", planarconfig="contig")
     assert main(["predict", str(tmp_path / "crops"), "--model", str(small_model), "--out",
                  str(tmp_path / "p.csv"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

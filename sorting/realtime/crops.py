@@ -316,6 +316,10 @@ def _writer_main(q, conn, writer: RockDatasetWriter, cal: Calibration, pp: float
     # loop's: it stops after its chunk and then closes the saver, which needs this process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the queue's sending end came along with the fork: closed here, a message the loop's
+    # process left half-written when it died reads as the end of the pipe instead of a wait
+    # for bytes that will never come (the loop's process holds the only other copy)
+    q._writer.close()
     _lowest_priority()
     import cv2
 
