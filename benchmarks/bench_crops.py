@@ -2,6 +2,14 @@
 processes (joblib) and on a Dask LocalCluster (loopback), the path of train/predict/evaluate/
 select/adapt (sorting.stages.features.dataset_features).
 
+With ``--verbs N``: the verbs themselves (``train``, ``predict``, ``evaluate``, ``select``,
+``adapt``), each a ``sorting`` command in its own process on the first N crops (a dataset of
+symbolic links to them), with ``--jobs 1``, ``--jobs 2`` and ``--scheduler`` (a Dask
+LocalCluster of 2 single-threaded worker processes on loopback): wall seconds, crops per
+second (crops / wall seconds, the whole verb: features, fitting, cross-validation, writing),
+and the peak resident memory of the verb's process tree (and of the cluster's workers).
+``adapt`` runs with ``--no-parent-data`` (the parent's training rocks are not regenerated).
+
 With ``--paced``: the reference belt (20 s, occupancy 0.3, seed 0, as ``sorting bench`` builds
 it) run paced at the line rate (``sorting run --realtime``) without and with every particle's
 crop saved (``--save-crops DIR --save-every 1``), alternately, ``--repeats`` times each: late
@@ -14,6 +22,7 @@ own: ru_maxrss of the main process, and the peak of the whole process tree (main
 workers, sampled with psutil). Writes benchmarks/results/crops.json.
 
     python benchmarks/bench_crops.py [--n 10000] [--work /tmp/bench_crops] [--out FILE]
+    python benchmarks/bench_crops.py --verbs 10000 [--work /tmp/bench_crops]
     python benchmarks/bench_crops.py --paced [--repeats 2] [--work /tmp/bench_crops]
 """
 from __future__ import annotations
@@ -113,6 +122,96 @@ class _TreePeak:
         return round(self.peak, 1) if self.peak else None
 
 
+VERBS = ("train", "predict", "evaluate", "select", "adapt")
+
+
+def subset(dataset: Path, n: int, work: Path) -> Path:
+    """The first ``n`` rows of ``dataset`` as a dataset of their own (links to the same files)."""
+    out = work / f"{dataset.name}_first_{n}"
+    if (out / "dataset.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("rocks", "calibration"):
+        if not (out / name).exists():
+            (out / name).symlink_to((dataset / name).resolve())
+    with open(dataset / "rocks.csv") as src, open(out / "rocks.csv", "w") as dst:
+        for k, line in enumerate(src):
+            if k > n:
+                break
+            dst.write(line)
+    shutil.copy(dataset / "dataset.json", out / "dataset.json")
+    return out
+
+
+def _tree_rss_mb(pids: list[int]) -> float:
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for q in procs:
+            try:
+                total += q.memory_info().rss
+            except psutil.Error:
+                pass
+    return total / 2**20
+
+
+def verbs(dataset: Path, work: Path) -> list[dict]:
+    """Each verb once per configuration, in its own process; wall seconds and peak memory."""
+    from sorting.resources import SHIPPED_MODEL
+
+    runs = []
+    model = work / "verbs_model.onnx"
+    n = sum(1 for _ in open(dataset / "rocks.csv")) - 1
+    for config in CONFIGS:
+        cluster = None
+        extra = ["--jobs", "1" if config == "local_1" else "2"]
+        watch: list[int] = []
+        if config.startswith("dask"):
+            from distributed import LocalCluster
+
+            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp",
+                                   host="127.0.0.1", dashboard_address="127.0.0.1:0")
+            extra = ["--scheduler", cluster.scheduler_address]
+            watch = [w.pid for w in cluster.workers.values() if getattr(w, "pid", None)]
+        for verb in VERBS:
+            out = work / f"verb_{config}_{verb}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            argv = {"train": ["train", str(dataset), "--out", str(model)],
+                    "predict": ["predict", str(dataset), "--model", str(model), "--out", str(out / "scores.csv")],
+                    "evaluate": ["evaluate", str(dataset), "--model", str(model), "--report", str(out / "report")],
+                    "select": ["select", str(dataset), "--model", str(SHIPPED_MODEL), "--n", "100", "--out",
+                               str(out / "picks.csv")],
+                    "adapt": ["adapt", str(SHIPPED_MODEL), str(dataset), "--out", str(out / "adapted.onnx"),
+                              "--no-parent-data"]}[verb]
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "sorting.cli", *argv, *extra, "--quiet"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            peak = 0.0
+            while proc.poll() is None:
+                peak = max(peak, _tree_rss_mb([proc.pid, *watch]))
+                time.sleep(0.1)
+            wall = time.perf_counter() - t0
+            err = proc.stderr.read()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{verb} ({config}) failed: {err.strip()[-500:]}")
+            r = {"verb": verb, "config": config, "crops": n, "seconds": round(wall, 2),
+                 "crops_per_s": round(n / wall, 1), "peak_rss_mb_process_tree": round(peak, 1),
+                 "load_average_1min_before": round(load, 2)}
+            runs.append(r)
+            print(r, flush=True)
+        if cluster is not None:
+            cluster.close()
+    return runs
+
+
 def paced(work: Path, repeats: int) -> dict:
     """The reference belt paced, without and with --save-crops (every particle), alternately."""
     from sorting.cli import main as sorting
@@ -158,7 +257,16 @@ def main() -> None:
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--paced", action="store_true", help="the paced reference belt with and without --save-crops")
     ap.add_argument("--repeats", type=int, default=2, help="with --paced: runs of each")
+    ap.add_argument("--verbs", type=int, default=0, metavar="N", help="the verbs themselves on the first N crops")
     args = ap.parse_args()
+    if args.verbs:
+        dataset = subset(args.work / f"rocks_{args.n}", args.verbs, args.work)
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        result["verbs"] = {"machine": _machine(), "crops": args.verbs, "runs": verbs(dataset, args.work)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return
     if args.paced:
         args.work.mkdir(parents=True, exist_ok=True)
         result = json.loads(args.out.read_text()) if args.out.is_file() else {}
