@@ -212,6 +212,24 @@ def verbs(dataset: Path, work: Path) -> list[dict]:
     return runs
 
 
+def _match(run: Path, model: Path) -> dict:
+    """``sorting predict`` on a run's saved crops against the run's event log: the share of
+    crops whose batch score is within 1e-3 of the loop's."""
+    import csv
+
+    subprocess.run([sys.executable, "-m", "sorting.cli", "predict", str(run / "crops"), "--model", str(model),
+                    "--out", str(run / "scores.csv"), "--quiet"], check=True, capture_output=True)
+    loop = {}
+    with open(run / "events.jsonl") as fh:
+        for line in fh:
+            e = json.loads(line)
+            loop[str(e["particle"])] = e["score"]
+    with open(run / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    close = sum(abs(float(r["score"]) - loop[r["rock_id"]]) < 1e-3 and not r["problem"] for r in rows)
+    return {"crops": len(rows), "within_1e-3": close, "fraction": round(close / max(len(rows), 1), 5)}
+
+
 def paced(work: Path, repeats: int) -> dict:
     """The reference belt paced, without and with --save-crops (every particle), alternately."""
     from sorting.cli import main as sorting
@@ -242,6 +260,7 @@ def paced(work: Path, repeats: int) -> dict:
                 c = s["save_crops"]
                 r.update({"crops_written": c["written"], "crops_dropped": c["dropped"],
                           "crops_skipped": c["crops_skipped"], "writer_error": c.get("writer_error")})
+                r["predict_matches_loop"] = _match(tmp, SHIPPED_MODEL)
             runs.append(r)
             print(r, flush=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -285,9 +304,10 @@ def main() -> None:
         assert sorting(["simulate", "rocks", str(dataset), "--n", str(args.n), "--seed", "7", "--quiet"]) == 0
     runs = []
     for config in args.configs:
+        load = os.getloadavg()[0]
         p = subprocess.run([sys.executable, __file__, "--one", config, "--n", str(args.n), "--work", str(args.work)],
                            capture_output=True, text=True, check=True)
-        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        runs.append({**json.loads(p.stdout.strip().splitlines()[-1]), "load_average_1min_before": round(load, 2)})
         print(runs[-1], flush=True)
     base = next((r for r in runs if r["config"] == "local_1"), None)
     for r in runs:
