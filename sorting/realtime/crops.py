@@ -275,8 +275,14 @@ class CropSaver:
             if self._conn.poll(0.2):
                 try:
                     tag, payload = self._conn.recv()
-                except (EOFError, OSError):
-                    continue  # it died: seen below
+                except (EOFError, OSError):  # its end closed without a word: it has gone or is going
+                    self._proc.join(5.0)
+                    if self._writer_alive():
+                        self._proc.kill()
+                        self._proc.join()
+                    if self.writer_error is None:
+                        self._writer_alive()
+                    break
                 if tag == "done":
                     self._result = payload
                 else:
@@ -301,7 +307,7 @@ class CropSaver:
         skipped = Counter(self.skipped)
         skipped.update(res["skipped"])
         out = {"dir": str(self.root), "every": self.every, "written": res["written"], "dropped": self.dropped,
-               "crops_skipped": sum(skipped.values()), "skipped": dict(skipped)}
+               "crops_skipped": sum(skipped.values()), "skipped": dict(skipped), "handed": self.handed}
         if self.writer_error is not None:
             out["writer_error"] = self.writer_error
         return out

@@ -341,11 +341,14 @@ def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float,
     problems: list[str] = []
     pending: list[int] = []
     crops: list[tuple[np.ndarray, np.ndarray]] = []
+    air = getattr(source, "air", None)
     for k, i in enumerate(indices):
         row = source.rows[i]
         counts = source.crop(i)
-        # a crop saved by the sorter carries the air level the loop normalized it with
-        a = attenuation(counts, cal, row.x0, log_flat=source.air(i, counts.shape))
+        # a crop saved by the sorter carries the air level the loop normalized it with (a source
+        # without air levels: every crop uses the calibration's)
+        level = air(i, counts.shape) if air is not None else None
+        a = attenuation(counts, cal, row.x0, log_flat=level)
         mask, problem = segment_crop(a, cal, row.x0, pp, lp, config)
         if problem is not None:
             problems.append(f"{row.rock_id}: {problem}")
