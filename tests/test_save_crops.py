@@ -1,10 +1,17 @@
 """`sorting run --save-crops`: the decided particles' crops as an xrt-rocks/1 dataset, handed off
-by the loop to a writer thread (sorting/realtime/crops.py)."""
+by the loop to a writer process (sorting/realtime/crops.py), each with the air level the loop
+normalized it with, so that `sorting predict` gives the loop's scores."""
 from __future__ import annotations
 
 import csv
 import json
-import threading
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,52 +22,55 @@ from sorting.resources import shipped_config
 SORTER = shipped_config("sorter_reference.yaml")
 
 
-def _run_api(belt, model_path, out, hold_air: bool, every: int = 1, queue_crops: int = 256, wait: bool = True,
-             block_writer: threading.Event | None = None):
-    """The loop over the recording with a CropSaver attached; returns (events, saver summary)."""
-    from loop_helpers import run_loop
-
+def _pipeline(belt, model_path):
     from sorting.config import load_sorter
     from sorting.io import read_belt_recording
-    from sorting.realtime.crops import start_saving
     from sorting.realtime.runner import build_pipeline, timing_of
-    from sorting.realtime.sources import replay
     from sorting.stages.inference import load_model
 
     rec = read_belt_recording(belt)
     timing = timing_of(rec.meta)
-    pl = build_pipeline(rec.calibration, load_model(model_path), load_sorter(SORTER), timing, str(SORTER))
-    if hold_air:  # the air level held at the calibration's, as the batch path reads it
-        pl.air.end_epoch = lambda: None
+    return rec, timing, build_pipeline(rec.calibration, load_model(model_path), load_sorter(SORTER), timing,
+                                       str(SORTER))
+
+
+def _run_api(belt, model_path, out, every: int = 1, queue_crops: int = 256, wait: bool = True, before=None):
+    """The loop over the recording with a CropSaver attached; ``before(saver)`` runs before the
+    belt starts. Returns (recording, events, saver summary)."""
+    from loop_helpers import run_loop
+
+    from sorting.realtime.crops import start_saving
+    from sorting.realtime.sources import replay
+
+    rec, timing, pl = _pipeline(belt, model_path)
     saver = start_saving(pl, out, rec.calibration, every, queue_crops=queue_crops, wait=wait)
-    if block_writer is not None:
-        inner = saver._write_one
-
-        def slow(*a):
-            block_writer.wait()
-            inner(*a)
-        saver._write_one = slow
-    result = run_loop(replay(rec.lines, timing.line_rate_hz, 32, False), pl)
-    if block_writer is not None:
-        block_writer.set()
-    return rec, result.events, saver.close()
+    try:
+        if before is not None:
+            before(saver)
+        result = run_loop(replay(rec.lines, timing.line_rate_hz, 32, False), pl)
+    finally:
+        summary = saver.close()
+    return rec, result.events, summary
 
 
-def _predict(ds_dir, model_path, tmp_path) -> dict[str, tuple[float, str]]:
-    out = tmp_path / "pred.csv"
+def _predict(ds_dir, model_path, tmp_path, name="pred.csv") -> dict[str, tuple[float, str]]:
+    out = tmp_path / name
     assert main(["predict", str(ds_dir), "--model", str(model_path), "--out", str(out), "--quiet"]) == 0
     return {r["rock_id"]: (float(r["score"]), r["problem"]) for r in csv.DictReader(open(out))}
 
 
 def test_saved_crops_are_the_recordings_counts_around_each_particle(small_belt, small_model, tmp_path):
-    from sorting.io import read_rocks_dataset
+    from sorting.io import read_air, read_rocks_dataset
 
-    rec, events, summary = _run_api(small_belt, small_model, tmp_path / "crops", hold_air=False)
+    rec, events, summary = _run_api(small_belt, small_model, tmp_path / "crops")
     ds = read_rocks_dataset(tmp_path / "crops")
     by_id = {str(e["particle"]): e for e in events}
     assert summary["written"] == len(ds.rows) > 0.3 * len(events)
-    assert summary["dropped"] == 0  # an unpaced replay waits for the writer
+    assert summary["dropped"] == 0 and "writer_error" not in summary  # an unpaced replay waits for the writer
     assert summary["written"] + summary["crops_skipped"] == len(events)
+    # every crop handed off is listed, and nothing else was written
+    assert len(list((tmp_path / "crops" / "rocks").glob("*.tiff"))) == len(ds.rows)
+    assert not list((tmp_path / "crops").glob("*.tmp"))
     for i, row in enumerate(ds.rows):
         e = by_id[row.rock_id]
         assert row.label is row.split is row.sc2o3_ppm is row.mass_g is None
@@ -72,30 +82,150 @@ def test_saved_crops_are_the_recordings_counts_around_each_particle(small_belt, 
         assert row.x0 <= e["x_min_px"] - 4 and row.x0 + w - 1 >= e["x_max_px"] + 4
         # the raw counts exactly as recorded (the raw ring held them)
         np.testing.assert_array_equal(crop, rec.lines[fl:fl + h, row.x0:row.x0 + w])
+        # the air level: one per pixel; it changes only where an air-tracker epoch (256 lines) begins
+        air = read_air(ds.root, row, crop.shape)
+        assert air.dtype == np.float32 and air.shape == crop.shape
+        epoch = (fl + np.arange(h)) // 256
+        same = epoch[1:] == epoch[:-1]
+        np.testing.assert_array_equal(air[1:][same], air[:-1][same])
 
 
 def test_predict_gives_the_loops_scores(small_belt, small_model, tmp_path):
-    """With the air level held at the calibration's (as the batch path normalizes), the batch
-    path re-segments each crop and scores it exactly as the loop did."""
-    _, events, summary = _run_api(small_belt, small_model, tmp_path / "crops", hold_air=True)
-    pred = _predict(tmp_path / "crops", small_model, tmp_path)
-    loop = {str(e["particle"]): e["score"] for e in events}
-    assert len(pred) == summary["written"] > 0
+    """`sorting run --save-crops`, then `sorting predict DIR`: the batch path normalizes each crop
+    with the air level it carries, re-segments it and scores it as the loop did (the event log's
+    scores). Without the air level (the calibration's flat field) most scores differ: the tracked
+    level has moved away from the calibration's on this belt."""
+    ev_path, crops = tmp_path / "events.jsonl", tmp_path / "crops"
+    assert main(["run", str(small_belt), "--model", str(small_model), "--sorter", str(SORTER), "--events",
+                 str(ev_path), "--save-crops", str(crops), "--quiet"]) == 0
+    loop = {str(e["particle"]): e["score"] for e in map(json.loads, open(ev_path))}
+    pred = _predict(crops, small_model, tmp_path)
+    assert len(pred) > 0.3 * len(loop)
     close = [abs(s - loop[k]) < 1e-3 and not why for k, (s, why) in pred.items()]
     assert np.mean(close) >= 0.99
+    # the same crops read with the calibration's level only (the column dropped)
+    table = list(csv.DictReader(open(crops / "rocks.csv")))
+    with open(crops / "rocks.csv", "w", newline="") as fh:
+        out = csv.DictWriter(fh, [c for c in table[0] if c != "air_file"], extrasaction="ignore")
+        out.writeheader()
+        out.writerows(table)
+    static = _predict(crops, small_model, tmp_path, "static.csv")
+    assert np.mean([abs(s - loop[k]) < 1e-3 and not why for k, (s, why) in static.items()]) < 0.99
+
+
+def test_attenuation_with_a_per_pixel_level_is_the_flat_field_one(small_belt):
+    """``attenuation(..., log_flat=L)`` with L the calibration's own level on every line gives the
+    calibration's attenuation bit for bit; a level higher by d gives A higher by d (A = ln(air -
+    dark) - ln(counts - dark))."""
+    from sorting.io import read_belt_recording
+    from sorting.stages.calibrate import calibrate
+    from sorting.stages.normalize import attenuation
+
+    rec = read_belt_recording(small_belt)
+    cal = calibrate(rec.calibration)
+    raw = np.ascontiguousarray(rec.lines[100:140, 300:420])
+    level = np.broadcast_to(cal.log_flat[300:420], raw.shape).astype(np.float32)
+    a = attenuation(raw, cal, 300)
+    np.testing.assert_array_equal(attenuation(raw, cal, 300, log_flat=level), a)
+    good = ~cal.bad[300:420]
+    higher = attenuation(raw, cal, 300, log_flat=level + np.float32(0.01))
+    np.testing.assert_allclose(higher[:, good], a[:, good] + 0.01, atol=1e-5)
+    with pytest.raises(ValueError):
+        attenuation(raw, cal, 300, log_flat=level[:-1])
 
 
 def test_every_nth_and_a_writer_that_falls_behind(small_belt, small_model, tmp_path):
-    """--save-every 3 keeps particles 0, 3, 6...; a stuck writer with a paced-style (no wait)
-    hand-off drops crops and counts them, and the loop still finishes every particle."""
-    gate = threading.Event()
-    _, events, summary = _run_api(small_belt, small_model, tmp_path / "crops", hold_air=False, every=3,
-                                  queue_crops=2, wait=False, block_writer=gate)
+    """--save-every 3 keeps particles 0, 3, 6...; a stopped writer with a paced-style (no wait)
+    hand-off drops crops and counts them, and the loop still finishes every particle; once it
+    runs again, it writes what it was handed."""
+    def run():
+        from loop_helpers import run_loop
+
+        from sorting.realtime.crops import start_saving
+        from sorting.realtime.sources import replay
+
+        rec, timing, pl = _pipeline(small_belt, small_model)
+        saver = start_saving(pl, tmp_path / "crops", rec.calibration, 3, queue_crops=2, wait=False)
+        os.kill(saver._proc.pid, signal.SIGSTOP)
+        try:
+            result = run_loop(replay(rec.lines, timing.line_rate_hz, 32, False), pl)
+        finally:
+            os.kill(saver._proc.pid, signal.SIGCONT)
+        return result.events, saver.handed, saver.close()
+
+    events, handed, summary = run()
     chosen = len([e for e in events if e["particle"] % 3 == 0])
-    assert summary["dropped"] > 0
+    assert summary["dropped"] > 0 and handed > 0
     assert summary["written"] + summary["dropped"] + summary["crops_skipped"] == chosen
     ids = [r["rock_id"] for r in csv.DictReader(open(tmp_path / "crops" / "rocks.csv"))]
-    assert ids and all(int(k) % 3 == 0 for k in ids)
+    assert len(ids) == summary["written"] and all(int(k) % 3 == 0 for k in ids)
+
+
+def test_a_dead_writer_is_reported_and_not_waited_for(small_belt, small_model, tmp_path, capsys):
+    """The writer killed before the belt starts: an unpaced replay (which would wait for a live
+    writer) still decides every particle, and the death is reported, not hung on."""
+    def kill_writer(saver):
+        os.kill(saver._proc.pid, signal.SIGKILL)
+        saver._proc.join(10)
+
+    _, events, summary = _run_api(small_belt, small_model, tmp_path / "crops", wait=True, before=kill_writer)
+    assert len(events) > 0
+    assert "exit code -9" in summary["writer_error"]
+    assert summary["written"] == 0
+    assert summary["skipped"]["the writer process died"] > 0
+    assert "crop writer process died" in capsys.readouterr().err
+
+
+def test_the_writer_ends_with_the_loops_process_and_lists_what_it_wrote(small_belt, small_model, tmp_path):
+    """The loop's process killed outright (SIGKILL, no clean-up) in the middle of the belt: the
+    writer notices, writes rocks.csv and dataset.json of the crops it wrote, and exits."""
+    out = tmp_path / "crops"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_save_crops import _pipeline
+        from sorting.realtime.crops import start_saving
+        from loop_helpers import run_loop
+        from sorting.realtime.sources import replay
+        rec, timing, pl = _pipeline({str(small_belt)!r}, {str(small_model)!r})
+        saver = start_saving(pl, {str(out)!r}, rec.calibration, 1, wait=True)
+        run_loop(replay(rec.lines[:3000], timing.line_rate_hz, 32, False), pl)
+        print(saver._proc.pid, saver.handed, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    writer_pid, handed = (int(x) for x in p.stdout.split())
+    assert handed > 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{writer_pid}").exists() and \
+            "Z" not in Path(f"/proc/{writer_pid}/stat").read_text().split()[2]:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{writer_pid}").exists() or "Z" in Path(f"/proc/{writer_pid}/stat").read_text().split()[2]
+    from sorting.io import read_rocks_dataset
+
+    ds = read_rocks_dataset(out)  # a valid dataset: every listed file exists
+    tiffs = sorted(p.name for p in (out / "rocks").glob("*.tiff"))
+    assert sorted(Path(r.file).name for r in ds.rows) == tiffs and len(tiffs) > 0
+
+
+def test_a_bad_air_file_is_refused(small_belt, small_model, tmp_path, capsys):
+    _run_api(small_belt, small_model, tmp_path / "crops", every=7)
+    row = next(csv.DictReader(open(tmp_path / "crops" / "rocks.csv")))
+    import tifffile
+
+    air = tmp_path / "crops" / row["air_file"]
+    tifffile.imwrite(air, np.zeros((3, 3, 2), np.float32), photometric="minisblack", planarconfig="contig")
+    assert main(["predict", str(tmp_path / "crops"), "--model", str(small_model), "--out",
+                 str(tmp_path / "p.csv"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and row["air_file"] in err[0] and "shape" in err[0]
+    tifffile.imwrite(air, np.zeros((3, 3, 2), np.uint16), photometric="minisblack", planarconfig="contig")
+    assert main(["predict", str(tmp_path / "crops"), "--model", str(small_model), "--out",
+                 str(tmp_path / "p.csv"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "float32" in err[0]
 
 
 @pytest.mark.parametrize("extra, needle", [

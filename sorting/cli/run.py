@@ -183,6 +183,11 @@ def cli_run(args) -> int:
               f"{crops['dropped']} dropped (writer behind), {crops['crops_skipped']} skipped"
               + (": " + "; ".join(f"{k} {v}" for k, v in sorted(crops["skipped"].items())) if crops["skipped"]
                  else ""), file=sys.stderr)
+        if crops.get("writer_error"):
+            listed = (args.save_crops / "rocks.csv").is_file()
+            print(f"crops: {crops['writer_error']}; " + (f"{args.save_crops}/rocks.csv lists the crops written"
+                                                         if listed else f"{args.save_crops} has no rocks.csv"),
+                  file=sys.stderr)
     if args.workers > 1:
         s = result.summary
         print(f"{args.workers} processes: the loop and {args.workers - 1} feature workers "

@@ -35,6 +35,7 @@ from sorting.io.calibration import (
 )
 from sorting.io.common import check_output_file
 from sorting.io.rocks import (
+                          AIR_COLUMN,
                           CHANNELS,
                           LABELS,
                           ROCK_COLUMNS,
@@ -44,16 +45,19 @@ from sorting.io.rocks import (
                           RockDatasetWriter,
                           RockRow,
                           check_crops,
+                          read_air,
+                          read_crop,
                           read_rocks_dataset,
 )
 from sorting.io.summary import describe
 
 __all__ = [
-    "ASSAY_COLUMNS", "Assays", "read_assays",
+    "AIR_COLUMN", "ASSAY_COLUMNS", "Assays", "read_assays",
     "BELT_FORMAT", "CHANNELS", "LABELS", "MIN_CALIBRATION_LINES", "ROCKS_FORMAT", "ROCK_COLUMNS", "SPLITS",
     "TRUTH_COLUMNS", "WEDGE_COLUMNS",
     "BeltRecording", "BeltRecordingWriter", "CalibrationScans", "RockDataset", "RockDatasetWriter", "RockRow",
     "WedgeScan",
-    "check_crops", "check_output_file", "describe", "read_belt_recording", "read_calibration", "read_rocks_dataset",
+    "check_crops", "check_output_file", "describe", "read_air", "read_belt_recording", "read_calibration", "read_crop",
+    "read_rocks_dataset",
     "write_calibration",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +23,24 @@ from sorting.io.tables import (
     write_csv,
     write_json,
 )
-from sorting.io.tiff import check_array, read_tiff, tiff_shape, write_tiff
+from sorting.io.tiff import (
+    air_tiff_shape,
+    check_array,
+    read_air_tiff,
+    read_tiff,
+    tiff_shape,
+    write_air_tiff,
+    write_tiff,
+)
 
 ROCKS_FORMAT = "xrt-rocks/1"
 CHANNELS = ("low", "high")
 ROCK_COLUMNS = ("rock_id", "file", "x0", "label", "sc2o3_ppm", "mass_g", "split")
 LABELS = ("sc", "waste")
 SPLITS = ("train", "test")
+#: optional column (crops saved by the sorter): the float32 file of the air level, ln(air - dark)
+#: per pixel, that the loop normalized the crop with (docs/formats.md)
+AIR_COLUMN = "air_file"
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,12 @@ class RockDataset:
         """The ``(h, w, 2)`` uint16 crop of ``rows[i]``; InputError naming the file if it is bad."""
         return read_crop(self.root, self.rows[i], self.pixels)
 
+    def air(self, i: int, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The air level ``(h, w, 2)`` float32, ln(air - dark), that ``rows[i]``'s crop (of
+        ``shape``) was normalized with, when the row has an ``air_file``; None otherwise (the
+        calibration's flat field applies)."""
+        return read_air(self.root, self.rows[i], shape)
+
 
 def read_crop(root: Path, row: RockRow, pixels: int) -> np.ndarray:
     """The ``(h, w, 2)`` uint16 crop of ``row`` in the dataset at ``root`` on a detector of
@@ -80,6 +98,20 @@ def read_crop(root: Path, row: RockRow, pixels: int) -> np.ndarray:
         raise InputError(path, f"x0={row.x0} + width {a.shape[1]} = {row.x0 + a.shape[1]} exceeds "
                                f"detector_pixels={pixels} (rock_id {row.rock_id})")
     return a
+
+
+def read_air(root: Path, row: RockRow, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The air level of ``row``'s crop (``air_file``), checked against the crop's ``shape``, or
+    None when the row has none."""
+    name = row.extra.get(AIR_COLUMN)
+    if not name:
+        return None
+    path = root / name
+    air = read_air_tiff(path)
+    if air.shape != tuple(shape):
+        raise InputError(path, f"air level of shape {air.shape} for a crop of shape {tuple(shape)} "
+                               f"(rock_id {row.rock_id})")
+    return air
 
 
 def check_crops(ds: RockDataset) -> None:
@@ -97,6 +129,11 @@ def check_crops(ds: RockDataset) -> None:
         if row.x0 + shape[1] > ds.pixels:
             raise InputError(path, f"x0={row.x0} + width {shape[1]} = {row.x0 + shape[1]} exceeds "
                                    f"detector_pixels={ds.pixels} (rock_id {row.rock_id})")
+        if row.extra.get(AIR_COLUMN):
+            air = ds.root / row.extra[AIR_COLUMN]
+            if air_tiff_shape(air) != shape:
+                raise InputError(air, f"air level of shape {air_tiff_shape(air)} for a crop of shape {shape} "
+                                      f"(rock_id {row.rock_id})")
 
 
 def _row_problem(row: RockRow, pixels: int) -> str | None:
@@ -146,8 +183,9 @@ class RockDatasetWriter:
         if exc_type is None:
             self.close()
 
-    def add(self, row: RockRow, crop: np.ndarray) -> None:
-        """Write ``crop`` ``(h, w, 2)`` uint16 to ``root / row.file`` and remember the row."""
+    def add(self, row: RockRow, crop: np.ndarray, air: np.ndarray | None = None) -> None:
+        """Write ``crop`` ``(h, w, 2)`` uint16 to ``root / row.file`` and remember the row; with
+        ``air`` (the crop's air level, float32 of its shape), that to ``row.extra["air_file"]``."""
         problem = _row_problem(row, self._pixels)
         if problem:
             raise ValueError(f"rock {row.rock_id!r}: {problem}")
@@ -159,7 +197,14 @@ class RockDatasetWriter:
         check_array(crop, f"crop of rock {row.rock_id!r}")
         if row.x0 + crop.shape[1] > self._pixels:
             raise ValueError(f"rock {row.rock_id!r}: x0 + width exceeds {self._pixels} pixels")
+        if air is not None:
+            if not row.extra.get(AIR_COLUMN):
+                raise ValueError(f"rock {row.rock_id!r}: an air level needs its {AIR_COLUMN} column")
+            if air.shape != crop.shape:
+                raise ValueError(f"rock {row.rock_id!r}: air level {air.shape} is not the crop's shape {crop.shape}")
         write_tiff(self.root / row.file, crop)
+        if air is not None:
+            write_air_tiff(self.root / row.extra[AIR_COLUMN], air)
         self._ids.add(row.rock_id)
         self._rows.append(row)
 
@@ -167,9 +212,14 @@ class RockDatasetWriter:
         if self._closed:
             return
         self._closed = True
-        write_csv(self.root / "rocks.csv", ROCK_COLUMNS + self._extra,
-                   [{**r.extra, **{c: getattr(r, c) for c in ROCK_COLUMNS}} for r in self._rows])
-        write_json(self.root / "dataset.json", self._meta)
+        # each file whole or not at all (written aside, then renamed): a reader never sees half a table
+        tmp = self.root / "rocks.csv.tmp"
+        write_csv(tmp, ROCK_COLUMNS + self._extra,
+                  [{**r.extra, **{c: getattr(r, c) for c in ROCK_COLUMNS}} for r in self._rows])
+        os.replace(tmp, self.root / "rocks.csv")
+        tmp = self.root / "dataset.json.tmp"
+        write_json(tmp, self._meta)
+        os.replace(tmp, self.root / "dataset.json")
 
 
 def read_rocks_dataset(root: Path) -> RockDataset:
@@ -210,5 +260,12 @@ def read_rocks_dataset(root: Path) -> RockDataset:
         seen.add(row.rock_id)
         if not (root / row.file).is_file():
             raise InputError(root / row.file, f"does not exist (listed in rocks.csv line {line})")
+        air = row.extra.get(AIR_COLUMN)
+        if air:
+            if Path(air).is_absolute():
+                raise InputError(cpath, f"line {line}: {AIR_COLUMN} {air!r} must be a path relative to the "
+                                        "dataset folder")
+            if not (root / air).is_file():
+                raise InputError(root / air, f"does not exist (listed in rocks.csv line {line})")
         rows.append(row)
     return RockDataset(root, meta, calibration, tuple(rows))

@@ -138,18 +138,20 @@ def measure_particles(lines: np.ndarray, cal: Calibration, particles: Particles,
 
 @dataclass(frozen=True)
 class RockCrop:
-    """A rock's crop: raw counts (h, w, 2) uint16, its detector column ``x0`` and the stream
-    line ``first_line`` of its row 0."""
+    """A rock's crop: raw counts (h, w, 2) uint16, its detector column ``x0``, the stream
+    line ``first_line`` of its row 0 and, when it was cut with one, the air level (h, w, 2)
+    float32, ln(air - dark), it is normalized with (``air``; None: the calibration's)."""
 
     counts: np.ndarray
     x0: int
     first_line: int
+    air: np.ndarray | None = None
 
 
 def cut_crop(lines: np.ndarray, cal: Calibration, particle: Particle, pixel_pitch_mm: float,
              line_pitch_mm: float, config: SegmentConfig = SegmentConfig(), margin_px: int = CROP_MARGIN_PX,
-             min_margin_px: int = MIN_MARGIN_PX, x0: int = 0, first_line: int = 0
-             ) -> tuple[RockCrop | None, str | None]:
+             min_margin_px: int = MIN_MARGIN_PX, x0: int = 0, first_line: int = 0,
+             log_flat: np.ndarray | None = None) -> tuple[RockCrop | None, str | None]:
     """The particle's crop under the ``xrt-rocks/1`` rules, or why there is none.
 
     ``lines`` may be a window of the stream: its column 0 is detector column ``x0`` and its row
@@ -161,6 +163,11 @@ def cut_crop(lines: np.ndarray, cal: Calibration, particle: Particle, pixel_pitc
     blob under :data:`NOISE_PX` pixels is read as noise). The batch path
     (:func:`~sorting.stages.segment.segment_crop`) must then find exactly this one whole rock
     in it. Returns ``(crop, None)`` or ``(None, problem)``.
+
+    ``log_flat`` (the shape of ``lines``, float32): ln(air - dark) per pixel, the air level the
+    stream normalized these lines with (:class:`~sorting.stages.air.AirTracker`), in place of
+    the calibration's; the crop then carries its own part of it (``RockCrop.air``), with which
+    the batch path normalizes it as the stream did.
     """
     if particle.cut:
         return None, "cut by the start or end of the recording"
@@ -178,7 +185,8 @@ def cut_crop(lines: np.ndarray, cal: Calibration, particle: Particle, pixel_pitc
     if min(room) < min_margin_px:
         return None, f"less than {min_margin_px} px from the edge of the recording"
     raw = np.asarray(lines[r0:r1 + 1, c0:c1 + 1])
-    fg = foreground(attenuation(raw, cal, x0 + c0), cal, x0 + c0, config)
+    air = None if log_flat is None else np.asarray(log_flat[r0:r1 + 1, c0:c1 + 1], dtype=np.float32)
+    fg = foreground(attenuation(raw, cal, x0 + c0, log_flat=air), cal, x0 + c0, config)
     own = np.zeros_like(fg)
     oy, ox = particle.line0 - r0, particle.col0 - c0
     own[oy:oy + particle.mask.shape[0], ox:ox + particle.mask.shape[1]] = particle.mask
@@ -205,8 +213,11 @@ def cut_crop(lines: np.ndarray, cal: Calibration, particle: Particle, pixel_pitc
         if right < other.shape[1] - 1 and not other[top:bottom + 1, right + 1].any():
             right, grown = right + 1, True
     counts = np.ascontiguousarray(raw[top:bottom + 1, left:right + 1])
+    if air is not None:
+        air = np.ascontiguousarray(air[top:bottom + 1, left:right + 1])
     cx0 = x0 + c0 + left
-    _, problem = segment_crop(attenuation(counts, cal, cx0), cal, cx0, pixel_pitch_mm, line_pitch_mm, config)
+    _, problem = segment_crop(attenuation(counts, cal, cx0, log_flat=air), cal, cx0, pixel_pitch_mm, line_pitch_mm,
+                              config)
     if problem is not None:
         return None, f"the crop does not hold one whole rock for the batch path ({problem})"
-    return RockCrop(counts, cx0, first_line + r0 + top), None
+    return RockCrop(counts, cx0, first_line + r0 + top, air), None

@@ -8,7 +8,7 @@ Distributions are thickness-weighted where that is the physical quantity (the sh
 rock's volume, not of its projected pixels).
 
 The batch path (:func:`dataset_features`, :func:`features_batch` on rock crops) and the
-belt (:func:`features_from_ring`, each ``Completed`` box read from the stream's ring buffer)
+belt (:func:`features_from_ring`, each particle's box read from the stream's ring buffer)
 run the same kernel on the particles' boxes, so a model trained on rock crops sees the
 numbers the belt produces.
 One compiled kernel (:mod:`sorting.stages.features_kernel`) computes a whole batch: each
@@ -319,6 +319,11 @@ class _CropFiles:
 
         return read_crop(self.root, self.rows[k], self.pixels)
 
+    def air(self, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
+        from sorting.io.rocks import read_air
+
+        return read_air(self.root, self.rows[k], shape)
+
 
 def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float, lp: float,
                     config: SegmentConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -336,9 +341,14 @@ def _chunk_features(source, indices: Sequence[int], cal: Calibration, pp: float,
     problems: list[str] = []
     pending: list[int] = []
     crops: list[tuple[np.ndarray, np.ndarray]] = []
+    air = getattr(source, "air", None)
     for k, i in enumerate(indices):
         row = source.rows[i]
-        a = attenuation(source.crop(i), cal, row.x0)
+        counts = source.crop(i)
+        # a crop saved by the sorter carries the air level the loop normalized it with (a source
+        # without air levels: every crop uses the calibration's)
+        level = air(i, counts.shape) if air is not None else None
+        a = attenuation(counts, cal, row.x0, log_flat=level)
         mask, problem = segment_crop(a, cal, row.x0, pp, lp, config)
         if problem is not None:
             problems.append(f"{row.rock_id}: {problem}")
@@ -361,6 +371,8 @@ def dataset_features(ds: RockDataset, cal: Calibration, indices: Iterable[int] |
                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The batch path over an ``xrt-rocks/1`` dataset: crop -> attenuation -> segment_crop
     -> features of the rock's box (:func:`features_batch`, a few dozen rocks at a time).
+    A row with an ``air_file`` (a crop saved by the sorter) is normalized with the air level
+    it carries (the one the loop tracked and used), any other with the calibration's flat field.
 
     The rocks are cut into chunks (``chunk_rocks``, by default about four per worker, 32-512
     rocks) that run as independent tasks on ``workers`` (:mod:`sorting.parallel`: local

@@ -79,6 +79,14 @@ def _from_log(log_flat: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, right
         from_log_row(log_flat, bad_idx, left, right, w_left, w_right, out[i])
 
 
+@numba.njit(cache=True, nogil=True)
+def _from_log_pixels(log_flat: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, right: np.ndarray,
+                     w_left: np.ndarray, w_right: np.ndarray, out: np.ndarray) -> None:
+    """:func:`_from_log` with a flat field per line: ``log_flat`` (L, 2W)."""
+    for i in range(out.shape[0]):
+        from_log_row(log_flat[i], bad_idx, left, right, w_left, w_right, out[i])
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def from_log_row(log_flat: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, right: np.ndarray,
                  w_left: np.ndarray, w_right: np.ndarray, row: np.ndarray) -> None:
@@ -123,7 +131,8 @@ def check_out(out: np.ndarray | None, shape: tuple[int, ...], name: str = "out")
     return out
 
 
-def attenuation(raw: np.ndarray, cal: Calibration, x0: int = 0, *, out: np.ndarray | None = None) -> np.ndarray:
+def attenuation(raw: np.ndarray, cal: Calibration, x0: int = 0, *, out: np.ndarray | None = None,
+                log_flat: np.ndarray | None = None) -> np.ndarray:
     """Attenuation maps ``A = -ln((I - dark) / (air - dark))`` per channel.
 
     Parameters
@@ -133,6 +142,11 @@ def attenuation(raw: np.ndarray, cal: Calibration, x0: int = 0, *, out: np.ndarr
     cal : Calibration
     x0 : detector column of ``raw``'s column 0.
     out : (L, W, 2) ndarray of float32, optional
+    log_flat : (L, W, 2) ndarray of float32, optional
+        ln(air - dark) per pixel, in place of the calibration's flat field: the air level the
+        streaming loop tracked on empty belt (:class:`sorting.stages.air.AirTracker`) when it
+        normalized these lines (a crop saved by the sorter carries it). The same arithmetic as
+        the loop's line pass, so the same numbers.
 
     Returns
     -------
@@ -143,7 +157,24 @@ def attenuation(raw: np.ndarray, cal: Calibration, x0: int = 0, *, out: np.ndarr
     raw = check_block(raw, cal, x0)
     out = check_out(out, raw.shape)
     cols = slice(x0, x0 + raw.shape[1])
-    return attenuation_into(raw, cal.dark[cols], cal.log_flat[cols], cal.bad[cols], out)
+    if log_flat is None:
+        return attenuation_into(raw, cal.dark[cols], cal.log_flat[cols], cal.bad[cols], out)
+    if np.shape(log_flat) != raw.shape:
+        raise ValueError(f"`log_flat` (shape {np.shape(log_flat)}) must have the shape of `raw` {raw.shape}")
+    if out.size == 0:
+        return out
+    lines = raw.shape[0]
+    flat = out.reshape(lines, -1)
+    dark = cal.dark[cols]
+    if raw.dtype == np.uint16 and dark.dtype == np.float32:  # as the loop's line pass
+        counts_log_into(np.ascontiguousarray(raw).reshape(lines, -1), np.ascontiguousarray(dark).reshape(-1), flat)
+    else:
+        np.subtract(raw, dark, out=out, casting="unsafe")
+        cv2.max(flat, SIGNAL_FLOOR_ADU, dst=flat)
+        cv2.log(flat, dst=flat)
+    _from_log_pixels(np.ascontiguousarray(log_flat, dtype=np.float32).reshape(lines, -1),
+                     *repair_plan(cal.bad[cols]), flat)
+    return out
 
 
 @lru_cache(maxsize=64)
