@@ -7,9 +7,16 @@ Treat them as read-only; copy before damaging one.
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
+
+# A test run started in the background by a shell without job control (`pytest &`) inherits
+# SIGINT ignored, and so would every process it starts; the tests that deliver SIGINT check
+# what a user's Ctrl-C does, so they get Python's usual handler, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BELT_SECONDS = 1.5
 BELT_SEED = 11
