@@ -61,6 +61,15 @@ def _as_float(typingctx, i):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _floor(typingctx, x):
+    """floor of a float32 as LLVM's own intrinsic (``math.floor`` compiles to a call of libm's
+    floorf, which no loop vectorizes around)."""
+    def codegen(context, builder, sig, args):
+        return builder.call(builder.module.declare_intrinsic("llvm.floor", [ir.FloatType()]), args)
+    return types.float32(types.float32), codegen
+
+
 _LN_P = tuple(np.float32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
                                        1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
                                        3.3333331174e-1))
@@ -100,8 +109,8 @@ def _ln(x):
 def _exp(x):
     """exp x for a float32, x clamped to [-87, 88] (Cephes expf)."""
     x = min(max(x, _EXP_LO), _EXP_HI)
-    n = math.floor(x * _LOG2E + _HALF)
-    nf = np.float32(n)
+    nf = _floor(x * _LOG2E + _HALF)
+    n = np.int32(nf)
     r = x - nf * _LN2_HI
     r = r - nf * _LN2_LO
     p = _EXP_P[0]
