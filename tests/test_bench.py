@@ -50,18 +50,49 @@ def test_bench_keys_and_ratios(small_belt, small_model, tmp_path, capsys):
 
 
 def test_bench_workers_keys(small_belt, small_model, tmp_path, capsys):
-    """The particle-parallel runs, under the ``lanes`` key readers of the bench JSON know."""
+    """The particle-parallel runs under ``workers``: against the one-worker runs of the same
+    bench, the events compared, and the paced run beside one worker's paced run."""
     out = tmp_path / "bench.json"
     assert main(["bench", "--recording", str(small_belt), "--model", str(small_model), "--workers", "2",
                  "--repeats", "1", "--json", str(out), "--quiet"]) == 0
     r = json.loads(out.read_text())
-    lanes = r["lanes"]
-    assert (f"workers: 2 processes (particle-parallel) {lanes['realtime_factor']:.2f}x = "
-            f"{lanes['speedup_over_one_worker']:.2f}x one worker (target 1.7x for 2: ") in capsys.readouterr().out
-    assert lanes["mode"] == "particle-parallel"
-    assert lanes["workers"] == 2 and lanes["particles"] == r["particles"]
-    assert lanes["speedup_over_one_worker"] == pytest.approx(lanes["throughput_lines_s"] / r["throughput_lines_s"])
-    assert lanes["realtime_factor"] == pytest.approx(lanes["throughput_lines_s"] / r["line_rate_hz"])
-    assert len(lanes["worker_cpu_s"]) == len(lanes["worker_chunks"]) == 1
-    assert lanes["cpu_s"] == pytest.approx(lanes["loop_cpu_s"] + sum(lanes["worker_cpu_s"]), abs=1e-3)
-    assert lanes["one_worker_cpu_s"] > 0 and lanes["worker_chunks"][0] + lanes["local_chunks"] > 0
+    printed = capsys.readouterr().out
+    assert "lanes" not in r
+    w = r["workers"]
+    assert (f"workers: 2 processes (particle-parallel), unpaced {w['realtime_factor']:.2f}x the line rate = "
+            f"{w['speedup_over_one_worker']:.2f}x one worker (target 1.8x for 2: ") in printed
+    assert f"CPU {w['cpu_s']:.2f} s (one worker {w['one_worker_cpu_s']:.2f} s)" in printed
+    assert w["mode"] == "particle-parallel"
+    assert w["count"] == 2 and w["particles"] == r["particles"]
+    assert w["speedup_over_one_worker"] == pytest.approx(w["throughput_lines_s"] / r["throughput_lines_s"])
+    assert w["realtime_factor"] == pytest.approx(w["throughput_lines_s"] / r["line_rate_hz"])
+    assert len(w["worker_cpu_s"]) == len(w["worker_chunks"]) == 1
+    assert w["cpu_s"] == pytest.approx(w["loop_cpu_s"] + sum(w["worker_cpu_s"]), abs=1e-3)
+    assert w["one_worker_cpu_s"] > 0 and w["worker_chunks"][0] + w["local_chunks"] > 0
+    # every chunk of the stream classified once, by the worker or by the loop (a chunk with no
+    # completed particle sends nothing)
+    chunks = -(-r["lines"] // r["chunk_lines"])
+    assert w["worker_chunks"][0] + w["local_chunks"] <= chunks
+    # the workers decide as one worker does (tests/test_workers.py checks it event by event)
+    assert w["events_equal_one_worker"] is True and "events equal one worker's: yes" in printed
+    # paced with 2 processes, next to the one-worker paced run of the same bench
+    p, one = w["paced"], w["one_worker_paced"]
+    assert p["paced_particles"] == len(read_belt_recording(small_belt).truth)
+    assert p["late"] == p["late_ejects"] + p["undecided"]
+    lat = p["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"] + 0.01
+    assert one == {k: r[k] for k in ("latency_ms", "late", "late_ejects", "undecided", "cpu_fraction")}
+    lat, lat1 = p["latency_ms"], one["latency_ms"]
+    assert (f"workers, paced: p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  p99.9 {lat['p999']:.2f} ms, late {p['late']} "
+            f"(one worker: p50 {lat1['p50']:.2f}  p99 {lat1['p99']:.2f}  p99.9 {lat1['p999']:.2f} ms, "
+            f"late {one['late']})") in printed
+
+
+def test_same_events_leaves_out_the_wall_clock_only():
+    from sorting.cli.bench import same_events
+
+    a = [{"particle": 0, "decision": "eject", "latency_ms": 3.1, "slack_ms": 80.0, "late": False}]
+    b = [{"particle": 0, "decision": "eject", "latency_ms": 9.7, "slack_ms": 70.2, "late": True}]
+    assert same_events(a, b)
+    assert not same_events(a, [dict(b[0], decision="pass")])
+    assert not same_events(a, a + a)

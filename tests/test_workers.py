@@ -237,3 +237,37 @@ def test_an_empty_recording_is_summed_up_by_both_paths(small_belt, small_model, 
         assert s["lines"] == 0 and s["particles"] == 0 and s["stream_s"] == 0.0
         assert s["cpu_fraction"] is None  # no stream time to share
     assert (tmp_path / "e2.jsonl").read_text() == ""
+
+
+def test_the_binary_messages_carry_what_pickle_carried():
+    """A chunk's request and result through the flat binary layout come back equal to what
+    went in, with writable arrays of the same dtypes and shapes (the kernels were warmed up
+    for pickled ones); a chunk with a failed or shed particle goes pickled instead."""
+    import numpy as np
+
+    from sorting.realtime.parallel import JobEncoder, decode_job, decode_message, encode_result, unpack_request
+
+    rng = np.random.default_rng(4)
+    boxes = np.array([[1023, 5, 3, 4], [17, 900, 2, 6], [40, 0, 1, 1]], np.int64)
+    masks = [rng.random((int(h), int(w))) > 0.4 for h, w in boxes[:, 2:4]]
+    judge = np.array([True, False, True])
+    enc = JobEncoder()
+    enc.buf = np.zeros(8, np.uint8)  # too small: it grows
+    msg = enc.encode(77, (boxes, masks, None, None, judge))
+    # tag, padding, 3 int64, the boxes, judge, the mask pixels: counted by hand
+    assert msg.size == 8 + 24 + 3 * 32 + 3 + sum(m.size for m in masks)
+    key, request = decode_job(bytearray(msg.tobytes()))
+    got = unpack_request(request)
+    assert key == 77 and np.array_equal(got[0], boxes) and got[0].dtype == np.int64
+    assert all(np.array_equal(a, b) and a.dtype == bool and a.shape == b.shape for a, b in zip(got[1], masks))
+    assert got[2] is None and got[3] is None and np.array_equal(got[4], judge)
+    assert all(a.flags.writeable and a.flags.c_contiguous for a in (got[0], got[4], *got[1]))
+    assert enc.encode(1, (boxes, masks, ["features: ValueError", None, None], None, judge)) is None
+    assert enc.encode(1, (boxes, masks, None, np.array([False, True, False]), judge)) is None
+
+    result = (np.array([0.25, 0.0, 0.875], np.float32), np.array([False, True, False]), None, 0.0015, 2, 0.0007)
+    key, back = decode_message(encode_result(12, result))
+    assert key == 12 and back[2] is None and back[3:] == result[3:]
+    assert np.array_equal(back[0], result[0]) and back[0].dtype == np.float32 and back[0].flags.writeable
+    assert np.array_equal(back[1], result[1]) and back[1].dtype == bool and back[1].flags.writeable
+    assert encode_result(12, result[:2] + (["tramp: KeyError", None, None],) + result[3:]) is None

@@ -38,7 +38,9 @@ def machine_description() -> str:
 #: and the particle-parallel speed-up of 2 processes over one
 TARGET_REALTIME_FACTOR = 10.0
 TARGET_P999_MS = 15.0
-TARGET_LANES_SPEEDUP = 1.7
+TARGET_WORKERS_SPEEDUP = 1.8
+#: event keys that depend on the wall clock: left out where the events of two runs are compared
+WALL_CLOCK_KEYS = ("latency_ms", "slack_ms", "late")
 #: rock lengths (along the belt) the budget is reported for: a small and the largest Crater Lake rock
 BUDGET_ROCKS_MM = (10.0, 100.0)
 
@@ -52,6 +54,17 @@ def budget_ms(sorter, belt_speed_m_s: float, length_mm: float) -> float:
 
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
+
+
+def _latency_text(p: dict) -> str:
+    lat = p["latency_ms"]
+    return f"p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  p99.9 {lat['p999']:.2f} ms, late {p['late']}"
+
+
+def same_events(a: list[dict], b: list[dict]) -> bool:
+    """Whether two runs' events are equal apart from the wall-clock keys (``WALL_CLOCK_KEYS``)."""
+    return len(a) == len(b) and all({k: v for k, v in x.items() if k not in WALL_CLOCK_KEYS}
+                                    == {k: v for k, v in y.items() if k not in WALL_CLOCK_KEYS} for x, y in zip(a, b))
 
 
 def format_bench(r: dict) -> list[str]:
@@ -81,13 +94,18 @@ def format_bench(r: dict) -> list[str]:
         d = r["dense"]
         lines.append(f"twice the occupancy ({d['occupancy']:.2f} laid), paced: p99.9 {d['latency_ms']['p999']:.2f} ms, "
                      f"late {d['late']}, CPU {d['cpu_fraction']:.2f}")
-    if "lanes" in r:
-        ln = r["lanes"]
-        speedup = ln["speedup_over_one_worker"]
-        target = (f" (target {TARGET_LANES_SPEEDUP:g}x for 2: {_verdict(speedup >= TARGET_LANES_SPEEDUP)})"
-                  if ln["workers"] == 2 else "")
-        lines.append(f"workers: {ln['workers']} processes (particle-parallel) {ln['realtime_factor']:.2f}x = "
-                     f"{speedup:.2f}x one worker{target}; CPU {ln['cpu_s']:.2f} s")
+    if "workers" in r:
+        w = r["workers"]
+        speedup = w["speedup_over_one_worker"]
+        target = (f" (target {TARGET_WORKERS_SPEEDUP:g}x for 2: {_verdict(speedup >= TARGET_WORKERS_SPEEDUP)})"
+                  if w["count"] == 2 else "")
+        lines.append(f"workers: {w['count']} processes (particle-parallel), unpaced {w['realtime_factor']:.2f}x the "
+                     f"line rate = {speedup:.2f}x one worker{target}; CPU {w['cpu_s']:.2f} s (one worker "
+                     f"{w['one_worker_cpu_s']:.2f} s); events equal one worker's: "
+                     f"{'yes' if w['events_equal_one_worker'] else 'NO'}")
+        if "paced" in w:
+            p, one = w["paced"], w["one_worker_paced"]
+            lines.append(f"workers, paced: {_latency_text(p)} (one worker: {_latency_text(one)})")
     if "save_crops" in r:
         c = r["save_crops"]
         lines.append(f"paced, every particle's crop saved: p99.9 {c['latency_ms']['p999']:.2f} ms, late {c['late']}, "
@@ -126,11 +144,14 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
     timing = timing_of(rec.meta)
     prefault(rec.lines)  # no run measures the disk or first-touch faults
     runs = []
-    for _ in range(max(repeats, 1)):
+    one_events: list[dict] = []  # the first run's, to compare with the --workers runs'
+    for i in range(max(repeats, 1)):
         pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines)
         floor = floor_throughput(rec.lines, pipe.cal, chunk_lines)
-        fast = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, False), pipe, keep_events=False,
-                        total_lines=rec.n_lines, progress=progress)
+        fast = run_loop(replay(rec.lines, timing.line_rate_hz, chunk_lines, False), pipe,
+                        keep_events=i == 0 and workers > 1, total_lines=rec.n_lines, progress=progress)
+        if i == 0:
+            one_events = fast.events
         stop_if_interrupted(fast.summary)
         stages = {k: round(v * 1000.0 / max(pipe.counters.chunks, 1), 4) for k, v in pipe.stage_s.items()}
         per_particle_us = {k: round(pipe.stage_s[k] * 1e6 / max(pipe.counters.particles, 1), 1)
@@ -169,30 +190,41 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
         result.update(paced_run(recording, model, sorter, sorter_path, chunk_lines, progress))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if workers > 1:
-        result["lanes"] = workers_run(recording, model_path, sorter_path, workers, chunk_lines, repeats, throughput)
-        result["lanes"]["one_worker_cpu_s"] = round(s["cpu_s"], 4)  # the median one-worker run's
+        w = workers_run(recording, model_path, sorter_path, workers, chunk_lines, repeats, throughput, one_events)
+        w["one_worker_cpu_s"] = round(s["cpu_s"], 4)  # the median one-worker run's
+        if paced:
+            w["paced"] = paced_workers_run(recording, model_path, sorter_path, workers, chunk_lines)
+            w["one_worker_paced"] = {k: result[k] for k in ("latency_ms", "late", "late_ejects", "undecided",
+                                                            "cpu_fraction")}
+        result["workers"] = w
     return result
 
 
 def workers_run(recording: Path, model_path: Path, sorter_path: Path, workers: int, chunk_lines: int,
-                repeats: int, one_worker_lines_s: float) -> dict:
+                repeats: int, one_worker_lines_s: float, one_worker_events: list[dict]) -> dict:
     """``workers`` processes (the loop and feature workers) unpaced, ``repeats`` times; the
-    median run against one worker's median throughput. Reported under the ``lanes`` key (the
-    key the earlier lane-parallel mode used, so readers of the JSON keep finding it)."""
+    median run against one worker's median throughput, and the first run's events against
+    ``one_worker_events`` (one worker's, on the same recording)."""
     from sorting.cli.run import stop_if_interrupted
     from sorting.realtime.parallel import run_recording
 
-    runs = sorted((stop_if_interrupted(run_recording(recording, model_path, sorter_path, workers, chunk_lines,
-                                                     keep_events=False).summary)
-                   for _ in range(max(repeats, 1))), key=lambda r: r["throughput_lines_s"])
+    runs = []
+    equal = True
+    for i in range(max(repeats, 1)):
+        res = run_recording(recording, model_path, sorter_path, workers, chunk_lines, keep_events=i == 0)
+        runs.append(stop_if_interrupted(res.summary))
+        if i == 0:
+            equal = same_events(res.events, one_worker_events)
+    runs.sort(key=lambda r: r["throughput_lines_s"])
     m = runs[len(runs) // 2]
     return {
         "mode": "particle-parallel",
-        "workers": workers,
+        "count": workers,
         "throughput_lines_s": m["throughput_lines_s"],
         "realtime_factor": m["realtime_factor"],
         "realtime_factor_runs": [round(r["realtime_factor"], 3) for r in runs],
         "speedup_over_one_worker": m["throughput_lines_s"] / one_worker_lines_s,
+        "events_equal_one_worker": equal,
         "particles": m["particles"],
         # where the time goes (median run): the loop's and each feature worker's CPU seconds
         # from the start of the stream, and the chunks each classified
@@ -202,6 +234,19 @@ def workers_run(recording: Path, model_path: Path, sorter_path: Path, workers: i
         "worker_chunks": m["worker_chunks"],
         "local_chunks": m["local_chunks"],
     }
+
+
+def paced_workers_run(recording: Path, model_path: Path, sorter_path: Path, workers: int, chunk_lines: int) -> dict:
+    """``workers`` processes paced at the line rate (overload protection on, as live): the
+    paced keys of :func:`paced_run`, CPU of all processes."""
+    from sorting.cli.run import stop_if_interrupted
+    from sorting.realtime.parallel import run_recording
+
+    p = stop_if_interrupted(run_recording(recording, model_path, sorter_path, workers, chunk_lines, realtime=True,
+                                          keep_events=False).summary)
+    return {"paced_particles": p["particles"], "latency_ms": p["latency_ms"], "late": p["late"] + p["undecided"],
+            "late_ejects": p["late"], "undecided": p["undecided"], "cpu_fraction": p["cpu_fraction"],
+            "intake_lag_ms": p["intake_lag_ms"], "step_ms": p["step_ms"]}
 
 
 def paced_run(recording: Path, model, sorter, sorter_path: Path, chunk_lines: int, progress: bool = True,

@@ -3,10 +3,12 @@
 The loop's own process (the parent) runs every line through the fused line pass and the
 stitching, writes the attenuation into a ring buffer in shared memory, plans each chunk's
 completed particles and sends their boxes and masks (~15 kB a chunk) to a feature worker
-over a pipe. The worker reads the boxes from its read-only view of the same ring, computes
-features, scores and the tramp check with the same code as one worker
-(:meth:`sorting.realtime.stream.Pipeline.classify`) and sends the scores back. The parent
-decides in stream order, so the events are one worker's (apart from wall-clock latency).
+over a pipe, as one flat binary message each way (pickle only for the rare chunk with a
+failed or shed particle: pickling cost the loop ~50 us a chunk). The worker reads the boxes
+from its read-only view of the same ring, computes features, scores and the tramp check with
+the same code as one worker (:meth:`sorting.realtime.stream.Pipeline.classify`) and sends
+the scores back. The parent decides in stream order, so the events are one worker's (apart
+from wall-clock latency).
 
 The gain comes from pipelining: while a worker classifies chunk k, the parent goes on with
 chunks k + 1, k + 2, ... Each worker holds at most ``depth`` chunks; with every queue full,
@@ -24,6 +26,7 @@ import gc
 import math
 import multiprocessing as mp
 import os
+import pickle
 import select
 import signal
 import time
@@ -67,6 +70,92 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)  # the parent was gone before the worker could ask to go with it
 
 
+#: the first byte of every message on a worker's pipe: a pickled object, a chunk's request
+#: or a chunk's result in the flat binary layout (the common case: no particle failed or was
+#: shed), which costs the loop a fraction of pickling's time
+PICKLED, JOB, RESULT = 0, 1, 2
+#: the binary layouts: JOB = tag, pad to 8, int64 key, n, mask pixels; int64 boxes (n, 4),
+#: uint8 judge (n), the masks (mask pixels, bool); RESULT = tag, pad to 8, int64 key, n,
+#: particles featured; float64 features and scores-and-tramp seconds; float32 scores (n),
+#: bool tramp (n)
+_JOB_HEAD, _RESULT_HEAD = 32, 48
+
+
+def send_pickled(conn, obj) -> None:
+    conn.send_bytes(bytes((PICKLED,)) + pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class JobEncoder:
+    """A chunk's request (:meth:`Pipeline._prepare`) as one JOB message, in a buffer reused
+    from chunk to chunk; None when a particle already failed or was shed (those go pickled)."""
+
+    def __init__(self) -> None:
+        self.buf = np.zeros(1 << 16, np.uint8)
+
+    def encode(self, key: int, request: tuple) -> np.ndarray | None:
+        boxes, masks, err, undecided, judge = request
+        if err is not None or undecided is not None:
+            return None
+        n = boxes.shape[0]
+        n_px = 0
+        for m in masks:
+            n_px += m.size
+        o_judge = _JOB_HEAD + 32 * n
+        o_masks = o_judge + n
+        total = o_masks + n_px
+        if total > self.buf.size:
+            self.buf = np.zeros(max(total, 2 * self.buf.size), np.uint8)
+        buf = self.buf
+        buf[0] = JOB
+        head = buf[8:_JOB_HEAD].view(np.int64)
+        head[0], head[1], head[2] = key, n, n_px
+        buf[_JOB_HEAD:o_judge].view(np.int64).reshape(n, 4)[:] = boxes
+        buf[o_judge:o_masks].view(np.bool_)[:] = judge
+        if n:
+            np.concatenate([m.reshape(-1) for m in masks], out=buf[o_masks:total].view(np.bool_))
+        return buf[:total]
+
+
+def decode_job(data: bytearray) -> tuple:
+    """(key, request) of a JOB message, the arrays writable as pickle gives them (the masks
+    are views of ``data``: used before the next message is read into it)."""
+    a = np.frombuffer(data, np.uint8)
+    key, n, n_px = a[8:_JOB_HEAD].view(np.int64).tolist()
+    o_judge = _JOB_HEAD + 32 * n
+    boxes = a[_JOB_HEAD:o_judge].view(np.int64).reshape(n, 4).copy()
+    judge = a[o_judge:o_judge + n].view(np.bool_)
+    flat = a[o_judge + n:o_judge + n + n_px].view(np.bool_)
+    return key, (boxes, flat, None, None, judge)
+
+
+def encode_result(key: int, result: tuple) -> bytes | None:
+    """A chunk's classification (:meth:`Pipeline.classify`) as one RESULT message; None when a
+    particle failed (its errors go pickled)."""
+    scores, tramp, err, feat_s, n_featured, cls_s = result
+    if err is not None:
+        return None
+    n = scores.shape[0]
+    head = np.zeros(_RESULT_HEAD // 8, np.int64)
+    head[1:4] = key, n, n_featured
+    head[4:6].view(np.float64)[:] = feat_s, cls_s
+    head.view(np.uint8)[0] = RESULT
+    return b"".join((head.tobytes(), np.ascontiguousarray(scores, np.float32).tobytes(),
+                     np.ascontiguousarray(tramp, np.bool_).tobytes()))
+
+
+def decode_message(data: bytes) -> tuple:
+    """A message from a worker: a pickled (tag or key, payload) pair, or a RESULT as
+    (key, result) with writable arrays, as pickle gives them."""
+    if data[0] == PICKLED:
+        return pickle.loads(memoryview(data)[1:])
+    head = np.frombuffer(data, np.int64, _RESULT_HEAD // 8)
+    key, n, n_featured = head[1:4].tolist()
+    feat_s, cls_s = head[4:6].view(np.float64).tolist()
+    scores = np.frombuffer(data, np.float32, n, _RESULT_HEAD).copy()
+    tramp = np.frombuffer(data, np.bool_, n, _RESULT_HEAD + 4 * n).copy()
+    return key, (scores, tramp, None, feat_s, n_featured, cls_s)
+
+
 def unpack_request(request: tuple) -> tuple:
     """A request as it came through the pipe (the masks as one flat array, in box order) as
     :meth:`Pipeline.classify` takes it (one mask per box, views of that array)."""
@@ -96,26 +185,42 @@ def _serve(k: int, pipeline: Pipeline, model_path: str, conn, parent: int) -> No
         cv2.setNumThreads(1)
         # its own ONNX session (the parent's runtime threads did not survive the fork), and the
         # ring read-only: only the parent writes it
+        # (warmed up with pickled requests: a JOB's arrays meet the kernels with the same types,
+        # writable and aligned)
         pipeline.serve_features(load_model(model_path))
         gc.collect()
         gc.freeze()
-        conn.send(("ready", None))
+        send_pickled(conn, ("ready", None))
         cpu0 = time.process_time()
         jobs = 0
+        buf = bytearray(1 << 16)
         while True:
-            msg = conn.recv()
-            if msg is None:
-                break
-            key, request = msg
-            conn.send((key, pipeline.classify(unpack_request(request))))
+            try:
+                size = conn.recv_bytes_into(buf)
+            except mp.BufferTooShort as exc:  # a larger message than any before: it is all in exc
+                buf = bytearray(exc.args[0])
+                size = len(buf)
+            if buf[0] == PICKLED:
+                msg = pickle.loads(memoryview(buf)[1:size])
+                if msg is None:
+                    break
+                key, request = msg
+            else:
+                key, request = decode_job(buf)
+            result = pipeline.classify(unpack_request(request))
+            out = encode_result(key, result)
+            if out is not None:
+                conn.send_bytes(out)
+            else:
+                send_pickled(conn, (key, result))
             jobs += 1
-        conn.send(("done", {"cpu_s": time.process_time() - cpu0, "jobs": jobs}))
+        send_pickled(conn, ("done", {"cpu_s": time.process_time() - cpu0, "jobs": jobs}))
     except EOFError:
         pass  # the parent closed the pipe: nobody waits for anything any more
     except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
         status = 1
         try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            send_pickled(conn, ("error", f"{type(exc).__name__}: {exc}"))
         except OSError:
             pass
     finally:
@@ -133,6 +238,7 @@ class FeaturePool:
         if workers < 1 or depth < 1:
             raise ValueError(f"a pool needs workers >= 1 and depth >= 1, got {workers}, {depth}")
         self.depth = depth
+        self._encoder = JobEncoder()
         self.in_flight = [0] * workers
         self._owner: dict[int, int] = {}
         self.stats: list[dict] = []
@@ -180,10 +286,14 @@ class FeaturePool:
         k = int(np.argmin(self.in_flight)) if len(self.in_flight) > 1 else 0
         if self.in_flight[k] >= self.depth:
             return False
-        boxes, masks = request[0], request[1]
-        flat = np.concatenate([m.reshape(-1) for m in masks]) if masks else np.zeros(0, bool)
         try:
-            self.conns[k].send((key, (boxes, flat) + tuple(request[2:])))
+            msg = self._encoder.encode(key, request)
+            if msg is not None:
+                self.conns[k].send_bytes(msg)
+            else:
+                boxes, masks = request[0], request[1]
+                flat = np.concatenate([m.reshape(-1) for m in masks]) if masks else np.zeros(0, bool)
+                send_pickled(self.conns[k], (key, (boxes, flat) + tuple(request[2:])))
         except OSError:  # its end of the pipe is gone
             self._dead(k)
         self.in_flight[k] += 1
@@ -230,7 +340,7 @@ class FeaturePool:
 
     def _recv(self, k: int) -> tuple:
         try:
-            tag, payload = self.conns[k].recv()
+            tag, payload = decode_message(self.conns[k].recv_bytes())
         except (EOFError, OSError):
             self._dead(k)
         if tag == "error":
@@ -252,7 +362,7 @@ class FeaturePool:
         stats = []
         for k, conn in enumerate(self.conns):
             try:
-                conn.send(None)
+                send_pickled(conn, None)
                 if conn.poll(timeout_s):
                     tag, payload = self._recv(k)
                     if tag == "done":

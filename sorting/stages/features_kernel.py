@@ -9,8 +9,9 @@ most of the cost.
 Numerics: per-pixel maps in float32 as the numpy path did (transmission, the Gaussian taps
 of ``cv2.getGaussianKernel``, -ln of the normalized blur, the mafic line); exp and ln by
 branch-free float32 polynomials (Cephes expf / logf, < 1 ulp, as accurate as cv2.exp /
-cv2.log) so the pixel loops vectorize; the basis table read by exact bilinear
-interpolation in float64 (``cv2.remap`` quantized the weights to 1/32 of a cell); sums and
+cv2.log) so the pixel loops vectorize; the basis table read by bilinear interpolation with
+exact float32 weights (the cell offsets of the float32 coordinates; ``cv2.remap`` quantized
+them to 1/32 of a cell) in float32 arithmetic, twice the lanes of float64; sums and
 statistics in float64.
 """
 from __future__ import annotations
@@ -60,6 +61,15 @@ def _as_float(typingctx, i):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _floor(typingctx, x):
+    """floor of a float32 as LLVM's own intrinsic (``math.floor`` compiles to a call of libm's
+    floorf, which no loop vectorizes around)."""
+    def codegen(context, builder, sig, args):
+        return builder.call(builder.module.declare_intrinsic("llvm.floor", [ir.FloatType()]), args)
+    return types.float32(types.float32), codegen
+
+
 _LN_P = tuple(np.float32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
                                        1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
                                        3.3333331174e-1))
@@ -99,8 +109,8 @@ def _ln(x):
 def _exp(x):
     """exp x for a float32, x clamped to [-87, 88] (Cephes expf)."""
     x = min(max(x, _EXP_LO), _EXP_HI)
-    n = math.floor(x * _LOG2E + _HALF)
-    nf = np.float32(n)
+    nf = _floor(x * _LOG2E + _HALF)
+    n = np.int32(nf)
     r = x - nf * _LN2_HI
     r = r - nf * _LN2_LO
     p = _EXP_P[0]
@@ -428,8 +438,8 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
     maf = np.empty(npx, np.float32)
     fe = np.empty(npx, np.float32)
     wts = np.empty(npx, np.float64)
-    wx = np.empty(npx, np.float64)  # the bilinear weights of each pixel's table cell
-    wy = np.empty(npx, np.float64)
+    wx = np.empty(npx, np.float32)  # the bilinear weights of each pixel's table cell
+    wy = np.empty(npx, np.float32)
     cell = np.empty((4, npx), np.int32)  # ... and the cell's corners
     nb = edges.size - 1
     hist = np.empty(nb + 1, np.float64)
@@ -549,8 +559,8 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
             map_y = min(map_y, top_y) if map_y >= -1.0 else np.float32(-1.0)
             xi = int(map_x + _F1)  # floor + 1: the coordinates are >= -1
             yi = int(map_y + _F1)
-            vx[j] = float(map_x) - (xi - 1)
-            vy[j] = float(map_y) - (yi - 1)
+            vx[j] = map_x - np.float32(xi - 1)  # exact: map_x is within one of xi - 1
+            vy[j] = map_y - np.float32(yi - 1)
             ix0 = min(max(xi - 1, 0), n_a - 1)
             ix1 = min(xi, n_a - 1)
             row0 = min(max(yi - 1, 0), n_r - 1) * n_a
@@ -566,7 +576,7 @@ def particles(a, m, boxes, taps, table, p32, edges, q, win, pitch, cols, f):
                 tp_s[j] = tf_s[j] = _F0
                 continue
             fx, fy = vx[j], vy[j]
-            gx, gy = 1.0 - fx, 1.0 - fy
+            gx, gy = _F1 - fx, _F1 - fy
             a00, a01, a10, a11 = _U(cl0[j]), _U(cl1[j]), _U(cl2[j]), _U(cl3[j])
             tp_s[j] = gy * (gx * flat_table[a00] + fx * flat_table[a01]) + fy * (gx * flat_table[a10]
                                                                                  + fx * flat_table[a11])
