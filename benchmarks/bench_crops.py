@@ -252,7 +252,7 @@ def paced(work: Path, repeats: int) -> dict:
             subprocess.run(argv, check=True, capture_output=True, text=True)
             s = json.loads((tmp / "summary.json").read_text())
             r = {"save_crops": save, "load_average_1min_before": round(load, 2), "particles": s["particles"],
-                 "late": s["late"] + s.get("undecided", 0), "late_ejects": s["late"],
+                 "late": s["late_ejects"] + s.get("undecided", 0), "late_ejects": s["late_ejects"],
                  "undecided": s.get("undecided", 0), "p50_ms": round(s["latency_ms"]["p50"], 2),
                  "p99_ms": round(s["latency_ms"]["p99"], 2), "p999_ms": round(s["latency_ms"]["p999"], 2),
                  "max_ms": round(s["latency_ms"]["max"], 2), "cpu_fraction": round(s["cpu_fraction"], 3)}

@@ -89,10 +89,14 @@ def test_bench_workers_keys(small_belt, small_model, tmp_path, capsys):
 
 
 def test_same_events_leaves_out_the_wall_clock_only():
-    from sorting.cli.bench import same_events
+    import dataclasses
 
-    a = [{"particle": 0, "decision": "eject", "latency_ms": 3.1, "slack_ms": 80.0, "late": False}]
-    b = [{"particle": 0, "decision": "eject", "latency_ms": 9.7, "slack_ms": 70.2, "late": True}]
+    from sorting.cli.bench import same_events
+    from sorting.realtime.events import Event
+
+    a = [Event(0, 10, 19, 5, 9, 14.5, 7.0, 40.0, 0.9, "eject", [1], 0.3, 0.31, 3.1, 80.0, False, "sc")]
+    b = [dataclasses.replace(a[0], latency_ms=9.7, slack_ms=70.2, late=True)]
     assert same_events(a, b)
-    assert not same_events(a, [dict(b[0], decision="pass")])
+    assert not same_events(a, [dataclasses.replace(b[0], decision="pass")])
+    assert not same_events(a, [dataclasses.replace(b[0], score=0.8)])
     assert not same_events(a, a + a)

@@ -13,6 +13,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from sorting.config import load_machine, load_ore, load_sorter
 from sorting.errors import InputError
 from sorting.io import check_output_file
 from sorting.resources import SHIPPED_MODEL, shipped_config
+
+if TYPE_CHECKING:
+    from sorting.realtime.events import Event
 
 
 def machine_description() -> str:
@@ -61,10 +65,12 @@ def _latency_text(p: dict) -> str:
     return f"p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  p99.9 {lat['p999']:.2f} ms, late {p['late']}"
 
 
-def same_events(a: list[dict], b: list[dict]) -> bool:
+def same_events(a: list[Event], b: list[Event]) -> bool:
     """Whether two runs' events are equal apart from the wall-clock keys (``WALL_CLOCK_KEYS``)."""
-    return len(a) == len(b) and all({k: v for k, v in x.items() if k not in WALL_CLOCK_KEYS}
-                                    == {k: v for k, v in y.items() if k not in WALL_CLOCK_KEYS} for x, y in zip(a, b))
+    def logged(e: Event) -> dict:
+        return {k: v for k, v in e.to_json().items() if k not in WALL_CLOCK_KEYS}
+
+    return len(a) == len(b) and all(logged(x) == logged(y) for x, y in zip(a, b))
 
 
 def format_bench(r: dict) -> list[str]:
@@ -144,7 +150,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
     timing = timing_of(rec.meta)
     prefault(rec.lines)  # no run measures the disk or first-touch faults
     runs = []
-    one_events: list[dict] = []  # the first run's, to compare with the --workers runs'
+    one_events: list[Event] = []  # the first run's, to compare with the --workers runs'
     for i in range(max(repeats, 1)):
         pipe = build_pipeline(rec.calibration, model, sorter, timing, str(sorter_path), chunk_lines)
         floor = floor_throughput(rec.lines, pipe.cal, chunk_lines)
@@ -201,7 +207,7 @@ def run_bench(recording: Path, model_path: Path, sorter_path: Path, chunk_lines:
 
 
 def workers_run(recording: Path, model_path: Path, sorter_path: Path, workers: int, chunk_lines: int,
-                repeats: int, one_worker_lines_s: float, one_worker_events: list[dict]) -> dict:
+                repeats: int, one_worker_lines_s: float, one_worker_events: list[Event]) -> dict:
     """``workers`` processes (the loop and feature workers) unpaced, ``repeats`` times; the
     median run against one worker's median throughput, and the first run's events against
     ``one_worker_events`` (one worker's, on the same recording)."""
@@ -240,12 +246,14 @@ def paced_workers_run(recording: Path, model_path: Path, sorter_path: Path, work
     """``workers`` processes paced at the line rate (overload protection on, as live): the
     paced keys of :func:`paced_run`, CPU of all processes."""
     from sorting.cli.run import stop_if_interrupted
+    from sorting.realtime.events import missed_deadlines
     from sorting.realtime.parallel import run_recording
 
     p = stop_if_interrupted(run_recording(recording, model_path, sorter_path, workers, chunk_lines, realtime=True,
                                           keep_events=False).summary)
-    return {"paced_particles": p["particles"], "latency_ms": p["latency_ms"], "late": p["late"] + p["undecided"],
-            "late_ejects": p["late"], "undecided": p["undecided"], "cpu_fraction": p["cpu_fraction"],
+    return {"paced_particles": p["particles"], "latency_ms": p["latency_ms"],
+            "late": missed_deadlines(p["late_ejects"], p["undecided"]),
+            "late_ejects": p["late_ejects"], "undecided": p["undecided"], "cpu_fraction": p["cpu_fraction"],
             "intake_lag_ms": p["intake_lag_ms"], "step_ms": p["step_ms"]}
 
 
