@@ -25,6 +25,7 @@ whose features already show them dense (``GATE_*``).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numba
@@ -79,9 +80,14 @@ class TrampFinder:
         if scale is None:
             self._fe = self._ah = np.zeros(2)
             self.min_a_high = np.inf
+            self._gate, self._rules = np.zeros(2, np.float32), np.zeros(4)
             return
         self._fe, self._ah = scale
         self.min_a_high = float(self.iron_mm(np.array([min_iron_mm]), inverse=True)[0])
+        # the compiled pass's settings: the gate on the float32 features (compared in float32),
+        # the rules in float64
+        self._gate = np.array([GATE_MEAN_SHARE * self.min_a_high, GATE_STARVED], np.float32)
+        self._rules = np.array([self.min_a_high, self.flat_ratio, self.narrow_ratio, 1.0 / BIN_A], np.float64)
 
     def warm_up(self, ring: np.ndarray) -> None:
         """Load the compiled statistics (or compile them, on a fresh install) with the loop's
@@ -97,72 +103,82 @@ class TrampFinder:
         v = np.asarray(a_high, np.float64)
         return np.where(v <= x[-1], np.interp(v, x, y), y[-1] + (v - x[-1]) * slope)
 
-    def find(self, ring: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray], features: np.ndarray,
+    def find(self, ring: np.ndarray, boxes: np.ndarray, masks: Sequence[np.ndarray], features: np.ndarray,
              use: np.ndarray | None = None) -> np.ndarray:
         """(n,) bool: tramp among the particles ``boxes`` (n, 4: first stream line, first
         column, height, width) with ``masks``, whose attenuation is in ``ring`` (R, W, 2),
-        R a power of two; ``features`` (n, F) their feature rows (``width_mm``); ``use`` (n,)
-        bool, the particles to judge (default all)."""
+        R a power of two; ``features`` (n, F) float32 their feature rows (``width_mm``); ``use``
+        (n,) bool, the particles to judge (default all). One compiled pass: the gate, the
+        quantiles and the two shape rules (a chunk's worth of numpy calls cost the loop more
+        than the pass itself)."""
         n = boxes.shape[0]
         out = np.zeros(n, bool)
         if not self.enabled or n == 0:
             return out
-        f = features
-        gate = ((f[:, _A_HIGH_MEAN] >= GATE_MEAN_SHARE * self.min_a_high) | (f[:, _STARVED] >= GATE_STARVED)
-                | np.isnan(f[:, _A_HIGH_MEAN]))
-        if use is not None:
-            gate &= use
-        idx = np.flatnonzero(gate)
-        if idx.size == 0:
-            return out
-        flat = np.concatenate([masks[i].reshape(-1) for i in idx]).view(np.uint8)
-        q = np.empty((idx.size, _QS.size), np.float64)
-        _high_quantiles(ring, np.ascontiguousarray(boxes[idx]), flat, np.float32(1.0 / BIN_A), _N_BINS, _QS, q)
-        dense = q[:, 1] >= self.min_a_high
-        flat_top = q[:, 0] >= self.flat_ratio * q[:, 2]
-        width = features[idx, _WIDTH].astype(np.float64)
-        narrow = self.iron_mm(q[:, 3]) >= self.narrow_ratio * width
-        out[idx] = dense & (flat_top | narrow)
+        flat = np.concatenate([m.reshape(-1) for m in masks]).view(np.uint8)
+        _find(ring, boxes, flat, features, np.ones(n, bool) if use is None else use, self._gate, self._rules,
+              self._fe, self._ah, _QS, out)
         return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _high_quantiles(ring, boxes, flat_masks, inv_bin, n_bins, qs, out) -> None:
-    """Per particle, the quantiles ``qs`` (ascending) of the high-channel attenuation of its
-    pixels into ``out`` (n, len(qs)), from a histogram of ``n_bins`` bins of ``1 / inv_bin``
-    (the upper edge of the bin where the cumulative count reaches the quantile; NaN and
-    values above the top count in the top bin). A box of SUBSAMPLE_PX or more is sampled on
-    every other line and column (still hundreds of pixels)."""
-    hist = np.zeros(n_bins, np.int32)
-    r_mask = ring.shape[0] - 1
-    top = np.float32(n_bins)
+def _find(ring, boxes, flat_masks, features, use, gate, rules, fe, ah, qs, out) -> None:
+    """:meth:`TrampFinder.find`'s pass. ``gate`` (float32): dense mean A, starved share;
+    ``rules`` (float64): min high-channel A, flat ratio, narrow ratio, 1 / BIN_A."""
+    q = np.empty(qs.size, np.float64)
+    hist = np.zeros(_N_BINS, np.int32)
+    slope = (fe[-1] - fe[-2]) / max(ah[-1] - ah[-2], 1e-9)
     off = 0
     for i in range(boxes.shape[0]):
-        line0, col0, h, w = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
-        hist[:] = 0
-        count = 0
-        step = 2 if h * w >= SUBSAMPLE_PX else 1  # a large particle: every other line and column
-        for r in range(0, h, step):
-            row = ring[(line0 + r) & r_mask, col0:col0 + w, 1]
-            m = flat_masks[off + r * w:off + (r + 1) * w]
-            for c in range(0, w, step):
-                if m[c]:
-                    v = row[c] * inv_bin
-                    k = n_bins - 1
-                    if v < top:  # False for NaN
-                        k = int(v) if v > 0 else 0
-                    hist[k] += 1
-                    count += 1
-        off += h * w
-        cum = 0
-        j = 0
-        for k in range(n_bins):
-            cum += hist[k]
-            while j < qs.size and count > 0 and cum >= qs[j] * count:
-                out[i, j] = (k + 1) / inv_bin
-                j += 1
-            if j == qs.size:
-                break
-        while j < qs.size:
-            out[i, j] = 0.0
+        size = boxes[i, 2] * boxes[i, 3]
+        a_mean = features[i, _A_HIGH_MEAN]
+        if use[i] and (a_mean >= gate[0] or features[i, _STARVED] >= gate[1] or np.isnan(a_mean)):
+            _quantiles(ring, boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], flat_masks[off:off + size],
+                       np.float32(rules[3]), hist, qs, q)
+            # iron (mm) attenuating the high channel like the 90 % quantile: the wedge steps,
+            # linear past the thickest (TrampFinder.iron_mm)
+            v = q[3]
+            iron = np.interp(v, ah, fe) if v <= ah[-1] else fe[-1] + (v - ah[-1]) * slope
+            dense = q[1] >= rules[0]
+            flat_top = q[0] >= rules[1] * q[2]
+            narrow = iron >= rules[2] * np.float64(features[i, _WIDTH])
+            out[i] = dense and (flat_top or narrow)
+        off += size
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _quantiles(ring, line0, col0, h, w, m, inv_bin, hist, qs, q) -> None:
+    """The quantiles ``qs`` (ascending) of the high-channel attenuation of one particle's pixels
+    (its box at ``line0, col0``, its flat mask ``m``) into ``q``, from a histogram of
+    ``hist.size`` bins of ``1 / inv_bin`` (the upper edge of the bin where the cumulative count
+    reaches the quantile; NaN and values above the top count in the top bin). A box of
+    SUBSAMPLE_PX or more is sampled on every other line and column (still hundreds of pixels)."""
+    n_bins = hist.size
+    r_mask = ring.shape[0] - 1
+    top = np.float32(n_bins)
+    hist[:] = 0
+    count = 0
+    step = 2 if h * w >= SUBSAMPLE_PX else 1  # a large particle: every other line and column
+    for r in range(0, h, step):
+        row = ring[(line0 + r) & r_mask, col0:col0 + w, 1]
+        mr = m[r * w:(r + 1) * w]
+        for c in range(0, w, step):
+            if mr[c]:
+                v = row[c] * inv_bin
+                k = n_bins - 1
+                if v < top:  # False for NaN
+                    k = int(v) if v > 0 else 0
+                hist[k] += 1
+                count += 1
+    cum = 0
+    j = 0
+    for k in range(n_bins):
+        cum += hist[k]
+        while j < qs.size and count > 0 and cum >= qs[j] * count:
+            q[j] = (k + 1) / inv_bin
             j += 1
+        if j == qs.size:
+            break
+    while j < qs.size:
+        q[j] = 0.0
+        j += 1
