@@ -462,8 +462,12 @@ class Pipeline(FeatureQueue):
         t0 = time.perf_counter()
         n = len(done)
         # per particle: first line, first column, last line, last column, area (px); centroid line, column
-        ints = np.stack((done.line0, done.col0, done.line1, done.col1, done.area_px), axis=1)
-        cents = np.stack((done.centroid_line, done.centroid_px), axis=1)
+        # (column by column into fresh arrays: a third of np.stack's cost at a handful of particles)
+        ints = np.empty((n, 5), np.int64)
+        ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3], ints[:, 4] = (done.line0, done.col0, done.line1, done.col1,
+                                                                      done.area_px)
+        cents = np.empty((n, 2), np.float64)
+        cents[:, 0], cents[:, 1] = done.centroid_line, done.centroid_px
         # per particle, once one's own processing has raised: "stage: ExceptionType" or None;
         # None as a whole on the common path (each stage below runs on the chunk's batch and
         # goes one particle at a time only when that raises)
