@@ -275,6 +275,20 @@ def test_stream_chunking_invariance():
         assert _key(_run(mask, chunk)) == ref, chunk
 
 
+def test_stream_output_passes_the_constructors_checks():
+    """The stitcher builds its sets without the constructor's checks (its kernel's boxes,
+    areas and masks agree by construction): they pass them, for any chunking."""
+    from sorting.stages.particles import ARRAYS
+
+    mask = _scene(seed=4)
+    for chunk in (1, 7, 32, 500):
+        got = _run(mask, chunk)
+        assert len(got) > 40
+        again = Particles(**{name: getattr(got, name) for name in ARRAYS}, masks=got.masks, errors=got.errors)
+        assert all(getattr(again, name).dtype == dtype for name, dtype in ARRAYS.items())
+        assert all(m.flags.c_contiguous for m in got.masks)
+
+
 def test_stream_completion_is_prompt_and_once():
     # a rock on lines 10..29 completes with the chunk holding line 30, not later
     mask = np.zeros((100, 50), bool)

@@ -161,8 +161,12 @@ class Particles:
                 raise ValueError(f"Particles: mask {i} is {m.dtype} {m.shape}, its box is bool {shape}")
 
     @classmethod
-    def _derived(cls, arrays: dict, masks: tuple, errors: tuple | None) -> Particles:
-        """A set made from valid sets (a selection, a concatenation): nothing to check again."""
+    def unchecked(cls, arrays: dict, masks: tuple, errors: tuple | None = None) -> Particles:
+        """A set whose arrays are known to be valid, made without the constructor's checks: a
+        selection or concatenation of valid sets, or the stitcher's compiled output (whose
+        invariants its tests check). ``arrays``: every name of :data:`ARRAYS`, 1-D arrays of
+        that dtype, one entry per mask, owned by the set. Everything else goes through the
+        checked constructor."""
         out = object.__new__(cls)
         out.__dict__.update(arrays, masks=masks, errors=errors)
         return out
@@ -182,7 +186,7 @@ class Particles:
         at = np.arange(len(self))[index]
         picked = at.tolist()
         masks, errors = self.masks, self.errors
-        return Particles._derived({name: getattr(self, name)[at] for name in ARRAYS},
+        return Particles.unchecked({name: getattr(self, name)[at] for name in ARRAYS},
                                   tuple(masks[i] for i in picked),
                                   None if errors is None else tuple(errors[i] for i in picked))
 
@@ -220,5 +224,5 @@ class Particles:
         errors = None
         if any(p.errors is not None for p in parts):
             errors = tuple(e for p in parts for e in (p.errors or (None,) * len(p)))
-        return cls._derived({name: np.concatenate([getattr(p, name) for p in parts]) for name in ARRAYS},
+        return cls.unchecked({name: np.concatenate([getattr(p, name) for p in parts]) for name in ARRAYS},
                             tuple(m for p in parts for m in p.masks), errors)
