@@ -335,12 +335,12 @@ CRASH = """
 import sys
 import sorting.stages.linepass as stream  # the chunk-wide normalization the loop calls
 real, calls = stream.counts_log_into, [0]
-def failing(raw, dark, out, x0=0):
+def failing(raw, dark, out):
     if raw.shape[0] > 2:  # a chunk of the belt (the pipeline's warm-up passes 2 throwaway lines)
         calls[0] += 1
         if calls[0] == {n}:
             raise RuntimeError("injected stage failure")
-    return real(raw, dark, out, x0)
+    return real(raw, dark, out)
 stream.counts_log_into = failing
 from sorting.cli import main
 sys.exit(main(sys.argv[1:]))

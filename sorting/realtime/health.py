@@ -89,7 +89,6 @@ class LineHealth:
         if not (0 < saturated_share <= 1 and 0 < dark_share <= 1 and 0 < dark_transmission < 1):
             raise ValueError("shares must be in (0, 1] and dark_transmission in (0, 1)")
         self.x0, self.width = int(x0), width
-        self._pixels = cal.pixels
         cols = slice(x0, x0 + width)
         self._bad = np.asarray(cal.bad[cols], dtype=bool).copy()
         self._good = ~self._bad
@@ -128,8 +127,7 @@ class LineHealth:
 
         Parameters
         ----------
-        raw : (L, W, 2) ndarray of uint16, the window's raw counts; or whole lines (L, P, 2)
-            of the detector's P pixels, of which the window's columns are read in place.
+        raw : (L, W, 2) ndarray of uint16, the window's raw counts.
         first_line : stream index of ``raw[0]``; None = right after the previous chunk.
 
         Returns
@@ -137,10 +135,8 @@ class LineHealth:
         ChunkHealth; also updates ``episodes`` and ``lines``.
         """
         n = raw.shape[0]
-        if raw.ndim != 3 or raw.shape[2] != 2 or raw.shape[1] not in (self.width, self._pixels):
-            raise ValueError(f"`raw` (shape {raw.shape}) must be (L, {self.width}, 2) or whole lines "
-                             f"(L, {self._pixels}, 2)")
-        off = 0 if raw.shape[1] == self.width else self.x0
+        if raw.ndim != 3 or raw.shape[2] != 2 or raw.shape[1] != self.width:
+            raise ValueError(f"`raw` (shape {raw.shape}) must be (L, {self.width}, 2)")
         if first_line is None:
             first_line = 0 if self._next_line is None else self._next_line
         counts = dict.fromkeys(FAULT_KINDS, 0)
@@ -158,16 +154,13 @@ class LineHealth:
             self._healthy_lines.flags.writeable = False
         screen = self._screen[:n]
         sat_max, dark_max, pairs_max = _screen_samples(
-            raw, self._sample, self._sample_thr_high, self._no_prev if self._prev is None else self._prev, screen, off)
+            raw, self._sample, self._sample_thr_high, self._no_prev if self._prev is None else self._prev, screen)
         s = self._sample.size
-        if off or raw.shape[1] != self.width:
-            raw = raw[:, off:off + self.width]
         if sat_max == 0 and dark_max < (self.dark_share - 0.1) * s and pairs_max == 0 \
                 and self._guard_left == 0 and not any(self._active.values()):
             self._remember(raw[-1])
             # the healthy path, nearly every chunk: shared read-only "nothing bad" flags
             return ChunkHealth(self._healthy_lines[:n], self._healthy_cols, counts)
-        raw = np.ascontiguousarray(raw)  # the window of whole lines: the rare faulty chunk copies it
         # a pixel's two channels as one uint32: "both channels equal" is one comparison
         raw32 = raw.reshape(n, -1).view(np.uint32)
         bad_cols = np.zeros(self.width, bool)
@@ -288,13 +281,13 @@ class LineHealth:
 
 @numba.njit(cache=True, nogil=True)
 def _screen_samples(raw: np.ndarray, sample: np.ndarray, dark_thr_high: np.ndarray, prev: np.ndarray,
-                    out: np.ndarray, off: int) -> None:
+                    out: np.ndarray) -> None:
     """The cheap screen of :meth:`LineHealth.check` on the sampled columns, per line into ``out``
     (L, 3): samples with either channel at full scale; samples with the high channel at or
     below its dark level; pairs of adjacent samples equal (both channels) to the line before.
     Returns the maximum of each over the chunk.
-    ``raw`` (L, W, 2) uint16, or whole lines of which the window starts at pixel ``off``; the
-    chunk's first line is compared with ``prev`` (W, 2), or with nothing when ``prev`` is empty."""
+    ``raw`` (L, W, 2) uint16; the chunk's first line is compared with ``prev`` (W, 2), or with
+    nothing when ``prev`` is empty."""
     n = raw.shape[0]
     s = sample.size
     sat_max = dark_max = pairs_max = 0
@@ -303,12 +296,12 @@ def _screen_samples(raw: np.ndarray, sample: np.ndarray, dark_thr_high: np.ndarr
         was_equal = False
         for k in range(s):
             c = sample[k]
-            lo = raw[i, c + off, 0]
-            hi = raw[i, c + off, 1]
+            lo = raw[i, c, 0]
+            hi = raw[i, c, 1]
             sat += (lo == FULL_SCALE) + (hi == FULL_SCALE)
             dark += hi <= dark_thr_high[k]
             if i > 0:
-                equal = lo == raw[i - 1, c + off, 0] and hi == raw[i - 1, c + off, 1]
+                equal = lo == raw[i - 1, c, 0] and hi == raw[i - 1, c, 1]
             elif prev.size:
                 equal = lo == prev[c, 0] and hi == prev[c, 1]
             else:

@@ -45,11 +45,11 @@ def line_pass(flat: np.ndarray, log_flat: np.ndarray, repair: RepairPlan, det: D
 
 def normalize_lines(raw: np.ndarray, dark_flat: np.ndarray, log_flat: np.ndarray, repair: RepairPlan,
                     det: DetectionArrays, bad_cols: np.ndarray, bad_lines: np.ndarray, sums: AirSums,
-                    a: np.ndarray, mask: np.ndarray, x0: int = 0) -> None:
-    """A chunk of uint16 counts ``raw`` (L, W, 2), or whole lines of which the window starts at
-    pixel ``x0``, into attenuation ``a`` (L, W, 2) float32 and foreground ``mask`` (L, W) bool,
-    adding to the air tracker's ``sums``. Trusted inputs: the loop prepares them once."""
+                    a: np.ndarray, mask: np.ndarray) -> None:
+    """A chunk of uint16 counts ``raw`` (L, W, 2) into attenuation ``a`` (L, W, 2) float32 and
+    foreground ``mask`` (L, W) bool, adding to the air tracker's ``sums``. Trusted inputs: the
+    loop prepares them once."""
     n = raw.shape[0]
     flat = a.reshape(n, -1)
-    counts_log_into(raw.reshape(n, -1), dark_flat, flat, x0)
+    counts_log_into(raw.reshape(n, -1), dark_flat, flat)
     line_pass(flat, log_flat, repair, det, bad_cols, bad_lines, sums, mask)

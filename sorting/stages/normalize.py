@@ -45,7 +45,7 @@ def attenuation_into(raw: np.ndarray, dark: np.ndarray, log_flat: np.ndarray, ba
         # the stream's case: one compiled pass each side of OpenCV's vectorised log
         lines = out.shape[0]
         _above_dark(np.ascontiguousarray(raw).reshape(lines, -1), dark.reshape(-1), np.float32(SIGNAL_FLOOR_ADU),
-                    flat, 0)
+                    flat)
         cv2.log(flat, dst=flat)
         _from_log(log_flat.reshape(-1), *plan, flat)
         return out
@@ -60,12 +60,11 @@ def attenuation_into(raw: np.ndarray, dark: np.ndarray, log_flat: np.ndarray, ba
 
 
 @numba.njit(cache=True, nogil=True)
-def _above_dark(raw: np.ndarray, dark: np.ndarray, floor: np.float32, out: np.ndarray, off: int) -> None:
-    """out = max(raw[:, off:off + 2W] - dark, floor) in float32; raw (L, >= off + 2W) uint16,
-    dark (2W,) float32, out (L, 2W): a pixel's channels side by side (flat rows vectorise;
-    (L, W, 2) loops do not). ``off`` > 0: a window of whole lines, read in place."""
+def _above_dark(raw: np.ndarray, dark: np.ndarray, floor: np.float32, out: np.ndarray) -> None:
+    """out = max(raw - dark, floor) in float32; raw (L, 2W) uint16, dark (2W,) float32, out
+    (L, 2W): a pixel's channels side by side (flat rows vectorise; (L, W, 2) loops do not)."""
     for i in range(out.shape[0]):
-        row = raw[i, off:off + out.shape[1]]
+        row = raw[i]
         for k in range(out.shape[1]):
             out[i, k] = max(np.float32(row[k]) - dark[k], floor)
 
@@ -98,12 +97,11 @@ def from_log_row(log_flat: np.ndarray, bad_idx: np.ndarray, left: np.ndarray, ri
             row[2 * bad_idx[b] + c] = row[2 * left[b] + c] * w_left[b] + row[2 * right[b] + c] * w_right[b]
 
 
-def counts_log_into(raw: np.ndarray, dark: np.ndarray, out: np.ndarray, x0: int = 0) -> None:
+def counts_log_into(raw: np.ndarray, dark: np.ndarray, out: np.ndarray) -> None:
     """out = ln(max(raw - dark, SIGNAL_FLOOR_ADU)): the first half of :func:`attenuation_into`
-    (trusted inputs: raw (L, 2W) uint16, or whole lines (L, 2P) of which the window from pixel
-    ``x0`` is read; dark (2W,) float32, out (L, 2W) float32, all C order);
+    (trusted inputs: raw (L, 2W) uint16, dark (2W,) float32, out (L, 2W) float32, all C order);
     :func:`from_log_row` per line is the second."""
-    _above_dark(raw, dark, np.float32(SIGNAL_FLOOR_ADU), out, 2 * x0)
+    _above_dark(raw, dark, np.float32(SIGNAL_FLOOR_ADU), out)
     cv2.log(out, dst=out)
 
 
