@@ -159,17 +159,15 @@ class Pipeline(FeatureQueue):
         self._expected: int | None = None
         self._cost_ms = 0.5  # running mean of the time to decide one particle
         self._chunk_failed = self._chunk_decided = self._error_episode = False
-        self.health = LineHealth(cal, 0, self.pixels)
+        self.health = LineHealth(cal)
         self.air = AirTracker(cal)
         # belt splices (whole-width steel lines) and tramp metal (steel the model never judges)
         self.splice = SpliceFinder(cal, 0, self.pixels, seg)
         self._splice_spans: list[tuple[int, int]] = []  # recent splice lines, (first, last) stream lines
         self.tramp = TrampFinder(cal)
-        self._dark_w = np.ascontiguousarray(cal.dark)
-        self._bad_w = np.ascontiguousarray(cal.bad)
         # the fused line pass's arguments, prepared once
-        self._dark_flat = self._dark_w.reshape(-1)
-        self._repair = repair_plan(self._bad_w)
+        self._dark_flat = np.ascontiguousarray(cal.dark).reshape(-1)
+        self._repair = repair_plan(cal.bad)
         self._det = detector_arrays(cal, 0, self.pixels, seg)
         # wall seconds per stage, for the benchmark's "where the time goes"
         self.stage_s = dict.fromkeys(("normalize", "segment", "features", "classify", "decide"), 0.0)
@@ -200,7 +198,7 @@ class Pipeline(FeatureQueue):
         raw = np.zeros((2, self.pixels, 2), np.uint16)
         a = np.zeros((2, self.pixels, 2), np.float32)
         mask = np.empty((2, self.pixels), bool)
-        health = LineHealth(self.cal, 0, self.pixels)
+        health = LineHealth(self.cal)
         acc = AirTracker(self.cal).accumulators()  # throwaway sums
         # a faulty chunk's own flags, and a healthy chunk's shared read-only ones (another type)
         faulty = ChunkHealth(np.zeros(2, bool), np.zeros(self.pixels, bool), {})
