@@ -233,6 +233,7 @@ def _match(run: Path, model: Path) -> dict:
 def paced(work: Path, repeats: int) -> dict:
     """The reference belt paced, without and with --save-crops (every particle), alternately."""
     from sorting.cli import main as sorting
+    from sorting.realtime.events import missed_deadlines
     from sorting.resources import SHIPPED_MODEL, shipped_config
 
     belt = work / "reference_belt"
@@ -252,7 +253,7 @@ def paced(work: Path, repeats: int) -> dict:
             subprocess.run(argv, check=True, capture_output=True, text=True)
             s = json.loads((tmp / "summary.json").read_text())
             r = {"save_crops": save, "load_average_1min_before": round(load, 2), "particles": s["particles"],
-                 "late": s["late_ejects"] + s.get("undecided", 0), "late_ejects": s["late_ejects"],
+                 "late": missed_deadlines(s["late_ejects"], s.get("undecided", 0)), "late_ejects": s["late_ejects"],
                  "undecided": s.get("undecided", 0), "p50_ms": round(s["latency_ms"]["p50"], 2),
                  "p99_ms": round(s["latency_ms"]["p99"], 2), "p999_ms": round(s["latency_ms"]["p999"], 2),
                  "max_ms": round(s["latency_ms"]["max"], 2), "cpu_fraction": round(s["cpu_fraction"], 3)}
