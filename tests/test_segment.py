@@ -95,6 +95,23 @@ def test_foreground_follows_the_calibration_it_is_given():
     assert foreground(a, quiet).all()
 
 
+def test_detection_tables_of_many_windows_stay_bounded():
+    """Rock crops come at every position and width: a calibration keeps the tables of the most
+    recently used windows only, and a window whose tables were dropped detects as before."""
+    from sorting.stages.segment import DETECTOR_WINDOWS
+
+    cal = fake_cal(2000, sigma=(0.02, 0.04), bad=(500, 1501))
+    a = np.random.default_rng(5).normal(0, 0.1, (6, 40, 2)).astype(np.float32)
+    first = foreground(a, cal, x0=480)
+    for x0 in range(DETECTOR_WINDOWS + 50):
+        foreground(a, cal, x0=x0 + 1000)
+    windows = cal._derived["detector_windows"]
+    assert len(windows) == DETECTOR_WINDOWS
+    assert (480, 40, SegmentConfig()) not in windows  # the oldest went first
+    assert np.array_equal(foreground(a, cal, x0=480), first)
+    assert np.array_equal(first, foreground(a, fake_cal(2000, sigma=(0.02, 0.04), bad=(500, 1501)), x0=480))
+
+
 def test_dead_column_neither_stripe_nor_cut():
     cal = fake_cal(60, bad=(30,))
     m = disc((60, 60), (30, 30), 12)

@@ -40,7 +40,6 @@ renamed into place.
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -71,8 +70,6 @@ MARGIN_PX = CROP_MARGIN_PX
 QUEUE_CROPS = 256
 #: how often an idle writer looks whether the loop's process is still there
 PARENT_CHECK_S = 0.5
-#: crops after which the writer drops the calibration's table cache (one entry per crop window)
-FRESH_CAL_CROPS = 512
 #: longest wait for a live writer to finish at close (then it is killed and reported)
 CLOSE_TIMEOUT_S = 300.0
 
@@ -326,10 +323,6 @@ def _writer_main(q, conn, writer: RockDatasetWriter, cal: Calibration, pp: float
                 break  # the loop's end of the queue broke (its process died mid-message)
             if item is None:
                 break
-            if (written + sum(skipped.values())) % FRESH_CAL_CROPS == 0:
-                # the detection tables are kept per crop window: a fresh cache now and then keeps
-                # the writer's memory bounded however long the belt runs
-                cal = dataclasses.replace(cal)
             try:
                 problem = _write_one(writer, cal, pp, lp, seg, epoch_lines, *item)
             except Exception as exc:  # noqa: BLE001 - one bad crop never stops the saving (nor the belt)

@@ -8,6 +8,7 @@ component -> drop specks below ``min_area_mm2`` -> :func:`split_touching` -> par
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING, NamedTuple
 
 import cv2
@@ -65,9 +66,24 @@ class _Detector:
         self.bad = _bad_column_sources(bad)  # empty arrays when no column is bad
 
 
+#: column windows whose detection tables a calibration keeps: the belt uses one, rock crops
+#: come at every position and width, so the least recently used are dropped beyond this
+DETECTOR_WINDOWS = 256
+
+
 def _detector(cal: Calibration, x0: int, width: int, config: SegmentConfig) -> _Detector:
-    """The detection weights of this column window, built once per calibration."""
-    return cal.derived(("detector", x0, width, config), lambda: _Detector(cal, x0, width, config))
+    """The detection weights of this column window, built once per calibration and window
+    (the :data:`DETECTOR_WINDOWS` most recently used are kept)."""
+    windows = cal.derived("detector_windows", OrderedDict)
+    key = (x0, width, config)
+    det = windows.get(key)
+    if det is None:
+        det = windows[key] = _Detector(cal, x0, width, config)
+        if len(windows) > DETECTOR_WINDOWS:
+            windows.popitem(last=False)
+    else:
+        windows.move_to_end(key)
+    return det
 
 
 def foreground(a: np.ndarray, cal: Calibration, x0: int = 0, config: SegmentConfig = SegmentConfig(),
