@@ -41,3 +41,9 @@ def tube_spectrum(kvp: float, anode_angle_deg: float = 12.0) -> tuple[np.ndarray
     fluence = (1 - w) * table[:, j] + w * table[:, j + 1]
     fluence = np.where(energies < kvp, fluence, 0.0)
     return energies.copy(), fluence
+
+
+def spectrum_kvp_range() -> tuple[float, float]:
+    """The lowest and highest tube voltage (kVp) of the shipped spectrum table."""
+    _, kvps, _ = _table()
+    return float(kvps[0]), float(kvps[-1])

@@ -381,6 +381,27 @@ def _wedge_cells(scans: CalibrationScans, dark: np.ndarray, flat: np.ndarray, re
     return t, a, a_sd, quanta
 
 
+@dataclass(frozen=True)
+class WedgeCells:
+    """What the wedge scans measure, per distinct ``(pom, fe)`` cell: thicknesses ``t_mm``
+    (K, 2), ``a`` = -ln(mean transmission) (K, 2) low and high, its standard error ``a_sd``
+    (K, 2), and the equivalent quanta per pixel ``quanta`` (K, 2; read noise removed, gain
+    cancels; NaN where a scan has a single line)."""
+
+    t_mm: np.ndarray
+    a: np.ndarray
+    a_sd: np.ndarray
+    quanta: np.ndarray
+
+
+def wedge_cells(scans: CalibrationScans, cal: Calibration) -> WedgeCells:
+    """The wedge cells of ``scans`` measured with ``cal`` (the calibration made from them):
+    the same numbers :func:`calibrate` fits its forward model to."""
+    read_var = scans.dark.astype(np.float32).var(axis=0, ddof=1).astype(np.float64)
+    flat = np.maximum(cal.air - cal.dark, np.float32(SIGNAL_FLOOR_ADU))
+    return WedgeCells(*_wedge_cells(scans, cal.dark, flat, read_var, cal.bad))
+
+
 def _starved_a_low(cells_a: np.ndarray, quanta: np.ndarray) -> float:
     """The low-channel A at which a pixel keeps only STARVED_QUANTA equivalent quanta.
 
