@@ -174,12 +174,42 @@ def test_adapt_regenerates_the_parents_rocks_from_its_recipe(tmp_path, small_roc
     meta = _meta(out)
     pdata = meta["recipe"]["parent_data"]
     assert pdata["source"] == "twin recipe"
+    # the dataset comes from the parent's own machine: the fit to its scans finds nothing better
+    assert pdata["machine"]["source"].startswith("the parent's own")
+    assert pdata["machine"]["parent_machine_wedge_rms_a"][0] < 0.01
     # the twin wrote the parent's training rocks again, rock for rock: same dataset fingerprint
     assert pdata["matches_parent_recipe"] is True
     assert pdata["fingerprint"] == _meta(small_model)["recipe"]["dataset"]["fingerprint"]
     assert meta["training_metrics"]["n_parent_rocks"] == pdata["n_rows"] > 0
     assert any(k.startswith("union_r") for k in meta["training_metrics"]["cv_auc_strategies"])
     assert meta["training_metrics"]["choice"]["default"] == "union_r1/extra_trees"
+
+
+def test_adapt_on_another_machine_writes_the_parents_ore_on_the_fitted_machine(tmp_path, small_model):
+    from sorting.config import load_machine, load_ore
+    from sorting.physics import load_materials
+    from sorting.twin import simulate_rocks
+
+    lib = load_materials()
+    other = load_machine("configs/machine_example_commissioning.yaml", lib)
+    new = simulate_rocks(tmp_path / "new", 40, 11, other, load_ore(None, lib), lib, test_fraction=0.0, progress=False)
+    out = tmp_path / "new.onnx"
+    assert main(["adapt", str(small_model), str(new), "--out", str(out), "--cache", str(tmp_path / "cache"),
+                 "--twin-rocks", "100", "--quiet", "--jobs", "1"]) == 0
+    meta = _meta(out)
+    pdata = meta["recipe"]["parent_data"]
+    fitted = pdata["machine"]
+    assert fitted["source"] == "fitted to the dataset's calibration scans"
+    # the commissioning machine's config, found again from its scans
+    assert abs(fitted["config"]["tube"]["kvp"] - 130.0) <= 8.0
+    assert fitted["config"]["detector"]["front"]["material"] == "gos"
+    assert fitted["config"]["detector"]["pixel_pitch_mm"] == 1.0
+    assert fitted["wedge_rms_a"][0] < fitted["parent_machine_wedge_rms_a"][0] / 10
+    assert pdata["source"] == f"twin recipe on machine {fitted['name']}" and "matches_parent_recipe" not in pdata
+    # 100 rocks of the parent's ore, every one for training (the twin's own labels)
+    assert pdata["n_rows"] == meta["training_metrics"]["n_parent_rocks"] and 90 <= pdata["n_rows"] <= 100
+    twin = json.loads(next((tmp_path / "cache").glob("parent_*/dataset.json")).read_text())["twin"]
+    assert twin["n"] == 100 and twin["machine"]["name"] == fitted["name"] and twin["ore"]["name"] == "crater_lake"
 
 
 def test_adapt_bad_input_exit_2(tmp_path, capsys, small_rocks, small_model):
@@ -204,6 +234,9 @@ def test_adapt_bad_input_exit_2(tmp_path, capsys, small_rocks, small_model):
     err = _one_line_exit_2(capsys, ["adapt", str(small_model), str(small_rocks), "--out", out,
                                     "--machine", "configs/machine_reference.yaml", "--no-parent-data"])
     assert "--machine" in err
+    err = _one_line_exit_2(capsys, ["adapt", str(small_model), str(small_rocks), "--out", out,
+                                    "--twin-rocks", "5"])
+    assert "--twin-rocks" in err
 
 
 # ------------------------------------------------------------------------------ compare

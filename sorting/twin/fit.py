@@ -90,8 +90,8 @@ class MachineFit:
                 f"{self.rms_a[0]:.4f} / {self.rms_a[1]:.4f} over {self.cells} cells")
 
     def digest(self) -> str:
-        """Short hash of the fitted config (names the twin's rocks written on it)."""
-        text = json.dumps(asdict(self.machine), sort_keys=True, default=str)
+        """Short hash of the fitted config, its name aside (names the fitted machine)."""
+        text = json.dumps({**asdict(self.machine), "name": ""}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
