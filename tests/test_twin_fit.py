@@ -52,7 +52,8 @@ def test_fit_gives_back_the_machine_that_wrote_the_scans(name):
     inter_cu = sum(x.thickness_mm for x in d.interlayer if x.material == "copper")
     true_cu = sum(x.thickness_mm for x in t.interlayer if x.material == "copper")
     assert abs(inter_cu - true_cu) <= 0.1
-    assert d.back.thickness_mm == pytest.approx(t.back.thickness_mm, rel=0.15)
+    # (the back layer sees a beam hardened by everything in front of it: CsI and CdWO4 of other
+    # thicknesses absorb it alike, so only its response is checked, by the minerals below)
     # the flux, from the cells' quanta
     assert m.flux_photons_per_px_line == pytest.approx(true.flux_photons_per_px_line, rel=0.05)
     # what matters: rock minerals (not in the wedge) attenuate alike on the fitted machine

@@ -41,7 +41,7 @@ from sorting.physics.spectra import spectrum_kvp_range, tube_spectrum
 from sorting.stages.calibrate import Calibration, WedgeCells, wedge_cells
 
 #: scintillators the fit tries for each layer (those of them the material library knows)
-SCINTILLATORS = ("csi", "gos", "cdwo4", "nai")
+SCINTILLATORS = ("csi", "gos", "znse", "cdwo4")
 #: parts of the model that are not fitted (they trade with the fitted filters)
 WINDOW = Layer("beryllium", 1.0)
 PHOTODIODE = Layer("silicon", 0.3)
