@@ -110,7 +110,7 @@ def _twin_machine(choice: str | None, recipe_machine, ds, cal, lib):
 
     where = Path(ds.root) / "calibration"
     try:
-        fit = fit_machine(ds.calibration, cal, float(ds.meta["pixel_pitch_mm"]), float(ds.meta["line_pitch_mm"]), lib)
+        fit = fit_machine(ds.calibration, cal, float(ds.pixel_pitch_mm), float(ds.line_pitch_mm), lib)
     except ValueError as exc:
         raise InputError(where, f"cannot fit the twin's machine to these scans ({exc}); give --machine") from None
     rms_fit = wedge_rms(fit.machine, ds.calibration, cal, lib)
@@ -129,8 +129,7 @@ def _twin_machine(choice: str | None, recipe_machine, ds, cal, lib):
         return recipe_machine, True, info
     info["name"] = fit.machine.name
     print(f"fitted the twin to {where}: {fit.describe()}")
-    bad = [c for c, (r, n) in enumerate(zip(rms_fit, fit.noise_a)) if r > 5.0 * n + 0.01]
-    if bad:
+    if any(r > 5.0 * n + 0.01 for r, n in zip(rms_fit, fit.noise_a)):
         warn(f"{where}: the twin's fit explains the wedge scans only to rms A "
              f"{rms_fit[0]:.4f} / {rms_fit[1]:.4f} (their noise {fit.noise_a[0]:.4f} / {fit.noise_a[1]:.4f}): "
              "this machine is unlike the twin's model of one; the parent's rocks written on it may mislead")
