@@ -208,6 +208,9 @@ def test_adapt_on_another_machine_writes_the_parents_ore_on_the_fitted_machine(t
     assert pdata["source"] == f"twin recipe on machine {fitted['name']}" and "matches_parent_recipe" not in pdata
     # 100 rocks of the parent's ore, every one for training (the twin's own labels)
     assert pdata["n_rows"] == meta["training_metrics"]["n_parent_rocks"] and 90 <= pdata["n_rows"] <= 100
+    # the twin's grades are exact: narrower soft targets than the new rocks' assays get
+    assert pdata["simulated"] is True
+    assert meta["training_metrics"]["parent_soft_width"] == 0.1
     twin = json.loads(next((tmp_path / "cache").glob("parent_*/dataset.json")).read_text())["twin"]
     assert twin["n"] == 100 and twin["machine"]["name"] == fitted["name"] and twin["ore"]["name"] == "crater_lake"
 

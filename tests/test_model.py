@@ -269,3 +269,18 @@ def test_train_refuses_a_bad_target_recovery(small_rocks, tmp_path, capsys):
     rc, cap = _run(["train", small_rocks, "--out", tmp_path / "m.onnx", "--target-recovery", "95"], capsys)
     assert rc == 2
     _one_line_error(cap.err, "--target-recovery")
+
+
+def test_train_soft_width_sets_the_targets(small_rocks, tmp_path, capsys):
+    from sorting.offline.metallurgy import soft_sc_targets
+
+    for width, targets in (("0.15", "soft"), ("0", "hard")):
+        out = tmp_path / f"m{width}.onnx"
+        rc, _ = _run(["train", small_rocks, "--out", out, "--soft-width", width, "--quiet", "--jobs", "1"], capsys)
+        assert rc == 0
+        m = load_model(out).meta["training_metrics"]
+        assert m["targets"] == targets
+        assert m["soft_width"] == (0.15 if targets == "soft" else None)
+    # the width is the logistic scale in ln(grade / cut-off): one width above the cut is 1/(1+e^-1)
+    p = soft_sc_targets(np.array([150.0 * np.e ** 0.15]), np.array([True]), 150.0, 0.15)
+    assert p[0] == pytest.approx(1 / (1 + np.exp(-1.0)))

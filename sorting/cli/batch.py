@@ -143,6 +143,8 @@ def cli_train(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_recovery <= 1.0:
         raise InputError("--target-recovery", f"{args.target_recovery} is not in (0, 1]")
+    if not (args.soft_width >= 0.0 and np.isfinite(args.soft_width)):
+        raise InputError("--soft-width", f"{args.soft_width} is not a width >= 0")
     check_output_file(args.out, "--out")
     created_utc()  # a bad SOURCE_DATE_EPOCH fails now, not after the training
     workers = workers_from_args(args)
@@ -161,7 +163,7 @@ def cli_train(args: argparse.Namespace) -> int:
     model = train(X, y, feature_names=FEATURE_NAMES, feature_version=FEATURE_VERSION,
                   mass_g=_column(rows, "mass_g"), sc2o3_ppm=_column(rows, "sc2o3_ppm"), fingerprint=fp,
                   target_recovery=args.target_recovery, seed=args.seed, label_cutoff=_cutoff(ds.meta),
-                  progress=not args.quiet, workers=sized(workers, len(y)),
+                  soft_width=args.soft_width, progress=not args.quiet, workers=sized(workers, len(y)),
                   provenance={"recipe": training_recipe(ds, cal, args.dataset, idx, args.seed,
                                                         args.target_recovery)})
     try:
@@ -307,6 +309,11 @@ def add_parsers(sub) -> None:
     tr.add_argument("--target-recovery", type=float, default=0.95,
                     help="Sc recovery the operating threshold must reach in cross-validation (default 0.95)")
     tr.add_argument("--seed", type=int, default=0)
+    from sorting.offline.training import SOFT_WIDTH
+
+    tr.add_argument("--soft-width", type=float, default=SOFT_WIDTH,
+                    help=f"ln-grade width of the soft targets around the label cut-off, about the assays' "
+                    f"uncertainty (default {SOFT_WIDTH}; 0: hard labels)")
     pr = sub.add_parser("predict", help="score every rock of an xrt-rocks/1 dataset -> CSV")
     pr.add_argument("dataset", type=Path)
     pr.add_argument("--model", type=Path, required=True)

@@ -184,6 +184,7 @@ def _parent_rocks(meta: dict, args: argparse.Namespace, workers, tmp: Path, ds, 
     pds, pcal = open_dataset(path)
     fp = dataset_fingerprint(pds, pcal)
     info["fingerprint"] = fp
+    info["simulated"] = bool(pds.meta.get("simulated", False))  # grades from the twin: exact
     want = (recipe.get("dataset") or {}).get("fingerprint")
     if want and same and args.parent_data is None:
         info["matches_parent_recipe"] = fp == want
@@ -197,7 +198,7 @@ def _parent_rocks(meta: dict, args: argparse.Namespace, workers, tmp: Path, ds, 
 
 
 def cli_adapt(args: argparse.Namespace) -> int:
-    from sorting.offline.adapt import adapt, write_model_card, write_relabeled
+    from sorting.offline.adapt import TWIN_SOFT_WIDTH, adapt, write_model_card, write_relabeled
     from sorting.offline.training import file_fingerprint, training_fingerprint
     from sorting.parallel import workers_from_args
     from sorting.stages.features import FEATURE_NAMES, FEATURE_VERSION
@@ -248,8 +249,11 @@ def cli_adapt(args: argparse.Namespace) -> int:
     if isinstance(ds.meta.get("twin"), dict):
         provenance["recipe"]["twin"] = ds.meta["twin"]
     n_work = len(new.is_sc) + (0 if parent_rocks is None else len(parent_rocks.is_sc))
+    # the twin's grades are exact, a laboratory's are not: narrower soft targets for twin rocks
+    parent_width = TWIN_SOFT_WIDTH if parent_info.get("simulated") else None
     res = adapt(new, parent.predict_proba(new.X), parent.threshold, feature_names=FEATURE_NAMES,
-                feature_version=FEATURE_VERSION, parent_rocks=parent_rocks, target_recovery=target,
+                feature_version=FEATURE_VERSION, parent_rocks=parent_rocks, parent_soft_width=parent_width,
+                target_recovery=target,
                 seed=args.seed, label_cutoff=dataset_cutoff(ds.meta), workers=sized(workers, n_work * 10),
                 progress=not args.quiet, provenance=provenance)
     fp = training_fingerprint([(r.rock_id, r.file, r.x0, r.label, r.sc2o3_ppm, r.mass_g) for r in rows],
