@@ -86,7 +86,7 @@ def _rockset(ds, cal, idx: list[int], quiet: bool, workers):
     return RockSet(X[ok], y, _column(rows, "sc2o3_ppm"), _column(rows, "mass_g")), rows
 
 
-#: rocks the twin writes of the parent's ore on another machine than the parent's (bench_adapt:
+#: rocks the twin writes of the parent's ore on another machine than the parent's (bench_adapt, soft width 0.3:
 #: hold-out AUC 0.9505 / 0.9514 / 0.9525 with 1,050 / 1,500 / 3,000 of them, 5 seeds)
 TWIN_ROCKS = 3000
 #: the parent's own machine explains the dataset's wedge scans when its rms is within this
