@@ -21,7 +21,8 @@ and the 95 % paired bootstrap interval (over the new rocks) of the difference ex
 Why, measured on the commissioning benchmark's pool and hold-out (benchmarks/bench_adapt.py,
 100 rocks picked by ``sorting select``, 5 seeds): with the parent's ore written by the twin on
 the new machine (fitted to its calibration scans), hold-out AUC 0.951 +- 0.003 with extra
-trees; with the parent's rocks on the parent's machine 0.948 +- 0.002; earlier, with the
+trees, 0.954 +- 0.002 with the twin rocks' narrow soft targets (:data:`TWIN_SOFT_WIDTH`); with
+the parent's rocks on the parent's machine 0.948 +- 0.002; earlier, with the
 machine's true config, extra trees 0.952 +- 0.002 against 0.947 +- 0.003 for the random forest,
 and from the new rocks alone both 0.940-0.941. With a quarter of uncertainty picks and the
 parent's rocks from the reference machine, the forest reached 0.942 +- 0.005 with the parent's
