@@ -112,7 +112,9 @@ def _twin_machine(choice: str | None, recipe_machine, ds, cal, lib):
     try:
         fit = fit_machine(ds.calibration, cal, float(ds.pixel_pitch_mm), float(ds.line_pitch_mm), lib)
     except ValueError as exc:
-        raise InputError(where, f"cannot fit the twin's machine to these scans ({exc}); give --machine") from None
+        warn(f"{where}: cannot fit the twin's machine to these scans ({exc}); the parent's rocks are written on "
+             "the parent's own machine (give --machine to name another)")
+        return recipe_machine, True, {"source": f"the parent's own: no fit ({exc})", "name": recipe_machine.name}
     rms_fit = wedge_rms(fit.machine, ds.calibration, cal, lib)
     rms_own = wedge_rms(recipe_machine, ds.calibration, cal, lib)
     same_pitch = (abs(recipe_machine.detector.pixel_pitch_mm - fit.machine.detector.pixel_pitch_mm) < 1e-6
