@@ -185,6 +185,24 @@ def test_adapt_regenerates_the_parents_rocks_from_its_recipe(tmp_path, small_roc
     assert meta["training_metrics"]["choice"]["default"] == "union_r1/extra_trees"
 
 
+def test_adapt_without_a_fit_warns_and_uses_the_parents_machine(tmp_path, capsys, monkeypatch, small_rocks,
+                                                                 small_model):
+    import sorting.twin.fit
+
+    def no_fit(*args, **kwargs):
+        raise ValueError("only 3 wedge cells with a usable attenuation")
+
+    monkeypatch.setattr(sorting.twin.fit, "fit_machine", no_fit)
+    out = tmp_path / "new.onnx"
+    assert main(["adapt", str(small_model), str(small_rocks), "--out", str(out), "--cache", str(tmp_path / "c"),
+                 "--quiet", "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "cannot fit the twin's machine" in err and "only 3 wedge cells" in err
+    pdata = _meta(out)["recipe"]["parent_data"]
+    assert pdata["machine"]["source"].startswith("the parent's own: no fit")
+    assert pdata["matches_parent_recipe"] is True
+
+
 def test_adapt_on_another_machine_writes_the_parents_ore_on_the_fitted_machine(tmp_path, small_model):
     from sorting.config import load_machine, load_ore
     from sorting.physics import load_materials
