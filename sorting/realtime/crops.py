@@ -145,23 +145,22 @@ class CropSaver:
         # the arena: shared anonymous memory, every page touched now (no page faults on the belt)
         largest = _crop_bytes(int(ring_lines), self.pixels, int(ring_lines) // max(self.epoch_lines, 1) + 2,
                               int(ring_lines), self.pixels)
-        self._size = max(ARENA_BYTES, 2 * largest)
-        self._arena = mmap.mmap(-1, self._size)
+        self._ring = _ArenaRing(max(ARENA_BYTES, 2 * largest), int(queue_crops))
+        self._arena = mmap.mmap(-1, self._ring.size)
         self._u8 = np.frombuffer(self._arena, np.uint8)
         self._u8.fill(0)
-        self._cap = int(queue_crops)
-        self._out: deque[int] = deque()  # arena offsets of the crops handed and not yet taken, oldest first
-        self._head = 0  # where the next crop goes
-        self._batch = bytearray(self._cap * _HEADER.size)  # this hand-off's headers, written at its end
+        cap = int(queue_crops)
+        self._batch = bytearray(cap * _HEADER.size)  # this hand-off's headers, written at its end
         self._batch_view = memoryview(self._batch)
         self._nbatch = 0
-        self._freed = bytearray(max(self._cap, 4096))  # what os.readv of the writer's receipts reads into
+        self._receipts = bytearray(max(cap, 4096))  # what os.readv of the writer's receipts reads into
         # crops: headers loop -> writer (the crops themselves are in the arena); receipts: one
         # byte per crop the writer has taken out of the arena, writer -> loop
         hdr_r, hdr_w = os.pipe()
         got_r, got_w = os.pipe()
-        _room_for(hdr_w, (self._cap + 1) * _HEADER.size)
-        _room_for(got_w, self._cap)
+        # (twice what they may hold: a pipe's pages are not always filled)
+        _room_for(hdr_w, 2 * (cap + 1) * _HEADER.size)
+        _room_for(got_w, 2 * cap)
         os.set_blocking(hdr_w, False)  # the loop never blocks on the writer
         os.set_blocking(got_r, False)
         ctx = mp.get_context("fork")
@@ -299,51 +298,31 @@ class CropSaver:
     def _reserve(self, nbytes: int) -> int | None:
         """Room in the arena for a crop of ``nbytes``: its offset, or None (no room; an unpaced
         replay waits for the writer to take crops out first, while there is a writer)."""
-        if nbytes > self._size:  # (the arena holds two of the largest window: not reached)
+        if nbytes > self._ring.size:  # (the arena holds two of the largest window: not reached)
             return None
-        off = self._fit(nbytes)
+        ring = self._ring
+        off = ring.fit(nbytes)
         if off is None:
             self._take_receipts()
-            off = self._fit(nbytes)
+            off = ring.fit(nbytes)
         while off is None and self.wait:
             self._flush()  # what this hand-off put in the arena so far, so that the writer can take it
             if not self._writer_alive():
                 return None
             select.select([self._got], [], [], 0.2)
             self._take_receipts()
-            off = self._fit(nbytes)
+            off = ring.fit(nbytes)
         if off is not None:
-            self._out.append(off)
-            self._head = off + nbytes
+            ring.put(off, nbytes)
         return off
-
-    def _fit(self, nbytes: int) -> int | None:
-        """Where a crop of ``nbytes`` fits in the arena, a ring in which crops are taken out in
-        the order they went in: after the newest crop, or else at the start, before the oldest."""
-        out = self._out
-        if not out:
-            self._head = 0
-            return 0
-        if len(out) >= self._cap:
-            return None
-        head, tail = self._head, out[0]
-        if head > tail:  # in use: tail .. head
-            if head + nbytes <= self._size:
-                return head
-            return 0 if nbytes < tail else None
-        # in use: tail .. the end and the start .. head (head never meets tail while a crop waits)
-        return head if head + nbytes < tail else None
 
     def _take_receipts(self) -> None:
         """The crops the writer has taken out of the arena since the last look (never waits)."""
         try:
-            n = os.readv(self._got, [self._freed])
-        except BlockingIOError:
+            n = os.readv(self._got, [self._receipts])
+        except OSError:  # none yet (or no writer any more)
             return
-        except OSError:
-            return
-        for _ in range(min(n, len(self._out))):
-            self._out.popleft()
+        self._ring.taken(n)
 
     def _flush(self) -> None:
         """The batched headers to the writer, at most PIPE_BUF bytes a write (each write whole or
@@ -360,22 +339,16 @@ class CropSaver:
                 if self.wait and self._writer_alive():
                     select.select([], [self._hdr], [], 0.2)
                     continue
-                self.dropped += self._give_back(n - sent)
+                self.dropped += self._ring.give_back(n - sent)
                 break
             except OSError:  # the writer's end is closed: it died or is dying
                 self._proc.join(1.0)
                 if self._writer_alive():
                     self._writer_failed("the crop writer process stopped reading")
-                self.skipped["the writer process died"] += self._give_back(n - sent)
+                self.skipped["the writer process died"] += self._ring.give_back(n - sent)
                 break
             sent += m
         self.handed += sent
-
-    def _give_back(self, n: int) -> int:
-        """The arena room of the newest ``n`` crops, which were not handed after all."""
-        for _ in range(n):
-            self._head = self._out.pop()
-        return n
 
     # ------------------------------------------------------------ shutdown
     def close(self) -> dict:
@@ -441,6 +414,52 @@ class CropSaver:
         if self.writer_error is not None:
             out["writer_error"] = self.writer_error
         return out
+
+
+class _ArenaRing:
+    """Room in the arena (offsets only): a ring whose crops are taken out in the order they went
+    in, at most ``cap`` of them at once."""
+
+    def __init__(self, size: int, cap: int):
+        self.size, self.cap = int(size), int(cap)
+        self.out: deque[int] = deque()  # the offsets of the crops in it, oldest first
+        self.head = 0  # the end of the newest
+
+    def __len__(self) -> int:
+        return len(self.out)
+
+    def fit(self, nbytes: int) -> int | None:
+        """Where a crop of ``nbytes`` goes: after the newest crop, or else at the start, before
+        the oldest; None: no room (or ``cap`` crops in already)."""
+        out = self.out
+        if not out:
+            self.head = 0
+            return 0 if nbytes <= self.size else None
+        if len(out) >= self.cap:
+            return None
+        head, tail = self.head, out[0]
+        if head > tail:  # in use: tail .. head
+            if head + nbytes <= self.size:
+                return head
+            return 0 if nbytes < tail else None
+        # in use: tail .. the end and the start .. head (head never meets tail while a crop is in)
+        return head if head + nbytes < tail else None
+
+    def put(self, off: int, nbytes: int) -> None:
+        """A crop of ``nbytes`` at ``off`` (from :meth:`fit`)."""
+        self.out.append(off)
+        self.head = off + nbytes
+
+    def taken(self, n: int) -> None:
+        """The oldest ``n`` crops have been taken out."""
+        for _ in range(min(n, len(self.out))):
+            self.out.popleft()
+
+    def give_back(self, n: int) -> int:
+        """The room of the newest ``n`` crops, which were not handed after all; returns n."""
+        for _ in range(n):
+            self.head = self.out.pop()
+        return n
 
 
 def _crop_bytes(h: int, w: int, k: int, mh: int, mw: int) -> int:
