@@ -5,14 +5,27 @@ The loop only hands off. When saving is on, the pipeline keeps a ring of the raw
 its attenuation ring (:class:`~sorting.realtime.stream.Pipeline`, ``keep_raw``) and calls
 :meth:`CropSaver.on_chunk` once per chunk. A chosen particle (every N-th decided particle) waits
 there until :data:`MARGIN_PX` lines of belt after it have arrived, then its box plus the margin
-is copied out of the raw ring (one small array copy), with the air level the loop normalized
-those lines with, and put on a bounded queue to a **writer process**. The writer does
-everything else: it checks the crop under the ``xrt-rocks/1`` rules with the batch path's own
-code (:func:`sorting.stages.crops.cut_crop`: one whole rock, at least 4 px of empty belt on
-every side, no part of another object, and the batch segmentation finds exactly this rock),
-encodes the TIFFs and writes them. It is a separate process, so its Python and its encoding
-never hold the loop's interpreter lock. When the writer falls behind, the queue is full and the
-crop is dropped and counted (``dropped``): the loop never waits on the writer or the disk.
+is copied out of the raw ring, with the air level the loop normalized those lines with and the
+particle's mask, and handed to a **writer process**. The writer does everything else: it checks
+the crop under the ``xrt-rocks/1`` rules with the batch path's own code
+(:func:`sorting.stages.crops.cut_crop`: one whole rock, at least 4 px of empty belt on every
+side, no part of another object, and the batch segmentation finds exactly this rock), encodes
+the TIFFs and writes them. It is a separate process, so its Python and its encoding never hold
+the loop's interpreter lock.
+
+**The hand-off** costs the loop a copy of each window (its air levels and mask with it) and one
+system call per chunk, and nothing of it runs in the loop's process afterwards. The window is copied straight from the raw ring into an
+*arena*: anonymous shared memory made (and every page touched) before the writer is forked, used
+as a ring whose crops are taken out in the order they went in (:class:`_ArenaRing`). Each crop's
+place there and its particle go in a fixed 120-byte header; a hand-off's headers go down a
+non-blocking pipe in one write (at most ``PIPE_BUF`` bytes a write, so each is whole or not at
+all). The writer copies each crop out of the arena and sends back a one-byte receipt, which
+frees its room; the loop reads the receipts (one non-blocking read) only when the arena looks
+full. At most ``queue_crops`` crops wait at once. When the writer falls behind, there is no
+room and the crop is dropped and counted (``dropped``): the loop never waits on the writer or
+the disk. (A ``multiprocessing.Queue`` did this before: its feeder *thread* pickled each crop in
+the loop's process and woke at every put, and the loop's p99.9 latency was 1-6 ms worse with
+every crop saved than without; docs/performance.md.)
 
 **The air level.** The loop normalizes each line with the air (flat-field) level it tracks on
 empty belt (:class:`~sorting.stages.air.AirTracker`), which moves once per epoch of
@@ -32,11 +45,13 @@ Counts are never invented: nothing is zeroed out of a crop to make it fit the ru
 
 The writer process is forked when saving starts, ignores the terminal's stop signals (the loop
 owns shutdown), and ends with the loop's process: when that goes away, however it goes, the
-writer lists what it wrote (rocks.csv, dataset.json) and exits. A writer that dies is noticed at
-the next hand-off, reported once on stderr and in the summary (``writer_error``); the loop goes
-on without it. :meth:`CropSaver.close` hands over the end of the stream and waits for the
-writer to write every crop handed off; rocks.csv and dataset.json are each written whole and
-renamed into place.
+header pipe reads as ended (the writer holds no copy of its sending end) and the writer writes
+the crops whose headers came, lists what it wrote (rocks.csv, dataset.json) and exits. A writer
+that dies is noticed at the next hand-off (its exit status, or the pipe it no longer reads),
+reported once on stderr and in the summary (``writer_error``); the loop goes on without it.
+:meth:`CropSaver.close` hands over the end of the stream and waits for the writer to write every
+crop handed off; rocks.csv and dataset.json are each written whole and renamed into place.
+An unpaced replay (``wait``) waits for room in the arena instead of dropping a crop.
 """
 from __future__ import annotations
 
