@@ -14,18 +14,26 @@ the TIFFs and writes them. It is a separate process, so its Python and its encod
 the loop's interpreter lock.
 
 **The hand-off** costs the loop a copy of each window (its air levels and mask with it) and one
-system call per chunk, and nothing of it runs in the loop's process afterwards. The window is copied straight from the raw ring into an
-*arena*: anonymous shared memory made (and every page touched) before the writer is forked, used
-as a ring whose crops are taken out in the order they went in (:class:`_ArenaRing`). Each crop's
-place there and its particle go in a fixed 120-byte header; a hand-off's headers go down a
-non-blocking pipe in one write (at most ``PIPE_BUF`` bytes a write, so each is whole or not at
-all). The writer copies each crop out of the arena and sends back a one-byte receipt, which
-frees its room; the loop reads the receipts (one non-blocking read) only when the arena looks
-full. At most ``queue_crops`` crops wait at once. When the writer falls behind, there is no
-room and the crop is dropped and counted (``dropped``): the loop never waits on the writer or
-the disk. (A ``multiprocessing.Queue`` did this before: its feeder *thread* pickled each crop in
-the loop's process and woke at every put, and the loop's p99.9 latency was 1-6 ms worse with
-every crop saved than without; docs/performance.md.)
+system call per chunk, and nothing of it runs in the loop's process afterwards. The window is
+copied straight from the raw ring into an *arena*: anonymous shared memory (a memfd, every page
+touched before the belt starts), used as a ring whose crops are taken out in the order they went
+in (:class:`_ArenaRing`). Each crop's place there and its particle go in a fixed 120-byte header;
+a hand-off's headers go down a non-blocking pipe in one write (at most ``PIPE_BUF`` bytes a
+write, so each is whole or not at all). The writer copies each crop out of the arena and sends
+back a one-byte receipt, which frees its room; the loop reads the receipts (one non-blocking
+read) only when the arena looks full. At most ``queue_crops`` crops wait at once. When the
+writer falls behind, there is no room and the crop is dropped and counted (``dropped``): the
+loop never waits on the writer or the disk.
+
+**The writer is not a fork of the loop.** A forked child shares every page of the loop's memory
+copy-on-write: each page the loop writes afterwards (its rings, its heap) first takes a page
+fault and a copy, 2 MB at once for the rings' huge pages, and on the reference belt that was
+17,000 more page faults in 20 s and a step p99.9 twice as long, with the child doing nothing.
+The writer is a fresh interpreter (``python -m sorting.realtime.crops``) in its own process
+group, at the lowest priority from its first instruction, handed its arguments pickled on its
+stdin and the arena and its pipe ends as descriptors. (Before, a forked writer took the crops
+from a ``multiprocessing.Queue``, whose feeder *thread* pickled each crop in the loop's process,
+1.3 s of CPU in 20 s and thousands of preemptions of the loop: docs/performance.md.)
 
 **The air level.** The loop normalizes each line with the air (flat-field) level it tracks on
 empty belt (:class:`~sorting.stages.air.AirTracker`), which moves once per epoch of
@@ -43,7 +51,7 @@ belt edge or cut by the start/end of the stream or a gap, split off a touching r
 object within 4 px, too long, tramp metal, on a belt splice, undecided (overload) or failed.
 Counts are never invented: nothing is zeroed out of a crop to make it fit the rules.
 
-The writer process is forked when saving starts, ignores the terminal's stop signals (the loop
+The writer process is started when saving starts, ignores the terminal's stop signals (the loop
 owns shutdown), and ends with the loop's process: when that goes away, however it goes, the
 header pipe reads as ended (the writer holds no copy of its sending end) and the writer writes
 the crops whose headers came, lists what it wrote (rocks.csv, dataset.json) and exits. A writer
@@ -56,7 +64,6 @@ An unpaced replay (``wait``) waits for room in the arena instead of dropping a c
 from __future__ import annotations
 
 import mmap
-import multiprocessing as mp
 import os
 import select
 import signal
@@ -64,6 +71,7 @@ import struct
 import sys
 import time
 from collections import Counter, deque
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,7 +79,6 @@ import numpy as np
 
 from sorting.errors import InputError
 from sorting.io import AIR_COLUMN, RockDatasetWriter, RockRow
-from sorting.realtime.runner import opencv_threads
 from sorting.stages.crops import CROP_MARGIN_PX, MIN_MARGIN_PX, cut_crop
 from sorting.stages.particles import Particle
 
@@ -161,7 +168,11 @@ class CropSaver:
         largest = _crop_bytes(int(ring_lines), self.pixels, int(ring_lines) // max(self.epoch_lines, 1) + 2,
                               int(ring_lines), self.pixels)
         self._ring = _ArenaRing(max(ARENA_BYTES, 2 * largest), int(queue_crops))
-        self._arena = mmap.mmap(-1, self._ring.size)
+        # the arena: anonymous shared memory (a memfd: nothing to clean up however the processes
+        # end), every page touched now (no page faults on the belt)
+        arena_fd = os.memfd_create("sorting-crops")
+        os.ftruncate(arena_fd, self._ring.size)
+        self._arena = mmap.mmap(arena_fd, self._ring.size)
         self._u8 = np.frombuffer(self._arena, np.uint8)
         self._u8.fill(0)
         cap = int(queue_crops)
@@ -178,20 +189,18 @@ class CropSaver:
         _room_for(got_w, 2 * cap)
         os.set_blocking(hdr_w, False)  # the loop never blocks on the writer
         os.set_blocking(got_r, False)
-        ctx = mp.get_context("fork")
-        here, there = ctx.Pipe(duplex=False)
-        # a forked child inherits OpenCV's thread pool but not its threads (see realtime.parallel)
-        with opencv_threads(1):
-            self._proc = ctx.Process(target=_writer_main, name="crop-writer", daemon=True,
-                                     args=(self._arena, hdr_r, got_w, (hdr_w, got_r), there, writer, cal,
-                                           float(pixel_pitch_mm), float(line_pitch_mm), seg, self.epoch_lines,
-                                           os.getpid()))
-            self._proc.start()
-        there.close()
-        os.close(hdr_r)
-        os.close(got_w)
+        # the writer is not forked from the loop's process: a child of it shares every page of
+        # the loop's memory, and each page the loop then writes is first copied (a page fault;
+        # 2 MB at once for the rings' huge pages). It is a fresh interpreter, started at the
+        # lowest priority, handed its arguments pickled and the arena and pipe ends as descriptors.
+        res_r, res_w = os.pipe()
+        self._proc = _WriterProcess((arena_fd, hdr_r, got_w, res_w),
+                                    (self._ring.size, writer, cal, float(pixel_pitch_mm), float(line_pitch_mm), seg,
+                                     self.epoch_lines, os.getpid()))
+        for fd in (arena_fd, hdr_r, got_w, res_w):  # the writer has its own copies
+            os.close(fd)
         self._hdr, self._got = hdr_w, got_r
-        self._conn = here
+        self._conn = Connection(res_r, writable=False)
 
     # ------------------------------------------------------------ loop side
     def on_chunk(self, ring: np.ndarray, last_line: int, done: Particles, events: list[Event]) -> None:
@@ -495,9 +504,54 @@ def _room_for(fd: int, nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------- the writer process
-def _writer_main(arena: mmap.mmap, crops: int, receipts: int, loop_ends: tuple[int, int], conn,
-                 writer: RockDatasetWriter, cal: Calibration, pp: float, lp: float, seg: SegmentConfig,
-                 epoch_lines: int, parent: int) -> None:
+class _WriterProcess:
+    """The writer, a fresh interpreter (``python -m sorting.realtime.crops``): its own process
+    group (the terminal's Ctrl-C is the loop's), SCHED_IDLE from its first instruction; ``fds``
+    kept open in it under the same numbers, ``args`` pickled to its stdin. The part of
+    ``multiprocessing.Process`` the saver uses: pid, exitcode, join, kill."""
+
+    def __init__(self, fds: tuple[int, ...], args: tuple):
+        import pickle
+        import subprocess
+
+        self._p = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], stdin=subprocess.PIPE,
+                                   pass_fds=fds, process_group=0)
+        self.pid = self._p.pid
+        try:
+            self._p.stdin.write(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL))
+            self._p.stdin.close()
+        except OSError:  # it died at start: its exit code says so at the first hand-off
+            pass
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._p.poll()
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self._p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self._p.poll() is None:
+            self._p.kill()
+
+
+def _writer_process() -> None:
+    """``python -m sorting.realtime.crops ARENA CROPS RECEIPTS RESULT``: the writer process."""
+    import pickle
+
+    arena_fd, crops, receipts, result = (int(x) for x in sys.argv[1:5])
+    args = pickle.load(sys.stdin.buffer)
+    _writer_main(arena_fd, args[0], crops, receipts, Connection(result, readable=False), *args[1:])
+
+
+def _writer_main(arena_fd: int, arena_bytes: int, crops: int, receipts: int, conn, writer: RockDatasetWriter,
+                 cal: Calibration, pp: float, lp: float, seg: SegmentConfig, epoch_lines: int,
+                 parent: int) -> None:
     """The writer process: crops from the arena as their headers come on ``crops`` (a receipt
     on ``receipts`` as each is taken out) until the end of the stream (or the loop's process is
     gone), then rocks.csv and dataset.json, and ``("done", counts)`` on ``conn``."""
@@ -505,14 +559,14 @@ def _writer_main(arena: mmap.mmap, crops: int, receipts: int, loop_ends: tuple[i
     # loop's: it stops after its chunk and then closes the saver, which needs this process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # the loop's ends of the pipes came along with the fork: closed here, the loop's process
-    # dying (however it dies) reads as the end of the headers, not as a wait for more
-    for fd in loop_ends:
-        os.close(fd)
-    _lowest_priority()
+    # only the writer's ends of the pipes are here: the loop's process dying (however it dies)
+    # closes the other end, which reads as the end of the headers, not as a wait for more
+    _lowest_priority()  # (already, when started by _WriterProcess)
     import cv2
 
     cv2.setNumThreads(1)
+    arena = mmap.mmap(arena_fd, arena_bytes)
+    os.close(arena_fd)
     u8 = np.frombuffer(arena, np.uint8)
     size = _HEADER.size
     written = 0
@@ -523,7 +577,7 @@ def _writer_main(arena: mmap.mmap, crops: int, receipts: int, loop_ends: tuple[i
         while not ended:
             ready, _, _ = select.select([crops], [], [], PARENT_CHECK_S)
             if not ready:
-                if os.getppid() != parent:
+                if not _running(parent):
                     break  # the loop's process is gone: list what was written, and go
                 continue
             try:
@@ -574,6 +628,16 @@ def _take(u8: np.ndarray, head: tuple) -> tuple:
     mask = u8[off + nb + lb:off + nb + lb + mh * mw].reshape(mh, mw).astype(bool)
     p = Particle(line0, line1, col0, col1, mask, area, cl, cp, cut, too_long, border, split, None)
     return pid, p, window, levels, r0, c0
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def _lowest_priority() -> None:
@@ -631,3 +695,10 @@ def start_saving(pipeline, root: Path, scans: CalibrationScans, every: int = 1,
                       pipeline.seg, every, queue_crops, wait=wait, air=pipeline.air, ring_lines=pipeline.ring_lines)
     pipeline.attach_crop_sink(saver)
     return saver
+
+
+if __name__ == "__main__":
+    _lowest_priority()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _writer_process()
