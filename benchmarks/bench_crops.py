@@ -14,7 +14,8 @@ With ``--paced``: the reference belt (20 s, occupancy 0.3, seed 0, as ``sorting 
 it) run paced at the line rate (``sorting run --realtime``) without and with every particle's
 crop saved (``--save-crops DIR --save-every 1``), alternately, ``--repeats`` times each: late
 count, p99.9 latency, crops written and dropped, and the 1-minute load average before each run
-(the machine may be shared).
+(the machine may be shared; ``--settle S`` waits up to S seconds before each run for the
+machine to be idle, and records how busy it was).
 
 The crops are simulated once into --work and reused. Each configuration runs in a fresh
 subprocess, so its peak memory (ru_maxrss of the process and of its finished children) is its
@@ -23,7 +24,7 @@ workers, sampled with psutil). Writes benchmarks/results/crops.json.
 
     python benchmarks/bench_crops.py [--n 10000] [--work /tmp/bench_crops] [--out FILE]
     python benchmarks/bench_crops.py --verbs 10000 [--work /tmp/bench_crops]
-    python benchmarks/bench_crops.py --paced [--repeats 2] [--work /tmp/bench_crops]
+    python benchmarks/bench_crops.py --paced [--repeats 2] [--settle 600] [--work /tmp/bench_crops]
 """
 from __future__ import annotations
 
@@ -230,8 +231,36 @@ def _match(run: Path, model: Path) -> dict:
     return {"crops": len(rows), "within_1e-3": close, "fraction": round(close / max(len(rows), 1), 5)}
 
 
-def paced(work: Path, repeats: int) -> dict:
-    """The reference belt paced, without and with --save-crops (every particle), alternately."""
+def _busy(seconds: float = 5.0) -> float:
+    """The share of the machine's CPU time that was busy over ``seconds`` (/proc/stat; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:9]]
+        return sum(v), v[3] + v[4]
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except OSError:
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def _settle(limit_s: float) -> float | None:
+    """Wait (up to ``limit_s``) until the machine is idle, another's job not running: under 10 %
+    busy over 5 s. Returns the last busy share."""
+    t0 = time.monotonic()
+    while True:
+        busy = _busy()
+        if busy is None or busy < 0.10 or time.monotonic() - t0 > limit_s:
+            return busy
+        print(f"machine busy ({busy:.0%}); waiting", flush=True)
+        time.sleep(25)
+
+
+def paced(work: Path, repeats: int, settle_s: float = 0.0) -> dict:
+    """The reference belt paced, without and with --save-crops (every particle), alternately.
+    ``settle_s``: before each run, wait up to that long for the machine to be idle."""
     from sorting.cli import main as sorting
     from sorting.realtime.events import missed_deadlines
     from sorting.resources import SHIPPED_MODEL, shipped_config
@@ -249,6 +278,7 @@ def paced(work: Path, repeats: int) -> dict:
                     "--realtime", "--quiet", "--summary-json", str(tmp / "summary.json")]
             if save:
                 argv += ["--save-crops", str(tmp / "crops"), "--save-every", "1"]
+            busy = _settle(settle_s) if settle_s > 0 else None
             load = os.getloadavg()[0]
             subprocess.run(argv, check=True, capture_output=True, text=True)
             s = json.loads((tmp / "summary.json").read_text())
@@ -256,7 +286,11 @@ def paced(work: Path, repeats: int) -> dict:
                  "late": missed_deadlines(s["late_ejects"], s.get("undecided", 0)), "late_ejects": s["late_ejects"],
                  "undecided": s.get("undecided", 0), "p50_ms": round(s["latency_ms"]["p50"], 2),
                  "p99_ms": round(s["latency_ms"]["p99"], 2), "p999_ms": round(s["latency_ms"]["p999"], 2),
-                 "max_ms": round(s["latency_ms"]["max"], 2), "cpu_fraction": round(s["cpu_fraction"], 3)}
+                 "max_ms": round(s["latency_ms"]["max"], 2), "cpu_fraction": round(s["cpu_fraction"], 3),
+                 "intake_lag_p999_ms": round(s["intake_lag_ms"]["p999"], 2),
+                 "step_p999_ms": round(s["step_ms"]["p999"], 2)}
+            if busy is not None:
+                r["cpu_busy_before"] = round(busy, 3)
             if save:
                 c = s["save_crops"]
                 r.update({"crops_written": c["written"], "crops_dropped": c["dropped"],
@@ -277,6 +311,8 @@ def main() -> None:
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--paced", action="store_true", help="the paced reference belt with and without --save-crops")
     ap.add_argument("--repeats", type=int, default=2, help="with --paced: runs of each")
+    ap.add_argument("--settle", type=float, default=0.0, metavar="S",
+                    help="with --paced: before each run, wait up to S seconds for an idle machine")
     ap.add_argument("--verbs", type=int, default=0, metavar="N", help="the verbs themselves on the first N crops")
     args = ap.parse_args()
     if args.verbs:
@@ -290,7 +326,7 @@ def main() -> None:
     if args.paced:
         args.work.mkdir(parents=True, exist_ok=True)
         result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        result["paced_save_crops"] = {"machine": _machine(), **paced(args.work, args.repeats)}
+        result["paced_save_crops"] = {"machine": _machine(), **paced(args.work, args.repeats, args.settle)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")

@@ -137,7 +137,7 @@ def test_attenuation_with_a_per_pixel_level_is_the_flat_field_one(small_belt):
 def test_every_nth_and_a_writer_that_falls_behind(small_belt, small_model, tmp_path):
     """--save-every 3 keeps particles 0, 3, 6...; a stopped writer with a paced-style (no wait)
     hand-off drops crops and counts them, and the loop still finishes every particle; once it
-    runs again, it writes what it was handed."""
+    runs again, it writes what it was handed, every crop of it (close waits for them all)."""
     def run():
         from loop_helpers import run_loop
 
@@ -151,14 +151,77 @@ def test_every_nth_and_a_writer_that_falls_behind(small_belt, small_model, tmp_p
             result = run_loop(replay(rec.lines, timing.line_rate_hz, 32, False), pl)
         finally:
             os.kill(saver._proc.pid, signal.SIGCONT)
-        return result.events, saver.handed, saver.close()
+        loop_skipped = sum(saver.skipped.values())
+        return result.events, saver.handed, loop_skipped, saver.close()
 
-    events, handed, summary = run()
+    events, handed, loop_skipped, summary = run()
     chosen = len([e for e in events if e["particle"] % 3 == 0])
-    assert summary["dropped"] > 0 and handed > 0
+    assert summary["dropped"] > 0 and handed == summary["handed"] == 2
     assert summary["written"] + summary["dropped"] + summary["crops_skipped"] == chosen
+    # every crop handed is written or skipped by the writer for a reason of its own
+    assert summary["written"] + summary["crops_skipped"] - loop_skipped == handed
     ids = [r["rock_id"] for r in csv.DictReader(open(tmp_path / "crops" / "rocks.csv"))]
     assert len(ids) == summary["written"] and all(int(k) % 3 == 0 for k in ids)
+
+
+def test_close_waits_for_every_crop_handed(small_belt, small_model, tmp_path):
+    """A writer stopped while the whole belt is handed off (room for every crop, no wait): the
+    crops wait in the shared arena (their headers in the pipe, grown to hold them); close() then
+    waits until the writer has written them all."""
+    from loop_helpers import run_loop
+
+    from sorting.realtime.crops import start_saving
+    from sorting.realtime.sources import replay
+
+    rec, timing, pl = _pipeline(small_belt, small_model)
+    saver = start_saving(pl, tmp_path / "crops", rec.calibration, 4, queue_crops=400, wait=False)
+    os.kill(saver._proc.pid, signal.SIGSTOP)
+    try:
+        result = run_loop(replay(rec.lines, timing.line_rate_hz, 32, False), pl)
+        assert len(saver._ring) == saver.handed > 0  # none taken out yet
+    finally:
+        os.kill(saver._proc.pid, signal.SIGCONT)
+    summary = saver.close()
+    assert summary["dropped"] == 0 and "writer_error" not in summary
+    assert summary["written"] + summary["crops_skipped"] == len([e for e in result.events if e["particle"] % 4 == 0])
+    assert summary["written"] == len(list(csv.DictReader(open(tmp_path / "crops" / "rocks.csv")))) > 0
+
+
+def test_the_arena_ring_keeps_crops_apart():
+    """The arena's room, taken out oldest first: a crop never overlaps one still in it, never
+    runs past the end, the ring holds at most ``cap`` crops, an empty ring takes any crop that
+    fits the arena, and room given back is given out again."""
+    from sorting.realtime.crops import _ArenaRing
+
+    rng = np.random.default_rng(0)
+    ring = _ArenaRing(10_000, 50)
+    live: list[tuple[int, int]] = []
+    refused = 0
+    for _ in range(20_000):
+        if live and rng.random() < 0.45:
+            n = int(rng.integers(1, len(live) + 1))
+            ring.taken(n)
+            del live[:n]
+            continue
+        nbytes = int(rng.choice([64, 640, 3008, 6400]))
+        off = ring.fit(nbytes)
+        if off is None:
+            refused += 1
+            assert live  # an empty ring takes it
+            continue
+        assert 0 <= off and off + nbytes <= ring.size
+        assert all(off + nbytes <= a or b <= off for a, b in live)
+        if rng.random() < 0.1:  # not handed after all
+            ring.put(off, nbytes)
+            assert ring.give_back(1) == 1
+            assert ring.fit(nbytes) == off
+            continue
+        ring.put(off, nbytes)
+        live.append((off, off + nbytes))
+        assert len(ring) == len(live) <= 50
+    assert refused > 0
+    ring.taken(len(live))
+    assert len(ring) == 0 and ring.fit(10_000) == 0 and ring.fit(10_001) is None
 
 
 def test_a_dead_writer_is_reported_and_not_waited_for(small_belt, small_model, tmp_path, capsys):
@@ -174,6 +237,36 @@ def test_a_dead_writer_is_reported_and_not_waited_for(small_belt, small_model, t
     assert summary["written"] == 0
     assert summary["skipped"]["the writer process died"] > 0
     assert "crop writer process died" in capsys.readouterr().err
+
+
+def test_a_writer_that_dies_on_the_belt_is_reported_once(small_belt, small_model, tmp_path, capsys):
+    """The writer killed in the middle of a paced-style (no wait) run: the loop notices at its
+    next hand-off, reports it once, counts what it could not hand and decides every particle."""
+    from loop_helpers import run_loop
+
+    from sorting.realtime.crops import start_saving
+    from sorting.realtime.sources import replay
+
+    rec, timing, pl = _pipeline(small_belt, small_model)
+    saver = start_saving(pl, tmp_path / "crops", rec.calibration, 1, wait=False)
+
+    def chunks():
+        for k, chunk in enumerate(replay(rec.lines, timing.line_rate_hz, 32, False)):
+            if k == 60:
+                os.kill(saver._proc.pid, signal.SIGKILL)
+                saver._proc.join(10)
+            yield chunk
+
+    try:
+        result = run_loop(chunks(), pl)
+        handed = saver.handed
+    finally:
+        summary = saver.close()
+    assert result.summary["particles"] == len(result.events) > 0
+    assert handed > 0 and "exit code -9" in summary["writer_error"]
+    assert summary["skipped"]["the writer process died"] > 0
+    assert summary["handed"] + summary["dropped"] + summary["crops_skipped"] == len(result.events)
+    assert capsys.readouterr().err.count("crop writer process died") == 1
 
 
 def test_the_writer_ends_with_the_loops_process_and_lists_what_it_wrote(small_belt, small_model, tmp_path):
