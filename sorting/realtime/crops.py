@@ -29,7 +29,7 @@ loop never waits on the writer or the disk.
 copy-on-write: each page the loop writes afterwards (its rings, its heap) first takes a page
 fault and a copy, 2 MB at once for the rings' huge pages, and on the reference belt that was
 17,000 more page faults in 20 s and a step p99.9 twice as long, with the child doing nothing.
-The writer is a fresh interpreter (``python -m sorting.realtime.crops``) in its own process
+The writer is a fresh interpreter (``python -m sorting.realtime.crop_writer``) in its own process
 group, at the lowest priority from its first instruction, handed its arguments pickled on its
 stdin and the arena and its pipe ends as descriptors. (Before, a forked writer took the crops
 from a ``multiprocessing.Queue``, whose feeder *thread* pickled each crop in the loop's process,
@@ -66,8 +66,6 @@ from __future__ import annotations
 import mmap
 import os
 import select
-import signal
-import struct
 import sys
 import time
 from collections import Counter, deque
@@ -78,19 +76,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sorting.errors import InputError
-from sorting.io import AIR_COLUMN, RockDatasetWriter, RockRow
-from sorting.stages.crops import CROP_MARGIN_PX, MIN_MARGIN_PX, cut_crop
-from sorting.stages.particles import Particle
+from sorting.io import AIR_COLUMN, RockDatasetWriter
+from sorting.realtime.crop_writer import END_OF_STREAM, HEADER, MARGIN_PX
 
 if TYPE_CHECKING:
     from sorting.io import CalibrationScans
     from sorting.realtime.events import Event
     from sorting.stages.air import AirTracker
     from sorting.stages.calibrate import Calibration
-    from sorting.stages.particles import Particles, SegmentConfig
+    from sorting.stages.particles import Particle, Particles, SegmentConfig
 
-#: belt lines and columns kept around a particle's box when the belt is free that far
-MARGIN_PX = CROP_MARGIN_PX
 #: crops waiting for the writer; more are dropped (and counted)
 QUEUE_CROPS = 256
 #: the memory shared with the writer that handed-off crops wait in (at least two of the largest
@@ -98,15 +93,8 @@ QUEUE_CROPS = 256
 ARENA_BYTES = 32 << 20
 #: a crop's place in the arena starts on a cache line
 _ALIGN = 64
-#: one handed-off crop on the pipe to the writer: particle number, arena offset, window lines,
-#: columns and air epochs, the window's first stream line and detector column, the particle's
-#: box in the window, its area and centroid, its four flags. Particle number -1 ends the stream.
-_HEADER = struct.Struct("<12q2d4?4x")
-_END = -1
 #: headers per write: a pipe write of at most PIPE_BUF bytes is whole or not at all
-_PER_WRITE = max(select.PIPE_BUF // _HEADER.size, 1)
-#: how often an idle writer looks whether the loop's process is still there
-PARENT_CHECK_S = 0.5
+_PER_WRITE = max(select.PIPE_BUF // HEADER.size, 1)
 #: longest wait for a live writer to finish at close (then it is killed and reported)
 CLOSE_TIMEOUT_S = 300.0
 
@@ -176,7 +164,7 @@ class CropSaver:
         self._u8 = np.frombuffer(self._arena, np.uint8)
         self._u8.fill(0)
         cap = int(queue_crops)
-        self._batch = bytearray(cap * _HEADER.size)  # this hand-off's headers, written at its end
+        self._batch = bytearray(cap * HEADER.size)  # this hand-off's headers, written at its end
         self._batch_view = memoryview(self._batch)
         self._nbatch = 0
         self._receipts = bytearray(max(cap, 4096))  # what os.readv of the writer's receipts reads into
@@ -185,7 +173,7 @@ class CropSaver:
         hdr_r, hdr_w = os.pipe()
         got_r, got_w = os.pipe()
         # (twice what they may hold: a pipe's pages are not always filled)
-        _room_for(hdr_w, 2 * (cap + 1) * _HEADER.size)
+        _room_for(hdr_w, 2 * (cap + 1) * HEADER.size)
         _room_for(got_w, 2 * cap)
         os.set_blocking(hdr_w, False)  # the loop never blocks on the writer
         os.set_blocking(got_r, False)
@@ -311,7 +299,7 @@ class CropSaver:
                 for j in range(k):
                     lv[j] = self._levels[e0 + j][c0:c1 + 1]
             u8[off + nb + lb:off + nb + lb + mh * mw].reshape(mh, mw)[...] = p.mask
-            _HEADER.pack_into(self._batch, self._nbatch * _HEADER.size, pid, off, h, w, k, r0, c0,
+            HEADER.pack_into(self._batch, self._nbatch * HEADER.size, pid, off, h, w, k, r0, c0,
                               p.line0 - r0, p.line1 - r0, p.col0 - c0, p.col1 - c0, p.area_px, p.centroid_line,
                               p.centroid_px, p.cut, p.too_long, p.touches_border, p.split)
             self._nbatch += 1
@@ -354,7 +342,7 @@ class CropSaver:
         were it, the crops that did not go are dropped (their room given back)."""
         n, self._nbatch = self._nbatch, 0
         sent = 0
-        size = _HEADER.size
+        size = HEADER.size
         while sent < n:
             m = min(_PER_WRITE, n - sent)
             try:
@@ -383,7 +371,7 @@ class CropSaver:
         self._closed = True
         t0 = time.monotonic()
         self._flush()
-        end = _HEADER.pack(_END, *([0] * 11), 0.0, 0.0, False, False, False, False)
+        end = HEADER.pack(END_OF_STREAM, *([0] * 11), 0.0, 0.0, False, False, False, False)
         while self._writer_alive():
             try:
                 os.write(self._hdr, end)
@@ -505,7 +493,7 @@ def _room_for(fd: int, nbytes: int) -> None:
 
 # ---------------------------------------------------------------- the writer process
 class _WriterProcess:
-    """The writer, a fresh interpreter (``python -m sorting.realtime.crops``): its own process
+    """The writer, a fresh interpreter (``python -m sorting.realtime.crop_writer``): its own process
     group (the terminal's Ctrl-C is the loop's), SCHED_IDLE from its first instruction; ``fds``
     kept open in it under the same numbers, ``args`` pickled to its stdin. The part of
     ``multiprocessing.Process`` the saver uses: pid, exitcode, join, kill."""
@@ -514,8 +502,8 @@ class _WriterProcess:
         import pickle
         import subprocess
 
-        self._p = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], stdin=subprocess.PIPE,
-                                   pass_fds=fds, process_group=0)
+        self._p = subprocess.Popen([sys.executable, "-m", "sorting.realtime.crop_writer", *map(str, fds)],
+                                   stdin=subprocess.PIPE, pass_fds=fds, process_group=0)
         self.pid = self._p.pid
         try:
             self._p.stdin.write(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL))
@@ -540,152 +528,6 @@ class _WriterProcess:
             self._p.kill()
 
 
-def _writer_process() -> None:
-    """``python -m sorting.realtime.crops ARENA CROPS RECEIPTS RESULT``: the writer process."""
-    import pickle
-
-    arena_fd, crops, receipts, result = (int(x) for x in sys.argv[1:5])
-    args = pickle.load(sys.stdin.buffer)
-    _writer_main(arena_fd, args[0], crops, receipts, Connection(result, readable=False), *args[1:])
-
-
-def _writer_main(arena_fd: int, arena_bytes: int, crops: int, receipts: int, conn, writer: RockDatasetWriter,
-                 cal: Calibration, pp: float, lp: float, seg: SegmentConfig, epoch_lines: int,
-                 parent: int) -> None:
-    """The writer process: crops from the arena as their headers come on ``crops`` (a receipt
-    on ``receipts`` as each is taken out) until the end of the stream (or the loop's process is
-    gone), then rocks.csv and dataset.json, and ``("done", counts)`` on ``conn``."""
-    # a stop signal (Ctrl-C to the terminal's process group, a supervisor's SIGTERM) is the
-    # loop's: it stops after its chunk and then closes the saver, which needs this process
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # only the writer's ends of the pipes are here: the loop's process dying (however it dies)
-    # closes the other end, which reads as the end of the headers, not as a wait for more
-    _lowest_priority()  # (already, when started by _WriterProcess)
-    import cv2
-
-    cv2.setNumThreads(1)
-    arena = mmap.mmap(arena_fd, arena_bytes)
-    os.close(arena_fd)
-    u8 = np.frombuffer(arena, np.uint8)
-    size = _HEADER.size
-    written = 0
-    skipped: Counter[str] = Counter()
-    pending = bytearray()
-    try:
-        ended = False
-        while not ended:
-            ready, _, _ = select.select([crops], [], [], PARENT_CHECK_S)
-            if not ready:
-                if not _running(parent):
-                    break  # the loop's process is gone: list what was written, and go
-                continue
-            try:
-                data = os.read(crops, 64 * size)
-            except OSError:
-                break
-            if not data:
-                break  # the loop's process is gone (its end closed with it)
-            pending += data
-            n = len(pending) // size
-            for j in range(n):
-                head = _HEADER.unpack_from(pending, j * size)
-                if head[0] == _END:
-                    ended = True
-                    break
-                item = _take(u8, head)
-                try:
-                    os.write(receipts, b"\x01")  # its room in the arena is free again
-                except OSError:
-                    pass  # the loop's process is gone: what it handed is still written
-                try:
-                    problem = _write_one(writer, cal, pp, lp, seg, epoch_lines, *item)
-                except Exception as exc:  # noqa: BLE001 - one bad crop never stops the saving (nor the belt)
-                    problem = f"write error: {type(exc).__name__}"
-                if problem is None:
-                    written += 1
-                else:
-                    skipped[problem] += 1
-            del pending[:n * size]
-        writer.close()
-        conn.send(("done", {"written": written, "skipped": dict(skipped)}))
-    except BaseException as exc:  # noqa: BLE001 - report any failure to the loop's process
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
-        raise
-
-
-def _take(u8: np.ndarray, head: tuple) -> tuple:
-    """A crop out of the arena (copies: its room may be reused as soon as the receipt goes):
-    ``_write_one``'s particle number, particle, window, levels, first line and first column."""
-    pid, off, h, w, k, r0, c0, line0, line1, col0, col1, area, cl, cp, cut, too_long, border, split = head
-    nb, lb = h * w * 4, k * w * 8
-    mh, mw = line1 - line0 + 1, col1 - col0 + 1
-    window = u8[off:off + nb].view(np.uint16).reshape(h, w, 2).copy()
-    levels = u8[off + nb:off + nb + lb].view(np.float32).reshape(k, w, 2).copy() if k else None
-    mask = u8[off + nb + lb:off + nb + lb + mh * mw].reshape(mh, mw).astype(bool)
-    p = Particle(line0, line1, col0, col1, mask, area, cl, cp, cut, too_long, border, split, None)
-    return pid, p, window, levels, r0, c0
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
-
-
-def _lowest_priority() -> None:
-    """The writer runs only on CPU time nobody else wants (Linux SCHED_IDLE; elsewhere the
-    highest nice value): on a busy machine it falls behind and crops are dropped, rather than
-    taking a core from the loop."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        try:
-            os.nice(19)
-        except OSError:
-            pass
-
-
-def _write_one(writer: RockDatasetWriter, cal: Calibration, pp: float, lp: float, seg: SegmentConfig,
-               epoch_lines: int, pid: int, p: Particle, window: np.ndarray, levels: np.ndarray | None, r0: int,
-               c0: int) -> str | None:
-    """One handed-off window: its crop checked and written; None, or why it was left out."""
-    log_flat = None
-    if levels is not None:
-        # each window line's epoch -> that epoch's level (the first epoch is r0's)
-        idx = (r0 + np.arange(window.shape[0])) // epoch_lines - r0 // epoch_lines
-        log_flat = levels[idx]
-    # the window's edges are the margin, the detector edges or the stream's start/end: the
-    # batch path's own rules decide (at least MIN_MARGIN_PX of free belt, grown to MARGIN_PX)
-    crop, problem = cut_crop(window, cal, p, pp, lp, seg, margin_px=MARGIN_PX, min_margin_px=MIN_MARGIN_PX, x0=c0,
-                             first_line=r0, log_flat=log_flat)
-    if crop is None:
-        return _reason(problem)
-    extra = {"first_line": str(crop.first_line)}
-    if crop.air is not None:
-        extra[AIR_COLUMN] = f"air/particle_{pid:07d}.tiff"
-    row = RockRow(rock_id=str(pid), file=f"rocks/particle_{pid:07d}.tiff", x0=crop.x0, label=None,
-                  sc2o3_ppm=None, mass_g=None, split=None, extra=extra)
-    writer.add(row, crop.counts, crop.air)
-    return None
-
-
-def _reason(problem: str) -> str:
-    """cut_crop's reason, in the stream's words (the window's edge is the detector's or the stream's)."""
-    if problem.startswith("less than"):
-        return f"less than {MIN_MARGIN_PX} px of belt to the detector edge or the stream's start or end"
-    if problem.startswith("cut by"):
-        return "cut by the start or end of the stream or a gap"
-    return problem
-
-
 def start_saving(pipeline, root: Path, scans: CalibrationScans, every: int = 1,
                  queue_crops: int = QUEUE_CROPS, wait: bool = False) -> CropSaver:
     """A :class:`CropSaver` for ``pipeline``, attached to it: the pipeline starts keeping its raw
@@ -696,9 +538,3 @@ def start_saving(pipeline, root: Path, scans: CalibrationScans, every: int = 1,
     pipeline.attach_crop_sink(saver)
     return saver
 
-
-if __name__ == "__main__":
-    _lowest_priority()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _writer_process()
