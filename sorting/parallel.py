@@ -61,6 +61,20 @@ class Workers:
         return f"{n} local process{'es' if n > 1 else ''}" if n > 1 else "1 process"
 
 
+@contextlib.contextmanager
+def opencv_threads(n: int) -> Iterator[None]:
+    """OpenCV's own thread pool (not a BLAS one: threadpoolctl does not see it) at ``n``, and
+    back to what it was afterwards. Process-wide: for single-threaded callers."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
 def workers_from_args(args: Any) -> Workers:
     """The ``--jobs`` / ``--scheduler`` options of a verb (InputError naming the option)."""
     jobs = getattr(args, "jobs", -1)

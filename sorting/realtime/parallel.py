@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from sorting.errors import Interrupted
-from sorting.realtime.runner import RunResult, StopOnSignal, opencv_threads, rates, run_loop
+from sorting.parallel import opencv_threads
+from sorting.realtime.runner import RunResult, StopOnSignal, rates, run_loop
 from sorting.realtime.stream import Pipeline
 
 #: chunks one worker may hold (sent, not yet answered); the prototype measured the gain flat from 4 to 8

@@ -5,19 +5,18 @@ log is flushed every chunk and closed on the way out, whatever happened.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import cv2
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sorting.config import SorterConfig
 from sorting.errors import InputError
+from sorting.parallel import opencv_threads
 from sorting.realtime.counters import LatencyHistogram
 from sorting.realtime.events import Event
 from sorting.realtime.sinks import EventLog, UDPValveSink
@@ -61,17 +60,6 @@ class StopOnSignal:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-@contextlib.contextmanager
-def opencv_threads(n: int):
-    """OpenCV's own thread pool (not a BLAS one: threadpoolctl does not see it) at ``n``."""
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(n)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
 
 
 def rates(lines: int, wall_s: float, cpu_s: float, line_rate_hz: float) -> dict:

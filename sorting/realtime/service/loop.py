@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from sorting.parallel import opencv_threads
 from sorting.realtime.counters import LatencyHistogram
 from sorting.realtime.events import Event
-from sorting.realtime.runner import StopOnSignal, opencv_threads, rates
+from sorting.realtime.runner import StopOnSignal, rates
 from sorting.realtime.service import channel
 from sorting.realtime.service.audit import AuditLog, utc_iso
 from sorting.realtime.service.control import Control
