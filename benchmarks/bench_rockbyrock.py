@@ -3,6 +3,11 @@ tied to a wrong assay.
 
     python benchmarks/bench_rockbyrock.py [--n 300] [--seeds 0 1 2] [--out out/rockbyrock]
                                           [--json benchmarks/results/rockbyrock.json]
+                                          [--lost F] [--debris F] [--touching F] [--missed F]
+
+The slip rates default to ``sorting simulate rockbyrock``'s; ``--touching 0 --missed 0`` leaves
+only lost samples and debris chips, the slips every assayed rock can survive
+(benchmarks/results/rockbyrock_lost_debris.json).
 
 Per seed the twin simulates a rock-by-rock test of ``--n`` numbered rocks (``sorting simulate
 rockbyrock`` with its default rates: 2 % of the samples lost in the laboratory, a debris chip
@@ -92,12 +97,17 @@ def main_bench() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("out/rockbyrock"))
     ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "rockbyrock.json")
+    rates = ("lost", "debris", "touching", "missed")
+    for rate in rates:
+        ap.add_argument(f"--{rate}", type=float, default=None, help="slip rate (default: the simulator's)")
     args = ap.parse_args()
+    slips = [x for r in rates if getattr(args, r) is not None for x in (f"--{r}", str(getattr(args, r)))]
     runs = []
     for seed in args.seeds:
         test, ds = args.out / f"test_n{args.n}_seed{seed}", args.out / f"dataset_n{args.n}_seed{seed}"
         t0 = time.perf_counter()
-        if main(["simulate", "rockbyrock", str(test), "--n", str(args.n), "--seed", str(seed), "--quiet"]) != 0:
+        argv = ["simulate", "rockbyrock", str(test), "--n", str(args.n), "--seed", str(seed), *slips, "--quiet"]
+        if main(argv) != 0:
             return 1
         t1 = time.perf_counter()
         if main(["dataset", str(test), "--assays", str(test / "assays.csv"), "--out", str(ds)]) != 0:
@@ -117,7 +127,7 @@ def main_bench() -> int:
     }
     total["kept_of_assayed"] = round(total["kept"] / total["assayed"], 4)
     total["kept_of_alone"] = round(total["kept_alone"] / total["alone"], 4)
-    result = {"n": args.n, "seeds": args.seeds, "machine": {"cpu": platform.processor() or platform.machine(),
+    result = {"n": args.n, "seeds": args.seeds, "slips": {r: getattr(args, r) for r in rates}, "machine": {"cpu": platform.processor() or platform.machine(),
                                                              "python": platform.python_version()},
               "total": total, "runs": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)
