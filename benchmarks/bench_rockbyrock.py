@@ -127,8 +127,8 @@ def main_bench() -> int:
     }
     total["kept_of_assayed"] = round(total["kept"] / total["assayed"], 4)
     total["kept_of_alone"] = round(total["kept_alone"] / total["alone"], 4)
-    result = {"n": args.n, "seeds": args.seeds, "slips": {r: getattr(args, r) for r in rates}, "machine": {"cpu": platform.processor() or platform.machine(),
-                                                             "python": platform.python_version()},
+    machine = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    result = {"n": args.n, "seeds": args.seeds, "slips": {r: getattr(args, r) for r in rates}, "machine": machine,
               "total": total, "runs": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
