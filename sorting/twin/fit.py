@@ -99,8 +99,8 @@ class _Model:
     """The two channels' response to the wedge cells on the spectrum table's 1 keV grid."""
 
     def __init__(self, cells: WedgeCells, library: MaterialLibrary, front: str, back: str):
-        lo, hi = spectrum_kvp_range()
-        e, _ = tube_spectrum(hi)
+        _, hi = spectrum_kvp_range()
+        e, _ = tube_spectrum(hi)  # the table's whole 1 keV grid
         self.e = e
         mats = ["pom", "iron", "aluminium", "copper", front, back, WINDOW.material, PHOTODIODE.material, BELT[0]]
         mu = library.mu_per_mm(mats, e)
