@@ -319,8 +319,10 @@ def write_model_card(model_path: Path, meta: dict, res: Adapted) -> Path:
         "times the parent rocks' total weight.",
     ]
     if m.get("parent_soft_width") is not None:
-        lines.append(f"Soft targets: ln-grade width {m.get('soft_width') or SOFT_WIDTH} for the new rocks' assays, "
-                     f"{m['parent_soft_width']} for the parent's rocks"
+        new_targets = ("hard labels" if m.get("targets") == "hard"
+                       else f"ln-grade width {m.get('soft_width') or SOFT_WIDTH}")
+        lines.append(f"Targets: {new_targets} for the new rocks' assays, ln-grade width {m['parent_soft_width']} "
+                     "for the parent's rocks"
                      + (" (the twin's grades are exact)." if m["parent_soft_width"] == TWIN_SOFT_WIDTH else "."))
     lines += [
         "",
