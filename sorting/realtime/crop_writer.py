@@ -61,7 +61,7 @@ def _writer_main(arena_fd: int, arena_bytes: int, crops: int, receipts: int, con
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # only the writer's ends of the pipes are here: the loop's process dying (however it dies)
     # closes the other end, which reads as the end of the headers, not as a wait for more
-    lowest_priority()  # (already, when started by _WriterProcess)
+    lowest_priority()
     import cv2
 
     cv2.setNumThreads(1)
@@ -187,7 +187,4 @@ def _reason(problem: str) -> str:
 
 
 if __name__ == "__main__":
-    lowest_priority()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     writer_process()

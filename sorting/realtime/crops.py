@@ -30,8 +30,11 @@ copy-on-write: each page the loop writes afterwards (its rings, its heap) first 
 fault and a copy, 2 MB at once for the rings' huge pages, and on the reference belt that was
 17,000 more page faults in 20 s and a step p99.9 twice as long, with the child doing nothing.
 The writer is a fresh interpreter (``python -m sorting.realtime.crop_writer``) in its own process
-group, at the lowest priority from its first instruction, handed its arguments pickled on its
-stdin and the arena and its pipe ends as descriptors. (Before, a forked writer took the crops
+group, handed its arguments pickled on its stdin and the arena and its pipe ends as descriptors;
+it drops to the lowest priority as soon as it has read them. Its start-up (imports, arguments)
+happens while saving starts, before the belt: the arguments (the calibration among them, some
+megabytes) are more than a pipe holds, so the saver's write of them waits until the writer has
+read them. (Before, a forked writer took the crops
 from a ``multiprocessing.Queue``, whose feeder *thread* pickled each crop in the loop's process,
 1.3 s of CPU in 20 s and thousands of preemptions of the loop: docs/performance.md.)
 
@@ -152,7 +155,6 @@ class CropSaver:
         self.writer_error: str | None = None
         self._result: dict | None = None
         self._closed = False
-        # the arena: shared anonymous memory, every page touched now (no page faults on the belt)
         largest = _crop_bytes(int(ring_lines), self.pixels, int(ring_lines) // max(self.epoch_lines, 1) + 2,
                               int(ring_lines), self.pixels)
         self._ring = _ArenaRing(max(ARENA_BYTES, 2 * largest), int(queue_crops))
@@ -179,8 +181,8 @@ class CropSaver:
         os.set_blocking(got_r, False)
         # the writer is not forked from the loop's process: a child of it shares every page of
         # the loop's memory, and each page the loop then writes is first copied (a page fault;
-        # 2 MB at once for the rings' huge pages). It is a fresh interpreter, started at the
-        # lowest priority, handed its arguments pickled and the arena and pipe ends as descriptors.
+        # 2 MB at once for the rings' huge pages). It is a fresh interpreter, handed its arguments
+        # pickled and the arena and pipe ends as descriptors; it then runs at the lowest priority.
         res_r, res_w = os.pipe()
         self._proc = _WriterProcess((arena_fd, hdr_r, got_w, res_w),
                                     (self._ring.size, writer, cal, float(pixel_pitch_mm), float(line_pitch_mm), seg,
@@ -494,7 +496,7 @@ def _room_for(fd: int, nbytes: int) -> None:
 # ---------------------------------------------------------------- the writer process
 class _WriterProcess:
     """The writer, a fresh interpreter (``python -m sorting.realtime.crop_writer``): its own process
-    group (the terminal's Ctrl-C is the loop's), SCHED_IDLE from its first instruction; ``fds``
+    group (the terminal's Ctrl-C is the loop's), SCHED_IDLE once it has its arguments; ``fds``
     kept open in it under the same numbers, ``args`` pickled to its stdin. The part of
     ``multiprocessing.Process`` the saver uses: pid, exitcode, join, kill."""
 
