@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from sorting.stages.calibrate import robust_sigma
+
 #: slot and particle states
 TIED, LOST, MISSED, TOUCHING, AMBIGUOUS, MASS, DEBRIS = \
     "tied", "lost", "missed", "touching", "ambiguous", "mass", "debris"
@@ -280,7 +282,7 @@ def _huber_fit(z: np.ndarray, y: np.ndarray, rounds: int = 20) -> np.ndarray:
     beta = np.linalg.lstsq(z, y, rcond=None)[0]
     for _ in range(rounds):
         res = y - z @ beta
-        s = max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-6)
+        s = max(float(robust_sigma(res)), 1e-6)
         u = np.abs(res) / (1.345 * s)
         w = np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-12))
         sw = np.sqrt(w)
@@ -304,7 +306,7 @@ def _scatter(res: np.ndarray, mass: np.ndarray, fit_tau: bool, cfg: AlignmentCon
     """``(sigma0, tau)`` of the residuals ``res`` of matches of calibrated mass ``mass`` (g):
     the robust spread alone, or with ``fit_tau`` the maximum likelihood of the tailed error
     model over a grid of both."""
-    mad = max(1.4826 * float(np.median(np.abs(res - np.median(res)))), cfg.min_sigma_ln)
+    mad = max(float(robust_sigma(res)), cfg.min_sigma_ln)
     if not fit_tau:
         return mad, 0.0
     s0 = np.exp(np.linspace(np.log(cfg.min_sigma_ln), np.log(max(4.0 * mad, 2.0 * cfg.min_sigma_ln)), 40))

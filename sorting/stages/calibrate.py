@@ -273,10 +273,17 @@ class Calibration:
         return int(self.dark.shape[0])
 
 
+def robust_sigma(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """The standard deviation a normal bulk of ``x`` would have, from its median absolute
+    deviation (x 1.4826): blind to a minority of outliers."""
+    x = np.asarray(x)
+    return np.median(np.abs(x - np.median(x, axis=axis, keepdims=True)), axis=axis) * 1.4826
+
+
 def _robust_high(x: np.ndarray) -> np.ndarray:
     """Per channel: values far above the bulk (median + robust sigmas, and twice the median)."""
     med = np.median(x, axis=0)
-    mad = np.median(np.abs(x - med), axis=0) * 1.4826
+    mad = robust_sigma(x, axis=0)
     # a floor of 1 ADU keeps noise-free (simulated) scans from flagging quantisation
     limit = np.maximum(np.maximum(med + _NOISY_SIGMAS * mad, 2.0 * med), med + 1.0)
     return x > limit

@@ -31,14 +31,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from sorting.config import BeltConfig, DetectorConfig, Layer, MachineConfig, TubeConfig
 from sorting.physics import MaterialLibrary
 from sorting.physics.spectra import spectrum_kvp_range, tube_spectrum
-from sorting.stages.calibrate import Calibration, WedgeCells, wedge_cells
+from sorting.stages.calibrate import Calibration, WedgeCells, robust_sigma, wedge_cells
 
 #: scintillators the fit tries for each layer (those of them the material library knows)
 SCINTILLATORS = ("csi", "gos", "znse", "cdwo4")
@@ -91,8 +91,22 @@ class MachineFit:
 
     def digest(self) -> str:
         """Short hash of the fitted config, its name aside (names the fitted machine)."""
-        text = json.dumps({**asdict(self.machine), "name": ""}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
+        return _config_digest(self.machine)
+
+
+def _config_digest(machine: MachineConfig) -> str:
+    text = json.dumps({**asdict(machine), "name": ""}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _fitted_cells(cells: WedgeCells) -> np.ndarray:
+    """(K, 2) bool: the cells (and channels) the fit uses, with a usable A below FIT_MAX_A."""
+    return np.isfinite(cells.a) & np.isfinite(cells.a_sd) & (cells.a <= FIT_MAX_A)
+
+
+def _rms(a: np.ndarray, cells: WedgeCells, ok: np.ndarray) -> tuple[float, float]:
+    """rms of ``a`` (K, 2) - the cells' measured A over the cells ``ok``, low and high."""
+    return tuple(float(np.sqrt(np.mean((a[:, c] - cells.a[:, c])[ok[:, c]] ** 2))) for c in range(2))
 
 
 class _Model:
@@ -133,11 +147,6 @@ class _Model:
         return (self.trans @ w) ** 2 / np.maximum(self.trans @ w2, 1e-300)
 
 
-def _robust_sd(x: np.ndarray) -> float:
-    x = np.asarray(x, np.float64)
-    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if x.size else 0.0
-
-
 def fit_machine(scans, cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: float,
                 library: MaterialLibrary, name: str | None = None) -> MachineFit:
     """Fit the twin's machine to ``scans`` (:class:`~sorting.io.CalibrationScans`) and ``cal``
@@ -149,7 +158,7 @@ def fit_machine(scans, cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: f
     from scipy.optimize import least_squares
 
     cells = wedge_cells(scans, cal)
-    ok = np.isfinite(cells.a) & np.isfinite(cells.a_sd) & (cells.a <= FIT_MAX_A)
+    ok = _fitted_cells(cells)
     if ok.sum() < 8:
         raise ValueError(f"only {int(ok.sum())} wedge cells with a usable attenuation: too few to fit a machine")
     sigma = np.sqrt(np.where(ok, cells.a_sd, 1.0) ** 2 + SIGMA_A_FLOOR**2)
@@ -173,27 +182,27 @@ def fit_machine(scans, cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: f
             if best is None or res.cost < best[0]:
                 best = (res.cost, res.x, model, front, back)
     _, x, model, front, back = best
-    a_fit = model.attenuation(x)
-    rms = tuple(float(np.sqrt(np.mean((a_fit[:, c] - cells.a[:, c])[ok[:, c]] ** 2))) for c in range(2))
+    rms = _rms(model.attenuation(x), cells, ok)
     noise = tuple(float(np.median(cells.a_sd[ok[:, c], c])) for c in range(2))
     # the flux: measured quanta over the fitted quanta per photon, cell by cell (both channels)
     q = model.quanta_per_photon(x)
     good = ok & np.isfinite(cells.quanta) & (cells.quanta > 0)
     ratios = (cells.quanta / q)[good]
     flux = float(np.median(ratios)) if ratios.size else 5000.0
-    spread = _robust_sd(np.log(ratios)) if ratios.size else float("nan")
+    spread = float(robust_sigma(np.log(ratios))) if ratios.size else float("nan")
 
     good_px = ~cal.bad
     dark_raw = scans.dark.astype(np.float32)
     dark_mean = dark_raw.mean(axis=0)[good_px]
+    dark_spread = float(robust_sigma(dark_mean.astype(np.float64)))
     read = float(np.median(dark_raw.std(axis=0, ddof=1)[good_px]))
     signal = (cal.air - cal.dark)[good_px].astype(np.float64)
     air_level = np.median(signal, axis=0)
-    gain_spread = float(np.mean([_robust_sd(signal[:, c] / air_level[c]) for c in range(2)]))
+    gain_spread = float(np.mean([float(robust_sigma(signal[:, c] / air_level[c])) for c in range(2)]))
     kvp, al, cu, t_front, t_inter, t_back = (float(v) for v in x)
     speed = 3.0  # m/s: only the line pitch reaches the rocks; the line rate follows from it
     machine = MachineConfig(
-        name=name or "fitted",
+        name=name or "",
         tube=TubeConfig(kvp=round(kvp, 2), filters=(WINDOW, Layer("aluminium", round(al, 4)),
                                                     Layer("copper", round(cu, 4)))),
         detector=DetectorConfig(
@@ -201,22 +210,15 @@ def fit_machine(scans, cal: Calibration, pixel_pitch_mm: float, line_pitch_mm: f
             interlayer=(PHOTODIODE, Layer("copper", round(t_inter, 4))), back=Layer(back, round(t_back, 4)),
             air_level_adu=(round(float(air_level[0]), 1), round(float(air_level[1]), 1)),
             dark_offset_adu=round(float(np.median(dark_mean)), 1),
-            dark_spread_adu=round(_robust_sd(dark_mean), 2), read_noise_adu=round(read, 3),
+            dark_spread_adu=round(dark_spread, 2), read_noise_adu=round(read, 3),
             gain_nonuniformity=round(min(gain_spread, 0.5), 4), dead_pixels=int(cal.bad.sum())),
         belt=BeltConfig(speed_m_s=speed, line_rate_hz=speed * 1000.0 / float(line_pitch_mm), material=BELT[0],
                         thickness_mm=BELT[1]),
         flux_photons_per_px_line=round(flux, 1),
     )
-    fit = MachineFit(machine, rms, noise, int(ok.sum()), spread)
     if name is None:
-        fit = MachineFit(_renamed(machine, f"fitted_{fit.digest()}"), rms, noise, int(ok.sum()), spread)
-    return fit
-
-
-def _renamed(machine: MachineConfig, name: str) -> MachineConfig:
-    from dataclasses import replace
-
-    return replace(machine, name=name)
+        machine = replace(machine, name=f"fitted_{_config_digest(machine)}")
+    return MachineFit(machine, rms, noise, int(ok.sum()), spread)
 
 
 def wedge_rms(machine: MachineConfig, scans, cal: Calibration, library: MaterialLibrary) -> tuple[float, float]:
@@ -225,8 +227,7 @@ def wedge_rms(machine: MachineConfig, scans, cal: Calibration, library: Material
     from sorting.twin.detector import build_response
 
     cells = wedge_cells(scans, cal)
-    ok = np.isfinite(cells.a) & np.isfinite(cells.a_sd) & (cells.a <= FIT_MAX_A)
     resp = build_response(machine, library)
     mu = library.mu_per_mm(["pom", "iron"], resp.energies_kev)
     a = resp.attenuation(np.outer(cells.t_mm[:, 0], mu[0]) + np.outer(cells.t_mm[:, 1], mu[1]))
-    return tuple(float(np.sqrt(np.mean((a[:, c] - cells.a[:, c])[ok[:, c]] ** 2))) for c in range(2))
+    return _rms(a, cells, _fitted_cells(cells))
