@@ -108,10 +108,15 @@ def read_air(root: Path, row: RockRow, shape: tuple[int, ...]) -> np.ndarray | N
         return None
     path = root / name
     air = read_air_tiff(path)
-    if air.shape != tuple(shape):
-        raise InputError(path, f"air level of shape {air.shape} for a crop of shape {tuple(shape)} "
-                               f"(rock_id {row.rock_id})")
+    _check_air_shape(path, air.shape, shape, row)
     return air
+
+
+def _check_air_shape(path: Path, air_shape: tuple[int, ...], shape: tuple[int, ...], row: RockRow) -> None:
+    """An air level must have its crop's shape (InputError naming the air file)."""
+    if tuple(air_shape) != tuple(shape):
+        raise InputError(path, f"air level of shape {tuple(air_shape)} for a crop of shape {tuple(shape)} "
+                               f"(rock_id {row.rock_id})")
 
 
 def check_crops(ds: RockDataset) -> None:
@@ -131,9 +136,7 @@ def check_crops(ds: RockDataset) -> None:
                                    f"detector_pixels={ds.pixels} (rock_id {row.rock_id})")
         if row.extra.get(AIR_COLUMN):
             air = ds.root / row.extra[AIR_COLUMN]
-            if air_tiff_shape(air) != shape:
-                raise InputError(air, f"air level of shape {air_tiff_shape(air)} for a crop of shape {shape} "
-                                      f"(rock_id {row.rock_id})")
+            _check_air_shape(air, air_tiff_shape(air), shape, row)
 
 
 def _row_problem(row: RockRow, pixels: int) -> str | None:
