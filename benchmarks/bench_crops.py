@@ -118,18 +118,12 @@ class _TreePeak:
 
     def _run(self) -> None:
         try:
-            import psutil
+            import psutil  # noqa: F401 - only whether it is there
         except ImportError:
             return
-        me = psutil.Process()
+        me = [os.getpid()]
         while not self._stop.wait(0.1):
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total / 2**20)
+            self.peak = max(self.peak, _tree_rss_mb(me))
 
     def stop(self) -> float | None:
         self._stop.set()
